@@ -1,0 +1,154 @@
+"""The shard sample schema "phileo-shard/1": the only contract between sharding/ and training/.
+
+One sample = one source tile. `encode_sample` turns arrays + metadata into the tar
+members of one WebDataset sample; `decode_sample` turns them back and validates them.
+Arrays are Blosc2 NDArray contiguous frames (ZSTD + byte shuffle): self-describing,
+never pickled, and a window can be decoded without the whole array.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import blosc2
+import numpy as np
+
+from phileo.bands import MODEL_BANDS, RESOLUTION_GROUPS, STACK_MEMBER
+
+SCHEMA_VERSION = "phileo-shard/1"
+ARRAY_EXT = "b2nd"
+META_MEMBER = "meta.json"
+THUMB_MEMBER = "thumb.jpg"
+CLOUD = "cloud"
+LABEL_PREFIX = "label_"
+DEFAULT_CLEVEL = 5
+
+_KEY_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
+_LABEL_DTYPES = (np.uint8, np.uint16, np.float32)
+REQUIRED_META = ("schema", "source", "key", "shape", "bands", "corners_lonlat", "centre_lat", "centre_lon")
+REQUIRED_META_BY_SOURCE = {
+    "majortom": ("grid_cell", "product_id", "timestamp", "crs", "transform", "bounds_lonlat",
+                 "cloud_cover", "nodata"),
+}
+
+
+class SchemaError(ValueError):
+    """A sample does not follow the phileo-shard schema; the message names key and member."""
+
+
+@dataclass
+class Sample:
+    """One decoded sample: `arrays` maps member names (`s2_10m`, `cloud`, `label_water`...) to arrays."""
+
+    key: str
+    meta: dict[str, Any]
+    arrays: dict[str, np.ndarray]
+    thumb_jpg: bytes | None = None
+    extra: dict[str, bytes] = field(default_factory=dict)
+
+
+def encode_array(array: np.ndarray, clevel: int = DEFAULT_CLEVEL) -> bytes:
+    """Blosc2 NDArray cframe, ZSTD + byte shuffle (lossless)."""
+    cparams = blosc2.CParams(codec=blosc2.Codec.ZSTD, clevel=clevel, filters=[blosc2.Filter.SHUFFLE])
+    return blosc2.asarray(np.ascontiguousarray(array), cparams=cparams).to_cframe()
+
+
+def decode_array(data: bytes, window: tuple[int, int, int, int] | None = None) -> np.ndarray:
+    """Decode a cframe; `window=(y, x, h, w)` decodes only the blocks of that window of the last 2 axes."""
+    array = blosc2.ndarray_from_cframe(data)
+    if window is None:
+        return array[...]
+    y, x, h, w = window
+    return array[..., y : y + h, x : x + w]
+
+
+def expected_shapes(height: int, width: int) -> dict[str, tuple[int, ...]]:
+    """Shape of every image member for a tile of `height` x `width` 10 m pixels."""
+    shapes: dict[str, tuple[int, ...]] = {
+        member: (len(bands), height // factor, width // factor)
+        for member, (bands, factor) in RESOLUTION_GROUPS.items()
+    }
+    shapes[STACK_MEMBER] = (len(MODEL_BANDS), height, width)
+    shapes[CLOUD] = (height, width)
+    return shapes
+
+
+def validate_sample(sample: Sample) -> None:
+    """Raise SchemaError naming the key and the first problem found."""
+    key, meta = sample.key, sample.meta
+    if not _KEY_RE.match(key):
+        raise SchemaError(f"{key!r}: key must be non-empty and contain only letters, digits, '_' or '-'")
+    if meta.get("schema") != SCHEMA_VERSION:
+        raise SchemaError(f"{key}: meta.json schema is {meta.get('schema')!r}, expected {SCHEMA_VERSION!r}")
+    required = REQUIRED_META + REQUIRED_META_BY_SOURCE.get(meta.get("source", ""), ())
+    missing = [name for name in required if name not in meta]
+    if missing:
+        raise SchemaError(f"{key}: meta.json lacks {', '.join(missing)}")
+    if meta["key"] != key:
+        raise SchemaError(f"{key}: meta.json key is {meta['key']!r}")
+    height, width = meta["shape"]
+    if height % 6 or width % 6:
+        raise SchemaError(f"{key}: tile shape {height}x{width} is not divisible by 6 (60 m grid)")
+    _validate_arrays(key, sample.arrays, expected_shapes(height, width))
+
+
+def _validate_arrays(key: str, arrays: dict[str, np.ndarray], shapes: dict[str, tuple[int, ...]]) -> None:
+    groups = set(RESOLUTION_GROUPS)
+    present = groups & set(arrays)
+    if STACK_MEMBER in arrays and present:
+        raise SchemaError(f"{key}: has both {STACK_MEMBER} and {sorted(present)}")
+    if STACK_MEMBER not in arrays and present != groups:
+        raise SchemaError(f"{key}: missing image members {sorted(groups - present)}")
+    for member, array in arrays.items():
+        if member in shapes:
+            dtype = np.uint8 if member == CLOUD else np.uint16
+            expected = shapes[member]
+        elif member.startswith(LABEL_PREFIX):
+            dtype, expected = None, shapes[CLOUD]
+            if array.dtype not in _LABEL_DTYPES:
+                raise SchemaError(f"{key}.{member}: dtype {array.dtype}, expected one of uint8/uint16/float32")
+        else:
+            raise SchemaError(f"{key}: unknown array member {member!r}")
+        if dtype is not None and array.dtype != dtype:
+            raise SchemaError(f"{key}.{member}: dtype {array.dtype}, expected {np.dtype(dtype)}")
+        if tuple(array.shape) != tuple(expected):
+            raise SchemaError(f"{key}.{member}: shape {tuple(array.shape)}, expected {tuple(expected)}")
+
+
+def encode_sample(sample: Sample, clevel: int = DEFAULT_CLEVEL) -> dict[str, bytes]:
+    """Validated tar members of one sample, without the key: {"meta.json": ..., "s2_10m.b2nd": ...}."""
+    validate_sample(sample)
+    members = {META_MEMBER: json.dumps(sample.meta, sort_keys=True).encode("utf-8")}
+    for member in sorted(sample.arrays):
+        members[f"{member}.{ARRAY_EXT}"] = encode_array(sample.arrays[member], clevel)
+    if sample.thumb_jpg is not None:
+        members[THUMB_MEMBER] = sample.thumb_jpg
+    return members
+
+
+def decode_sample(key: str, members: dict[str, bytes], validate: bool = True) -> Sample:
+    """Inverse of `encode_sample`; `members` maps extensions ("meta.json", "cloud.b2nd") to bytes."""
+    if META_MEMBER not in members:
+        raise SchemaError(f"{key}: no {META_MEMBER} member")
+    try:
+        meta = json.loads(members[META_MEMBER].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise SchemaError(f"{key}: {META_MEMBER} is not valid UTF-8 JSON ({error})") from error
+    arrays, extra = {}, {}
+    for name, data in members.items():
+        if name.endswith("." + ARRAY_EXT):
+            member = name[: -len(ARRAY_EXT) - 1]
+            try:
+                arrays[member] = decode_array(data)
+            except Exception as error:  # blosc2 raises bare RuntimeError/ValueError on bad frames
+                raise SchemaError(f"{key}.{name}: not a valid Blosc2 frame ({error})") from error
+        elif name not in (META_MEMBER, THUMB_MEMBER):
+            extra[name] = data
+    sample = Sample(key, meta, arrays, members.get(THUMB_MEMBER), extra)
+    if validate:
+        validate_sample(sample)
+    return sample
+

@@ -1,0 +1,186 @@
+"""`phileo-shard build`: plan (or load the saved plan), run pending units, finalize.
+
+Output layout: build.json (the arguments; written when the plan is complete), plan.parquet,
+plan_rejected.jsonl, units/ (per-unit stats, index rows, histograms), shards/*.tar and,
+once every unit is done, index.parquet, rejected.jsonl and manifest.json (last).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from phileo import __version__
+from sharding.distributor import run_local
+from sharding.errors import InputError
+from sharding.manifest import INDEX, MANIFEST, REJECTED, finalize
+from sharding.plan import Filters, assign_units, select_rows
+from sharding.sources.majortom_catalog import list_majortom
+from sharding.unit import UnitOptions, unit_stats_path
+from sharding.writer import TMP_SUFFIX, atomic_write
+
+log = logging.getLogger(__name__)
+
+BUILD_INFO = "build.json"
+PLAN = "plan.parquet"
+PLAN_REJECTED = "plan_rejected.jsonl"
+OWNED = {BUILD_INFO, PLAN, PLAN_REJECTED, MANIFEST, INDEX, REJECTED, "shards", "units"}
+
+
+@dataclass(frozen=True)
+class BuildArgs:
+    """The arguments that define a dataset: a rerun must repeat them exactly to resume."""
+
+    input: str
+    output: str
+    filters: Filters = field(default_factory=Filters)
+    shard_size: int = 1_000_000_000
+    mix_groups: int = 16
+    seed: int = 0
+    clevel: int = 5
+    thumbnails: bool = False
+
+    def __post_init__(self) -> None:
+        if self.shard_size < 1:
+            raise InputError(f"--shard-size {self.shard_size}: expected a positive number of bytes")
+        if self.mix_groups < 1:
+            raise InputError(f"--mix-files {self.mix_groups}: expected at least 1")
+        if not 0 <= self.clevel <= 9:
+            raise InputError(f"--clevel {self.clevel}: expected 0..9")
+
+    def defining(self) -> dict:
+        """JSON of what the dataset depends on (not where it is written)."""
+        args = asdict(self)
+        args.pop("output")
+        args["input"] = str(Path(self.input).resolve())
+        filters = args["filters"]
+        if filters["grid_cells"] is not None:
+            filters["grid_cells"] = sorted(filters["grid_cells"])
+        if filters["bbox"] is not None:
+            filters["bbox"] = list(filters["bbox"])
+        return args
+
+
+@dataclass
+class BuildSummary:
+    written: int = 0
+    rejected: int = 0
+    filtered: int = 0
+    shards: int = 0
+    bytes_out: int = 0
+    bytes_in: int = 0
+    seconds: float = 0.0
+    failed_units: list[dict] = field(default_factory=list)
+
+    def line(self) -> str:
+        rate = self.written / self.seconds if self.seconds else 0.0
+        return (f"wrote {self.written} tiles in {self.shards} shards ({self.bytes_out / 1e6:.1f} MB from "
+                f"{self.bytes_in / 1e6:.1f} MB of GeoTIFF), rejected {self.rejected}, filtered {self.filtered}, "
+                f"in {self.seconds:.1f} s ({rate:.2f} tiles/s)")
+
+
+def prepare_output(args: BuildArgs, overwrite: bool) -> dict | None:
+    """Create/clean the output; return the saved build info when resuming, else None."""
+    output = Path(args.output)
+    if output.exists() and not output.is_dir():
+        raise InputError(f"--output {output}: exists and is not a directory")
+    output.mkdir(parents=True, exist_ok=True)
+    foreign = sorted(p.name for p in output.iterdir() if p.name not in OWNED and not p.name.endswith(TMP_SUFFIX))
+    if foreign:
+        raise InputError(f"--output {output}: holds {foreign[0]!r}, which is not part of a phileo-shard build; "
+                         "choose an empty or new directory")
+    if overwrite:
+        for name in OWNED:
+            path = output / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    (output / "shards").mkdir(exist_ok=True)
+    (output / "units").mkdir(exist_ok=True)
+    info_path = output / BUILD_INFO
+    if not info_path.is_file():
+        return None
+    info = json.loads(info_path.read_text())
+    if info["args"] != args.defining():
+        changed = sorted(k for k in info["args"] if info["args"][k] != args.defining().get(k))
+        raise InputError(f"--output {output} holds a build made with other arguments ({', '.join(changed)} "
+                         "differ); rerun with the same arguments to resume, or add --overwrite to start over")
+    return info
+
+
+def make_plan(args: BuildArgs) -> dict:
+    """List, filter and cut the input into units; saves the plan, build.json last."""
+    output = Path(args.output)
+    catalog = list_majortom(args.input)
+    rows, duplicates, filtered = select_rows(catalog, args.filters)
+    units = assign_units(rows, args.shard_size, args.mix_groups, args.seed)
+    planned = [row | {"unit": unit} for unit, unit_rows in enumerate(units) for row in unit_rows]
+    table = pa.Table.from_pylist(planned) if planned else pa.table({"unit": pa.array([], pa.int64())})
+    atomic_write(output / PLAN, lambda p: pq.write_table(table, p))
+    rejected = catalog.rejected + duplicates
+    atomic_write(output / PLAN_REJECTED, lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in rejected)))
+    info = {"schema": "phileo-shard/1", "source": "majortom", "layout": catalog.layout, "tool_version": __version__,
+            "args": args.defining(), "units": len(units), "planned_tiles": len(planned),
+            "filtered_at_plan": filtered}
+    atomic_write(output / BUILD_INFO, lambda p: p.write_text(json.dumps(info, indent=1)))
+    log.info("planned %d tiles in %d units (%d rejected, %d filtered)", len(planned), len(units),
+             len(rejected), filtered)
+    return info
+
+
+def load_units(output: Path) -> list[list[dict]]:
+    table = pq.read_table(output / PLAN)
+    units: list[list[dict]] = []
+    for row in table.to_pylist():
+        unit = row.pop("unit")
+        while len(units) <= unit:
+            units.append([])
+        units[unit].append(row)
+    return units
+
+
+def build(args: BuildArgs, workers: int = 1, overwrite: bool = False) -> BuildSummary:
+    """Build (or resume) a dataset; returns the summary. Raises InputError on bad input."""
+    started = time.monotonic()
+    output = Path(args.output)
+    info = prepare_output(args, overwrite) or make_plan(args)
+    units = load_units(output)
+    pending = [(unit, rows) for unit, rows in enumerate(units) if not unit_stats_path(output, unit).is_file()]
+    options = UnitOptions(str(output), info["layout"], args.shard_size, args.filters, args.clevel, args.thumbnails)
+    summary = BuildSummary()
+    log.info("%d of %d units to build (%d already complete)", len(pending), len(units), len(units) - len(pending))
+    _run_with_progress(pending, options, workers, summary, started)
+    if not summary.failed_units:
+        plan_rejected = [json.loads(line) for line in (output / PLAN_REJECTED).read_text().splitlines()]
+        manifest = finalize(output, info, len(units), plan_rejected, info["filtered_at_plan"])
+        totals = manifest["totals"]
+        summary.written, summary.shards, summary.bytes_out = totals["samples"], totals["shards"], totals["bytes"]
+        summary.rejected, summary.filtered = totals["rejected"], totals["filtered"]
+        summary.bytes_in = totals["bytes_in"]
+    summary.seconds = time.monotonic() - started
+    return summary
+
+
+def _run_with_progress(pending: list, options: UnitOptions, workers: int, summary: BuildSummary,
+                       started: float) -> None:
+    total_tiles = sum(len(rows) for _, rows in pending)
+    bytes_in = bytes_out = 0
+    with tqdm(total=total_tiles, unit="tile", desc="build", dynamic_ncols=True) as bar:
+        for result in run_local(pending, options, workers):
+            if "error" in result:
+                log.error("unit %d failed: %s\n%s", result["unit"], result["error"], result["traceback"])
+                summary.failed_units.append(result)
+                continue
+            bytes_in += result["bytes_in"]
+            bytes_out += result["bytes_out"]
+            elapsed = max(time.monotonic() - started, 1e-9)
+            bar.set_postfix_str(f"in {bytes_in / 1e6 / elapsed:.1f} MB/s, out {bytes_out / 1e6 / elapsed:.1f} MB/s")
+            bar.update(result["planned"])
+    if summary.failed_units:
+        log.error("%d unit(s) failed; rerun the same command to retry them", len(summary.failed_units))

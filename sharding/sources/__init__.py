@@ -1,0 +1,1 @@
+"""Source readers: list the rows of a source (catalog) and turn one row into a phileo Sample."""

@@ -1,0 +1,161 @@
+"""Read MajorTOM rows one row group at a time and decode them into phileo Samples.
+
+Each band is a complete GeoTIFF; it is decoded with rasterio and checked against the
+others (shape per resolution, CRS, grid origin) so a bad row is rejected with a reason
+instead of reaching a shard. Pixel values are copied bit for bit.
+"""
+
+from __future__ import annotations
+
+import bisect
+import io
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+from rasterio.errors import RasterioError
+from rasterio.io import MemoryFile
+
+from phileo.bands import ALL_BANDS, CLOUD_MASK, RESOLUTION_GROUPS
+from phileo.geo import corners_lonlat_from_transform
+from phileo.schema import CLOUD, SCHEMA_VERSION, Sample
+from sharding.errors import RowError
+
+log = logging.getLogger(__name__)
+
+BAND_COLUMNS = [*ALL_BANDS, CLOUD_MASK]
+READ_COLUMNS = ["product_id", "grid_cell", "product_datetime", "thumbnail", *BAND_COLUMNS]
+
+
+def iter_parquet_rows(path: str, rows: list[int], with_thumbnail: bool) -> Iterator[tuple[int, dict]]:
+    """Yield (row, {column: value}) for the sorted `rows` of one file, one row group in memory at a time."""
+    parquet = pq.ParquetFile(path)
+    columns = [c for c in READ_COLUMNS if c != "thumbnail" or with_thumbnail]
+    columns = [c for c in columns if c in parquet.schema_arrow.names]
+    starts, start = [], 0
+    for index in range(parquet.metadata.num_row_groups):
+        starts.append(start)
+        start += parquet.metadata.row_group(index).num_rows
+    group_index, group = -1, None
+    for row in rows:
+        if not 0 <= row < start:
+            raise ValueError(f"{path}: row {row} out of range (the file has {start} rows)")
+        wanted = bisect.bisect_right(starts, row) - 1
+        if wanted != group_index:
+            group_index, group = wanted, None  # free the previous row group before reading the next
+            group = parquet.read_row_group(wanted, columns=columns)
+        offset = row - starts[group_index]
+        yield row, {name: group.column(name)[offset].as_py() for name in columns}
+
+
+def read_extracted_product(product_dir: str, with_thumbnail: bool) -> dict:
+    """The column dict of one product folder of the extracted layout."""
+    folder = Path(product_dir)
+    columns = {}
+    for name in BAND_COLUMNS:
+        file = folder / f"{name}.tif"
+        columns[name] = file.read_bytes() if file.is_file() else None
+    thumbs = sorted(folder.glob("thumbnail.*"))
+    columns["thumbnail"] = thumbs[0].read_bytes() if with_thumbnail and thumbs else None
+    return columns
+
+
+def _read_geotiff(column: str, data: bytes | None) -> tuple[np.ndarray, str, tuple[float, ...]]:
+    if not data:
+        raise RowError(f"{column}: empty or missing")
+    try:
+        with MemoryFile(data) as memfile, memfile.open() as dataset:
+            if dataset.count != 1:
+                raise RowError(f"{column}: {dataset.count} bands in the GeoTIFF, expected 1")
+            if dataset.crs is None:
+                raise RowError(f"{column}: GeoTIFF has no CRS")
+            return dataset.read(1), dataset.crs.to_string(), tuple(dataset.transform)[:6]
+    except RasterioError as error:
+        raise RowError(f"{column}: unreadable GeoTIFF ({error})") from error
+
+
+def decode_bands(columns: dict) -> tuple[dict[str, np.ndarray], str, tuple[float, ...]]:
+    """Decode + cross-check all band GeoTIFFs: (arrays by member, crs, 10 m transform)."""
+    decoded = {name: _read_geotiff(name, columns.get(name)) for name in BAND_COLUMNS}
+    reference, crs, transform = decoded["B02"]
+    height, width = reference.shape
+    if height % 6 or width % 6:
+        raise RowError(f"B02: shape {height}x{width} is not divisible by 6")
+    arrays = {}
+    for member, (bands, factor) in RESOLUTION_GROUPS.items():
+        for band in bands:
+            _check_band(band, decoded[band], (height // factor, width // factor), np.uint16,
+                        crs, transform, factor)
+        arrays[member] = np.stack([decoded[band][0] for band in bands])
+    _check_band(CLOUD_MASK, decoded[CLOUD_MASK], (height, width), np.uint8, crs, transform, 1)
+    arrays[CLOUD] = decoded[CLOUD_MASK][0]
+    return arrays, crs, transform
+
+
+def _check_band(name: str, decoded: tuple, shape: tuple[int, int], dtype: type, crs: str,
+                transform: tuple[float, ...], factor: int) -> None:
+    array, band_crs, band_transform = decoded
+    if array.shape != shape:
+        raise RowError(f"{name}: shape {array.shape[0]}x{array.shape[1]}, expected {shape[0]}x{shape[1]}")
+    if array.dtype != dtype:
+        raise RowError(f"{name}: dtype {array.dtype}, expected {np.dtype(dtype)}")
+    if band_crs != crs:
+        raise RowError(f"{name}: CRS {band_crs} differs from B02's {crs}")
+    a, b, c, d, e, f = transform
+    expected = (a * factor, b * factor, c, d * factor, e * factor, f)
+    if not np.allclose(band_transform, expected, rtol=0, atol=1e-6):
+        raise RowError(f"{name}: grid {band_transform} is not aligned with B02's {transform}")
+
+
+def cloud_cover_percent(cloud: np.ndarray) -> float:
+    return float(np.count_nonzero(cloud) * 100.0 / cloud.size)
+
+
+def nodata_fraction(image_10m: np.ndarray) -> float:
+    """Fraction of 10 m pixels where every band is 0 (Sentinel-2 L2A no-data)."""
+    return float(np.count_nonzero(~image_10m.any(axis=0)) / image_10m[0].size)
+
+
+def make_thumbnail(data: bytes | None, size: int = 128) -> bytes | None:
+    """Small JPEG of the source thumbnail, or None when the row has none."""
+    if not data:
+        return None
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        image = Image.open(io.BytesIO(data)).convert("RGB")
+    except (UnidentifiedImageError, OSError) as error:
+        raise RowError(f"thumbnail: unreadable image ({error})") from error
+    image.thumbnail((size, size))
+    out = io.BytesIO()
+    image.save(out, format="JPEG", quality=85)
+    return out.getvalue()
+
+
+def decode_majortom_row(plan_row: dict, columns: dict, with_thumbnail: bool) -> Sample:
+    """One catalog/plan row + its column values -> a validated-by-construction Sample."""
+    for name in ("product_id", "grid_cell"):
+        if name in columns and columns[name] != plan_row[name]:
+            raise RowError(f"{name} is {columns[name]!r}, the plan expected {plan_row[name]!r}")
+    arrays, crs, transform = decode_bands(columns)
+    height, width = arrays[CLOUD].shape
+    computed_cloud = cloud_cover_percent(arrays[CLOUD])
+    computed_nodata = nodata_fraction(arrays["s2_10m"])
+    known = plan_row["cloud_cover"] == plan_row["cloud_cover"]  # NaN when metadata.parquet lacks it
+    meta = {
+        "schema": SCHEMA_VERSION, "source": "majortom", "key": plan_row["key"],
+        "grid_cell": plan_row["grid_cell"], "product_id": plan_row["product_id"],
+        "timestamp": plan_row["timestamp"], "crs": crs, "transform": list(transform),
+        "shape": [height, width],
+        **corners_lonlat_from_transform(crs, transform, (height, width)),
+        "cloud_cover": plan_row["cloud_cover"] if known else computed_cloud,
+        "nodata": plan_row["nodata"] if plan_row["nodata"] == plan_row["nodata"] else computed_nodata,
+        "cloud_cover_pixels": computed_cloud,
+        "bands": {member: list(bands) for member, (bands, _) in RESOLUTION_GROUPS.items()} | {CLOUD: [CLOUD_MASK]},
+        "labels": {},
+        "source_file": Path(plan_row["source_file"]).name, "source_row": plan_row["source_row"],
+    }
+    thumb = make_thumbnail(columns.get("thumbnail")) if with_thumbnail else None
+    return Sample(plan_row["key"], meta, arrays, thumb)

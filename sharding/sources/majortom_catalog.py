@@ -1,0 +1,171 @@
+"""Catalog of MajorTOM Core-S2L2A rows: what exists, before any pixel is read.
+
+Three input layouts are accepted: a directory with `images/*.parquet` (and optionally
+`metadata.parquet` beside it), a single parquet file, or the extracted folder layout of
+the original loader (`.../<row>/<row>_<col>/<product_id>/B01.tif ...`). Listing reads
+parquet footers and the three small string columns only, never a band column.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from phileo.bands import ALL_BANDS, CLOUD_MASK
+from phileo.geo import grid_cell_centre, parse_grid_cell
+from sharding.errors import InputError
+
+log = logging.getLogger(__name__)
+
+REQUIRED_COLUMNS = ("product_id", "grid_cell", "product_datetime", *ALL_BANDS, CLOUD_MASK)
+ID_COLUMNS = ["product_id", "grid_cell", "product_datetime"]
+CATALOG_FIELDS = ("source_file", "source_group", "source_row", "key", "product_id", "grid_cell",
+                  "timestamp", "cloud_cover", "nodata", "centre_lat", "centre_lon", "est_bytes")
+
+
+@dataclass
+class Catalog:
+    """Candidate rows (dicts with CATALOG_FIELDS, in source order) and rows rejected while listing."""
+
+    rows: list[dict] = field(default_factory=list)
+    rejected: list[dict] = field(default_factory=list)
+    layout: str = "parquet"
+
+
+def reject(file: str, row: int | None, reason: str, key: str | None = None) -> dict:
+    return {"file": str(file), "row": row, "key": key, "reason": reason}
+
+
+def parse_datetime(value: str) -> str:
+    """`20200612T104021` -> `2020-06-12T10:40:21Z`; ValueError names the bad value."""
+    try:
+        parsed = datetime.strptime(value, "%Y%m%dT%H%M%S").replace(tzinfo=timezone.utc)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"product_datetime {value!r} is not YYYYMMDDTHHMMSS") from error
+    return parsed.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def make_row(source_file: str, source_group: str, source_row: int, product_id: str, grid_cell: str,
+             product_datetime: str, est_bytes: int) -> dict:
+    """A catalog row from the identifying strings; ValueError when they are malformed."""
+    parse_grid_cell(grid_cell)
+    timestamp = parse_datetime(product_datetime)
+    centre_lat, centre_lon = grid_cell_centre(grid_cell)
+    return {"source_file": source_file, "source_group": source_group, "source_row": source_row,
+            "key": f"{grid_cell}_{product_datetime}", "product_id": product_id, "grid_cell": grid_cell,
+            "timestamp": timestamp, "cloud_cover": math.nan, "nodata": math.nan,
+            "centre_lat": centre_lat, "centre_lon": centre_lon, "est_bytes": est_bytes}
+
+
+def list_parquet_file(path: Path, catalog: Catalog) -> None:
+    """Add the rows of one Core-S2L2A parquet file (footer + id columns only)."""
+    try:
+        parquet = pq.ParquetFile(path)
+        names = set(parquet.schema_arrow.names)
+    except (OSError, ValueError) as error:
+        catalog.rejected.append(reject(path, None, f"unreadable parquet file: {error}"))
+        return
+    num_rows = parquet.metadata.num_rows
+    missing = [name for name in REQUIRED_COLUMNS if name not in names]
+    if missing:
+        reason = f"missing column(s) {', '.join(missing)}"
+        catalog.rejected.extend(reject(path, row, reason) for row in range(num_rows))
+        return
+    ids = parquet.read(columns=ID_COLUMNS).to_pydict()
+    row_bytes = _row_bytes(parquet)
+    for row in range(num_rows):
+        values = [ids[name][row] for name in ID_COLUMNS]
+        try:
+            catalog.rows.append(make_row(str(path), str(path), row, *values, row_bytes[row]))
+        except ValueError as error:
+            catalog.rejected.append(reject(path, row, str(error)))
+
+
+def _row_bytes(parquet: pq.ParquetFile) -> list[int]:
+    """Compressed bytes of each row, spread evenly over the rows of its row group."""
+    sizes = []
+    for index in range(parquet.metadata.num_row_groups):
+        group = parquet.metadata.row_group(index)
+        total = sum(group.column(c).total_compressed_size for c in range(group.num_columns))
+        sizes.extend([total // max(group.num_rows, 1)] * group.num_rows)
+    return sizes
+
+
+def list_extracted(root: Path, catalog: Catalog) -> None:
+    """Add the product folders of the extracted layout `<row>/<row>_<col>/<product_id>/B02.tif`."""
+    catalog.layout = "extracted"
+    for b02 in sorted(root.rglob("B02.tif")):
+        product_dir = b02.parent
+        grid_cell, product_id = product_dir.parent.name, product_dir.name
+        parts = product_id.split("_")
+        est_bytes = sum(f.stat().st_size for f in product_dir.iterdir() if f.is_file())
+        try:
+            if len(parts) < 3:
+                raise ValueError(f"product_id {product_id!r} has no datetime field")
+            row = make_row(str(product_dir), str(product_dir.parent.parent), 0, product_id, grid_cell,
+                           parts[2], est_bytes)
+        except ValueError as error:
+            catalog.rejected.append(reject(product_dir, 0, str(error)))
+            continue
+        catalog.rows.append(row)
+
+
+def apply_metadata(metadata_path: Path, images: dict[str, Path], catalog: Catalog) -> None:
+    """Take cloud_cover/nodata/centre from metadata.parquet; keep only rows it lists."""
+    table = pq.read_table(metadata_path, columns=["product_id", "cloud_cover", "nodata", "centre_lat",
+                                                  "centre_lon", "parquet_url", "parquet_row"])
+    known = {}
+    for entry in table.to_pylist():
+        name = os.path.basename(str(entry["parquet_url"]))
+        if name not in images:
+            catalog.rejected.append(reject(name, entry["parquet_row"], f"metadata.parquet lists "
+                                           f"{entry['product_id']} in {name}, which is not in the input"))
+            continue
+        known[(str(images[name]), int(entry["parquet_row"]))] = entry
+    kept = []
+    for row in catalog.rows:
+        entry = known.get((row["source_file"], row["source_row"]))
+        if entry is None:
+            log.warning("%s row %d is not in metadata.parquet: cloud/nodata computed from pixels",
+                        row["source_file"], row["source_row"])
+        elif entry["product_id"] != row["product_id"]:
+            catalog.rejected.append(reject(row["source_file"], row["source_row"], "metadata.parquet "
+                                    f"says {entry['product_id']}, the file holds {row['product_id']}", row["key"]))
+            continue
+        else:
+            row.update({k: float(entry[k]) for k in ("cloud_cover", "nodata", "centre_lat", "centre_lon")})
+        kept.append(row)
+    catalog.rows = kept
+
+
+def list_majortom(input_path: str) -> Catalog:
+    """Catalog of every row under `input_path`; InputError when nothing usable is there."""
+    path = Path(input_path)
+    if not path.exists():
+        raise InputError(f"--input {input_path}: no such file or directory")
+    catalog = Catalog()
+    if path.is_file():
+        if path.suffix != ".parquet":
+            raise InputError(f"--input {input_path}: expected a .parquet file or a directory")
+        list_parquet_file(path, catalog)
+        return catalog
+    images_dir = path / "images" if (path / "images").is_dir() else path
+    files = sorted(p for p in images_dir.glob("*.parquet") if p.name != "metadata.parquet")
+    if not files:
+        list_extracted(path, catalog)
+        if not catalog.rows and not catalog.rejected:
+            raise InputError(f"--input {input_path}: no images/*.parquet, *.parquet or extracted "
+                             "<row>/<cell>/<product_id>/B02.tif folders found")
+        return catalog
+    for file in files:
+        list_parquet_file(file, catalog)
+    metadata_path = path / "metadata.parquet"
+    if metadata_path.is_file():
+        apply_metadata(metadata_path, {f.name: f for f in files}, catalog)
+    return catalog

@@ -1,0 +1,1 @@
+"""`phileo-train`: streaming DDP pretraining and fine-tuning on phileo-shard datasets."""
