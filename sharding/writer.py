@@ -58,7 +58,11 @@ class ShardSummary:
 
     def add(self, meta: dict) -> None:
         self.samples += 1
-        west, south, east, north = meta["bounds_lonlat"]
+        if "bounds_lonlat" in meta:
+            west, south, east, north = meta["bounds_lonlat"]
+        else:  # sources without densified bounds: the corner box
+            lons, lats = zip(*meta["corners_lonlat"])
+            west, south, east, north = min(lons), min(lats), max(lons), max(lats)
         box = self.bbox_lonlat
         self.bbox_lonlat = [min(box[0], west), min(box[1], south), max(box[2], east), max(box[3], north)]
         stamp = meta.get("timestamp")
