@@ -51,8 +51,13 @@ class Sample:
 
 
 def encode_array(array: np.ndarray, clevel: int = DEFAULT_CLEVEL) -> bytes:
-    """Blosc2 NDArray cframe, ZSTD + byte shuffle (lossless)."""
-    cparams = blosc2.CParams(codec=blosc2.Codec.ZSTD, clevel=clevel, filters=[blosc2.Filter.SHUFFLE])
+    """Blosc2 NDArray cframe, ZSTD + byte shuffle (lossless).
+
+    One compression thread: multi-threaded Blosc2 writes the same data as different bytes
+    run to run, and reruns/resumes must reproduce shards byte for byte (sha256 in the
+    manifest). Parallelism comes from build workers instead.
+    """
+    cparams = blosc2.CParams(codec=blosc2.Codec.ZSTD, clevel=clevel, filters=[blosc2.Filter.SHUFFLE], nthreads=1)
     return blosc2.asarray(np.ascontiguousarray(array), cparams=cparams).to_cframe()
 
 

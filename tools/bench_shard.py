@@ -25,8 +25,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 from phileo.schema import DEFAULT_CLEVEL, decode_array, encode_array
 from sharding.sources.majortom import BAND_COLUMNS, decode_bands, iter_parquet_rows
 
@@ -45,9 +43,13 @@ from sharding.plan import Filters
 spec = json.loads(sys.argv[1])
 args = BuildArgs(spec["input"], spec["output"], Filters(limit=spec["limit"]), spec["shard_size"],
                  clevel=spec["clevel"])
+def cpu():
+    return sum(u.ru_utime + u.ru_stime for u in map(resource.getrusage, (resource.RUSAGE_SELF,
+                                                                         resource.RUSAGE_CHILDREN)))
+cpu0 = cpu()
 summary = build(args, workers=spec["workers"], overwrite=True)
-print(json.dumps({"seconds": summary.seconds, "written": summary.written, "rejected": summary.rejected,
-                  "shards": summary.shards, "bytes_out": summary.bytes_out, "bytes_in": summary.bytes_in,
+print(json.dumps({"seconds": summary.seconds, "cpu": cpu() - cpu0, "written": summary.written,
+                  "rejected": summary.rejected, "shards": summary.shards, "bytes_out": summary.bytes_out, "bytes_in": summary.bytes_in,
                   "failed": len(summary.failed_units),
                   "rss_self_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
                   "rss_children_kb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))
@@ -65,8 +67,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="shard size in bytes; 0 = a quarter of the source bytes, so --workers 2 gets work")
     parser.add_argument("--clevel", type=int, default=DEFAULT_CLEVEL, help="ZSTD level of the timed builds")
     parser.add_argument("--sweep-tiles", type=int, default=3, help="tiles used by the clevel sweep")
-    parser.add_argument("--profile", type=int, default=0, metavar="N",
-                        help="also cProfile an in-process build of the first N tiles and print the top costs")
+    parser.add_argument("--profile", type=int, default=6, metavar="N",
+                        help="cProfile an in-process build of the first N tiles (0: skip); prints where time goes")
     parser.add_argument("--write-docs", action="store_true", help=f"write the results into {DOCS}")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     return parser.parse_args(argv)
@@ -96,54 +98,37 @@ def source_files(path: Path) -> list[Path]:
     return files
 
 
-def iter_rows(files: list[Path], limit: int):
-    """(file, columns) of the first `limit` rows in source order, as the build plans them."""
+def plan_rows(files: list[Path], limit: int) -> list[tuple[Path, int, int]]:
+    """(file, rows taken, rows in file) for the first `limit` rows in source order (footers only)."""
     import pyarrow.parquet as pq
 
-    left = limit
+    taken, left = [], limit
     for file in files:
-        count = min(pq.ParquetFile(file).metadata.num_rows, left)
-        if count <= 0:
-            return
-        for _, columns in iter_parquet_rows(str(file), list(range(count)), False):
-            yield file, columns
-        left -= count
+        rows = pq.ParquetFile(file).metadata.num_rows
+        if left > 0:
+            taken.append((file, min(rows, left), rows))
+        left -= rows
+    return taken
 
 
 def baseline_decode(files: list[Path], limit: int, keep: int) -> dict:
     """The floor: read + rasterio-decode every band, one process. Keeps `keep` tiles for the sweep."""
+    taken = plan_rows(files, limit)
     tiles, tiff_bytes, raw_bytes, kept = 0, 0, 0, []
-    started = time.perf_counter()
-    for _, columns in iter_rows(files, limit):
-        arrays, _, _ = decode_bands(columns)
-        tiles += 1
-        tiff_bytes += sum(len(columns[name]) for name in BAND_COLUMNS)
-        raw_bytes += sum(a.nbytes for a in arrays.values())
-        if len(kept) < keep:
-            kept.append((arrays, sum(len(columns[name]) for name in BAND_COLUMNS)))
-    seconds = time.perf_counter() - started
-    touched = [f for f, _ in iter_rows_files(files, tiles)]
-    return {"tiles": tiles, "seconds": seconds, "tiff_bytes": tiff_bytes, "raw_bytes": raw_bytes,
-            "parquet_bytes": sum(f.stat().st_size for f in touched), "files_whole": _whole(files, tiles),
-            "kept": kept}
-
-
-def iter_rows_files(files: list[Path], limit: int):
-    """(file, rows taken) for the first `limit` rows; footers only."""
-    import pyarrow.parquet as pq
-
-    left = limit
-    for file in files:
-        count = min(pq.ParquetFile(file).metadata.num_rows, left)
-        if count > 0:
-            yield file, count
-        left -= count
-
-
-def _whole(files: list[Path], limit: int) -> bool:
-    import pyarrow.parquet as pq
-
-    return all(pq.ParquetFile(f).metadata.num_rows == n for f, n in iter_rows_files(files, limit))
+    started, cpu = time.perf_counter(), time.process_time()
+    for file, count, _ in taken:
+        for _, columns in iter_parquet_rows(str(file), list(range(count)), False):
+            arrays, _, _ = decode_bands(columns)
+            tiles += 1
+            tile_tiff = sum(len(columns[name]) for name in BAND_COLUMNS)
+            tiff_bytes += tile_tiff
+            raw_bytes += sum(a.nbytes for a in arrays.values())
+            if len(kept) < keep:
+                kept.append((arrays, tile_tiff))
+    return {"tiles": tiles, "seconds": time.perf_counter() - started, "cpu": time.process_time() - cpu,
+            "tiff_bytes": tiff_bytes, "raw_bytes": raw_bytes, "kept": kept,
+            "parquet_bytes": sum(f.stat().st_size for f, _, _ in taken),
+            "files_whole": all(count == rows for _, count, rows in taken)}
 
 
 def run_build(input_path: Path, output: Path, workers: int, limit: int, shard_size: int, clevel: int) -> dict:
@@ -194,7 +179,18 @@ def poll_rss(proc: subprocess.Popen, interval: float = 0.05) -> dict[int, tuple[
 
 
 def clevel_sweep(kept: list[tuple[dict, int]], repeats: int = 2) -> list[dict]:
-    """Encode/decode the kept tiles' arrays at each level; MB/s of uncompressed array bytes."""
+    """Encode/decode the kept tiles' arrays at each level, 1 Blosc2 thread; MB/s of uncompressed bytes."""
+    import blosc2
+
+    threads = blosc2.nthreads
+    blosc2.set_nthreads(1)
+    try:
+        return _sweep(kept, repeats)
+    finally:
+        blosc2.set_nthreads(threads)
+
+
+def _sweep(kept: list[tuple[dict, int]], repeats: int) -> list[dict]:
     raw = sum(a.nbytes for arrays, _ in kept for a in arrays.values())
     tiff = sum(t for _, t in kept)
     rows = []
@@ -214,23 +210,53 @@ def clevel_sweep(kept: list[tuple[dict, int]], repeats: int = 2) -> list[dict]:
     return rows
 
 
-def profile_build(input_path: Path, output: Path, tiles: int, shard_size: int, clevel: int) -> str:
-    """cProfile an in-process --workers 1 build of `tiles` tiles; the top functions by own time."""
-    import io
+# (label, file suffix, function): cumulative profile time of the build's main costs.
+COSTS = (
+    ("parquet row-group read (pyarrow)", "majortom.py", "iter_parquet_rows"),
+    ("GeoTIFF decode (rasterio/GDAL)", "majortom.py", "_read_geotiff"),
+    ("band checks + np.stack", "majortom.py", "decode_bands"),
+    ("corners/bounds lon-lat (PROJ)", "geo.py", "corners_lonlat_from_transform"),
+    ("cloud / nodata fractions", "majortom.py", "cloud_cover_percent"),
+    ("cloud / nodata fractions", "majortom.py", "nodata_fraction"),
+    ("band histogram", "unit.py", "sample_band_histogram"),
+    ("schema validation", "schema.py", "validate_sample"),
+    ("Blosc2 ZSTD encode", "schema.py", "encode_array"),
+    ("tar append", "tarfile.py", "addfile"),
+    ("fsync of shards", "~", "<built-in method posix.fsync>"),
+    ("sha256 of shards", "writer.py", "sha256_file"),
+    ("plan (catalog listing)", "build.py", "make_plan"),
+    ("unit files (index, histogram npz)", "unit.py", "_write_unit_files"),
+    ("finalize (manifest, index.parquet)", "manifest.py", "finalize"),
+)
 
+
+def profile_build(input_path: Path, output: Path, tiles: int, shard_size: int, clevel: int) -> list[str]:
+    """cProfile an in-process --workers 1 build of `tiles` tiles; a Markdown table of where time goes."""
     from sharding.build import BuildArgs, build
     from sharding.plan import Filters
 
     args = BuildArgs(str(input_path), str(output), Filters(limit=tiles), shard_size, clevel=clevel)
     profiler = cProfile.Profile()
     profiler.enable()
-    build(args, workers=1, overwrite=True)
+    summary = build(args, workers=1, overwrite=True)
     profiler.disable()
-    text = io.StringIO()
-    stats = pstats.Stats(profiler, stream=text)
-    stats.sort_stats("tottime").print_stats(14)
-    stats.sort_stats("cumulative").print_stats(r"sharding|phileo", 14)
-    return text.getvalue()
+    stats = pstats.Stats(profiler).stats  # (file, line, name) -> (cc, nc, tottime, cumtime, callers)
+    cum: dict[str, float] = {}
+    for (file, _, name), (_, _, _, cumtime, _) in stats.items():
+        for label, suffix, func in COSTS:
+            if name == func and file.endswith(suffix):
+                cum[label] = cum.get(label, 0.0) + cumtime
+    cum["band checks + np.stack"] = cum.get("band checks + np.stack", 0.0) - cum.get(
+        "GeoTIFF decode (rasterio/GDAL)", 0.0)
+    total = max(sum(v[3] for k, v in stats.items() if k[2] == "build" and k[0].endswith("build.py")), 1e-9)
+    lines = [f"cProfile of an in-process `build()` of {summary.written} tiles, --workers 1 "
+             f"({total:.2f} s, {total / max(summary.written, 1):.3f} s/tile; profiler overhead included):", "",
+             "| cost | s/tile | share of build |", "|---|---|---|"]
+    for label, seconds in sorted(cum.items(), key=lambda kv: -kv[1]):
+        lines.append(f"| {label} | {seconds / max(summary.written, 1):.3f} | {seconds / total:.0%} |")
+    rest = total - sum(cum.values())
+    lines.append(f"| everything else | {rest / max(summary.written, 1):.3f} | {rest / total:.0%} |")
+    return lines
 
 
 def machine() -> str:
@@ -258,7 +284,9 @@ def results_table(base: dict, builds: list[dict]) -> list[str]:
              f"| build --workers 1 (`build()` time, 1 core) | {rate:.2f} tiles/s per core | "
              f"**{rate / decode_rate:.2f}** (target >= 0.80) |",
              f"| build --workers 1, process wall incl. start-up | {one['written'] / one['wall']:.2f} tiles/s | "
-             f"{one['written'] / one['wall'] / decode_rate:.2f} |"]
+             f"{one['written'] / one['wall'] / decode_rate:.2f} |",
+             f"| CPU s per tile (user+sys, all threads): baseline / build --workers 1 | {base['cpu'] / tiles:.3f}"
+             f" / {one['cpu'] / one['written']:.3f} | {base['cpu'] / tiles / (one['cpu'] / one['written']):.2f} |"]
     src = base["parquet_bytes"] / tiles if base["files_whole"] else base["tiff_bytes"] / tiles
     src_name = "source parquet" if base["files_whole"] else "source band GeoTIFF"
     lines += [f"| shard bytes / tile | {one['bytes_out'] / one['written'] / MB:.2f} MB | "
@@ -311,7 +339,8 @@ def docs_section(args: argparse.Namespace, base: dict, tables: list[str], synthe
         note, "",
         "Baseline (the floor) = the same rows read with pyarrow (one row group at a time) and every band "
         "decoded with rasterio (`decode_bands`), one process, no writing. Build rates use the time "
-        "`sharding.build.build` reports (plan + convert + finalize), in a fresh subprocess.", "",
+        "`sharding.build.build` reports (plan + convert + finalize), in a fresh subprocess; Blosc2 there "
+        "keeps its default thread count, so the CPU-time row is the stricter per-core figure.", "",
         *tables, ""])
 
 
@@ -328,7 +357,7 @@ def write_docs(section: str) -> None:
     print(f"wrote {DOCS}")
 
 
-def measure(args: argparse.Namespace, work: Path) -> tuple[dict, list[dict], list[dict]]:
+def measure(args: argparse.Namespace, work: Path) -> tuple[dict, list[dict], list[dict], list[str]]:
     input_path = args.input or make_fixture(work / "input", args.tiles, args.files, args.tile_size)
     files = source_files(input_path)
     base = baseline_decode(files, args.tiles, args.sweep_tiles)
@@ -341,9 +370,9 @@ def measure(args: argparse.Namespace, work: Path) -> tuple[dict, list[dict], lis
               f"{b['seconds']:.1f} s (wall {b['wall']:.1f} s)", flush=True)
         builds.append(b)
     sweep = clevel_sweep(base.pop("kept"))
-    if args.profile:
-        print(profile_build(input_path, work / "out-profile", args.profile, shard_size, args.clevel))
-    return base, builds, sweep
+    profile = profile_build(input_path, work / "out-profile", min(args.profile, base["tiles"]), shard_size,
+                            args.clevel) if args.profile else []
+    return base, builds, sweep, profile
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -352,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("error: --tiles and --workers must be >= 1")
     tmp = tempfile.mkdtemp(prefix="bench_shard-")
     try:
-        base, builds, sweep = measure(args, Path(tmp))
+        base, builds, sweep, profile = measure(args, Path(tmp))
     finally:
         if args.keep:
             print(f"kept {tmp}")
@@ -362,7 +391,9 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(tmp, ignore_errors=True)
     tables = [*results_table(base, builds), "",
               f"Blosc2 ZSTD level sweep on {min(args.sweep_tiles, base['tiles'])} decoded tiles (all members; "
-              "MB/s of uncompressed array bytes, one core, best of 2):", "", *sweep_table(sweep, base)]
+              "MB/s of uncompressed array bytes, 1 Blosc2 thread, best of 2):", "", *sweep_table(sweep, base)]
+    if profile:
+        tables += ["", *profile]
     print("\n" + "\n".join(tables))
     if args.write_docs:
         write_docs(docs_section(args, base, tables, synthetic=args.input is None))
