@@ -1,12 +1,9 @@
 """Benchmark `phileo-shard build` against its floor: pure GeoTIFF decoding of the same rows.
 
-One run: (1) writes a MajorTOM-format fixture (or takes --input with real Core-S2L2A parquet
-files), (2) decodes every band of every row with rasterio in one process (the baseline),
-(3) runs the real build in a subprocess (--workers 1, and --workers N when N > 1) and times
-it, (4) compares shard bytes with source bytes, (5) records peak RSS per build process and
-(6) sweeps the Blosc2 ZSTD level on a few decoded tiles. Prints Markdown tables; with
---write-docs it replaces the "## Shard build (tools/bench_shard.py)" section of
-docs/benchmarks.md.
+One run: writes a MajorTOM-format fixture (or takes --input), decodes every band of every row with
+rasterio in one process (the baseline), runs the real build in a subprocess (--workers 1, and N when
+N > 1), compares shard with source bytes, records peak RSS per build process, sweeps the Blosc2 ZSTD
+level and profiles a short build. Prints Markdown; --write-docs updates docs/benchmarks.md.
 
     python tools/bench_shard.py [--tiles 24] [--tile-size 1068] [--workers 1] [--write-docs]
 """
@@ -19,6 +16,7 @@ import datetime
 import json
 import os
 import pstats
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -26,6 +24,7 @@ import time
 from pathlib import Path
 
 from phileo.schema import DEFAULT_CLEVEL, decode_array, encode_array
+from sharding.errors import RowError
 from sharding.sources.majortom import BAND_COLUMNS, decode_bands, iter_parquet_rows
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,24 +34,23 @@ DOCS_HEADER = ("# Benchmarks\n\nMeasured figures of the tools in tools/, each se
                "named in its heading. Rerun the command shown to refresh a section.\n")
 CLEVELS = (1, 3, 5, 7, 9)
 MB = 1e6
-# Runs the build in a fresh interpreter so its peak RSS is its own (ru_maxrss never goes down).
+# Runs the build in a fresh interpreter. Peak RSS = VmHWM of its own address space: ru_maxrss
+# would inherit the benchmark's RSS at fork time, so it is not used.
 CHILD = r"""
-import json, resource, sys, time
+import json, resource, sys
 from sharding.build import BuildArgs, build
 from sharding.plan import Filters
 spec = json.loads(sys.argv[1])
 args = BuildArgs(spec["input"], spec["output"], Filters(limit=spec["limit"]), spec["shard_size"],
                  clevel=spec["clevel"])
 def cpu():
-    return sum(u.ru_utime + u.ru_stime for u in map(resource.getrusage, (resource.RUSAGE_SELF,
-                                                                         resource.RUSAGE_CHILDREN)))
+    return sum(sum(resource.getrusage(who)[:2]) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
 cpu0 = cpu()
-summary = build(args, workers=spec["workers"], overwrite=True)
-print(json.dumps({"seconds": summary.seconds, "cpu": cpu() - cpu0, "written": summary.written,
-                  "rejected": summary.rejected, "shards": summary.shards, "bytes_out": summary.bytes_out, "bytes_in": summary.bytes_in,
-                  "failed": len(summary.failed_units),
-                  "rss_self_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-                  "rss_children_kb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))
+s = build(args, workers=spec["workers"], overwrite=True)
+hwm = [line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM:")]
+print(json.dumps({"seconds": s.seconds, "cpu": cpu() - cpu0, "written": s.written, "rejected": s.rejected,
+                  "shards": s.shards, "bytes_out": s.bytes_out, "failed": len(s.failed_units),
+                  "main_mb": int(hwm[0]) * 1024 / 1e6 if hwm else 0.0}))
 """
 
 
@@ -63,14 +61,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--files", type=int, default=3, help="fixture parquet files")
     parser.add_argument("--workers", type=int, default=1, help="also build with this many workers when > 1")
     parser.add_argument("--input", type=Path, help="real MajorTOM dir (images/*.parquet) or one .parquet file")
-    parser.add_argument("--shard-size", type=int, default=0,
-                        help="shard size in bytes; 0 = a quarter of the source bytes, so --workers 2 gets work")
+    parser.add_argument("--shard-size", type=int, default=0, help="bytes; 0: a quarter of the source (>= 4 units)")
     parser.add_argument("--clevel", type=int, default=DEFAULT_CLEVEL, help="ZSTD level of the timed builds")
     parser.add_argument("--sweep-tiles", type=int, default=3, help="tiles used by the clevel sweep")
-    parser.add_argument("--profile", type=int, default=6, metavar="N",
-                        help="cProfile an in-process build of the first N tiles (0: skip); prints where time goes")
+    parser.add_argument("--profile", type=int, default=6, metavar="N", help="cProfile a build of N tiles (0: skip)")
     parser.add_argument("--write-docs", action="store_true", help=f"write the results into {DOCS}")
-    parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directory (its path is printed)")
     return parser.parse_args(argv)
 
 
@@ -114,17 +110,22 @@ def plan_rows(files: list[Path], limit: int) -> list[tuple[Path, int, int]]:
 def baseline_decode(files: list[Path], limit: int, keep: int) -> dict:
     """The floor: read + rasterio-decode every band, one process. Keeps `keep` tiles for the sweep."""
     taken = plan_rows(files, limit)
-    tiles, tiff_bytes, raw_bytes, kept = 0, 0, 0, []
+    tiles, bad, tiff_bytes, raw_bytes, kept = 0, 0, 0, 0, []
     started, cpu = time.perf_counter(), time.process_time()
     for file, count, _ in taken:
         for _, columns in iter_parquet_rows(str(file), list(range(count)), False):
-            arrays, _, _ = decode_bands(columns)
-            tiles += 1
-            tile_tiff = sum(len(columns[name]) for name in BAND_COLUMNS)
-            tiff_bytes += tile_tiff
-            raw_bytes += sum(a.nbytes for a in arrays.values())
+            tile_tiff = sum(len(columns.get(name) or b"") for name in BAND_COLUMNS)
+            try:
+                arrays, _, _ = decode_bands(columns)
+            except RowError:  # real data: the build rejects such rows too
+                bad += 1
+                continue
+            tiles, tiff_bytes, raw_bytes = tiles + 1, tiff_bytes + tile_tiff, raw_bytes + sum(
+                a.nbytes for a in arrays.values())
             if len(kept) < keep:
                 kept.append((arrays, tile_tiff))
+    if bad:
+        print(f"baseline: {bad} row(s) rejected (bad GeoTIFFs), not counted", flush=True)
     return {"tiles": tiles, "seconds": time.perf_counter() - started, "cpu": time.process_time() - cpu,
             "tiff_bytes": tiff_bytes, "raw_bytes": raw_bytes, "kept": kept,
             "parquet_bytes": sum(f.stat().st_size for f, _, _ in taken),
@@ -147,14 +148,21 @@ def run_build(input_path: Path, output: Path, workers: int, limit: int, shard_si
     if result["failed"] or result["written"] == 0:
         raise SystemExit(f"error: build --workers {workers} wrote {result['written']} tiles, "
                          f"{result['failed']} unit(s) failed:\n{err[-4000:]}")
-    worker_peaks = [mb for pid, (mb, is_worker) in peaks.items() if is_worker and pid != proc.pid]
-    main_peak = peaks.get(proc.pid, (0.0, False))[0]
-    return result | {"wall": wall, "workers": workers, "polled_main_mb": main_peak,
-                     "polled_worker_mb": sorted(worker_peaks, reverse=True)}
+    workers_mb = sorted((mb for pid, (mb, worker) in peaks.items() if worker and pid != proc.pid), reverse=True)
+    return result | {"wall": wall, "workers": workers, "workers_mb": workers_mb}
+
+
+def _hwm_mb(pid: int) -> float:
+    """Peak RSS (VmHWM) of a live process in MB; 0 when unreadable."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            return next((int(x.split()[1]) * 1024 / MB for x in status if x.startswith("VmHWM:")), 0.0)
+    except OSError:
+        return 0.0
 
 
 def poll_rss(proc: subprocess.Popen, interval: float = 0.05) -> dict[int, tuple[float, bool]]:
-    """pid -> (peak RSS MB seen, is a pool worker) for the process and its descendants."""
+    """pid -> (last VmHWM seen in MB, is a pool worker) for the descendants of `proc` (needs psutil)."""
     try:
         import psutil
     except ModuleNotFoundError:
@@ -164,16 +172,15 @@ def poll_rss(proc: subprocess.Popen, interval: float = 0.05) -> dict[int, tuple[
     root = psutil.Process(proc.pid)
     while proc.poll() is None:
         try:
-            family = [root, *root.children(recursive=True)]
+            family = root.children(recursive=True)
         except psutil.Error:
             break
         for p in family:
             try:
-                rss = p.memory_info().rss / MB
-                worker = p.pid == proc.pid or "spawn_main" in " ".join(p.cmdline())
+                worker = "spawn_main" in " ".join(p.cmdline())
             except psutil.Error:
                 continue
-            peaks[p.pid] = (max(rss, peaks.get(p.pid, (0.0, False))[0]), worker)
+            peaks[p.pid] = (max(_hwm_mb(p.pid), peaks.get(p.pid, (0.0, False))[0]), worker)
         time.sleep(interval)
     return peaks
 
@@ -195,16 +202,17 @@ def _sweep(kept: list[tuple[dict, int]], repeats: int) -> list[dict]:
     tiff = sum(t for _, t in kept)
     rows = []
     for clevel in CLEVELS:
-        enc_s, dec_s, size = [], [], 0
-        for _ in range(repeats):
+        enc_s, dec_s = [], []
+        while len(enc_s) < repeats and sum(enc_s) < 3.0:  # one repeat only for the slow high levels
             started = time.perf_counter()
             frames = [encode_array(a, clevel) for arrays, _ in kept for a in arrays.values()]
             enc_s.append(time.perf_counter() - started)
+        for _ in range(repeats):
             started = time.perf_counter()
             for frame in frames:
                 decode_array(frame)
             dec_s.append(time.perf_counter() - started)
-            size = sum(len(f) for f in frames)
+        size = sum(len(f) for f in frames)
         rows.append({"clevel": clevel, "enc_mbs": raw / MB / min(enc_s), "dec_mbs": raw / MB / min(dec_s),
                      "bytes": size, "vs_tiff": size / tiff, "vs_raw": size / raw})
     return rows
@@ -216,8 +224,7 @@ COSTS = (
     ("GeoTIFF decode (rasterio/GDAL)", "majortom.py", "_read_geotiff"),
     ("band checks + np.stack", "majortom.py", "decode_bands"),
     ("corners/bounds lon-lat (PROJ)", "geo.py", "corners_lonlat_from_transform"),
-    ("cloud / nodata fractions", "majortom.py", "cloud_cover_percent"),
-    ("cloud / nodata fractions", "majortom.py", "nodata_fraction"),
+    *(("cloud / nodata fractions", "majortom.py", f) for f in ("cloud_cover_percent", "nodata_fraction")),
     ("band histogram", "unit.py", "sample_band_histogram"),
     ("schema validation", "schema.py", "validate_sample"),
     ("Blosc2 ZSTD encode", "schema.py", "encode_array"),
@@ -249,25 +256,18 @@ def profile_build(input_path: Path, output: Path, tiles: int, shard_size: int, c
     cum["band checks + np.stack"] = cum.get("band checks + np.stack", 0.0) - cum.get(
         "GeoTIFF decode (rasterio/GDAL)", 0.0)
     total = max(sum(v[3] for k, v in stats.items() if k[2] == "build" and k[0].endswith("build.py")), 1e-9)
-    lines = [f"cProfile of an in-process `build()` of {summary.written} tiles, --workers 1 "
-             f"({total:.2f} s, {total / max(summary.written, 1):.3f} s/tile; profiler overhead included):", "",
-             "| cost | s/tile | share of build |", "|---|---|---|"]
-    for label, seconds in sorted(cum.items(), key=lambda kv: -kv[1]):
-        lines.append(f"| {label} | {seconds / max(summary.written, 1):.3f} | {seconds / total:.0%} |")
-    rest = total - sum(cum.values())
-    lines.append(f"| everything else | {rest / max(summary.written, 1):.3f} | {rest / total:.0%} |")
-    return lines
+    n = max(summary.written, 1)
+    cum["everything else"] = total - sum(cum.values())
+    return [f"cProfile of an in-process `build()` of {summary.written} tiles, --workers 1 ({total:.2f} s, "
+            f"{total / n:.3f} s/tile; profiler overhead included):", "",
+            "| cost | s/tile | share of build |", "|---|---|---|",
+            *(f"| {label} | {sec / n:.3f} | {sec / total:.0%} |" for label, sec in
+              sorted(cum.items(), key=lambda kv: (kv[0] == "everything else", -kv[1])))]
 
 
 def machine() -> str:
-    model = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    model = next((x.split(":", 1)[1].strip() for x in cpuinfo.splitlines() if x.startswith("model name")), "?")
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return f"{os.cpu_count()} cores (nproc {len(os.sched_getaffinity(0))}), {model}, {mem:.0f} GiB RAM"
 
@@ -302,14 +302,13 @@ def results_table(base: dict, builds: list[dict]) -> list[str]:
 def rss_rows(b: dict, decode_rate: float) -> list[str]:
     name = f"build --workers {b['workers']}"
     if b["workers"] == 1:
-        return [f"| {name}: peak RSS of the build process | {b['rss_self_kb'] / 1024:.0f} MB | |"]
-    polled = ", ".join(f"{mb:.0f}" for mb in b["polled_worker_mb"]) or "n/a (no psutil)"
+        return [f"| {name}: peak RSS (VmHWM) of the build process | {b['main_mb']:.0f} MB | |"]
+    polled = ", ".join(f"{mb:.0f}" for mb in b["workers_mb"]) or "n/a (needs psutil)"
     rate = b["written"] / b["seconds"]
     return [f"| {name} (`build()` time) | {rate:.2f} tiles/s, {rate / b['workers']:.2f} per core | "
             f"{rate / decode_rate:.2f} (x{b['workers']} cores) |",
-            f"| {name}: peak RSS per worker (getrusage max / polled each) | "
-            f"{b['rss_children_kb'] / 1024:.0f} MB / {polled} MB | |",
-            f"| {name}: peak RSS of the parent (pool owner) | {b['rss_self_kb'] / 1024:.0f} MB | |"]
+            f"| {name}: peak RSS (VmHWM) per pool worker | {polled} MB | |",
+            f"| {name}: peak RSS of the parent (plan, pool, finalize) | {b['main_mb']:.0f} MB | |"]
 
 
 def sweep_table(sweep: list[dict], base: dict) -> list[str]:
@@ -380,14 +379,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.tiles < 1 or args.workers < 1:
         raise SystemExit("error: --tiles and --workers must be >= 1")
     tmp = tempfile.mkdtemp(prefix="bench_shard-")
+    print(f"work directory: {tmp}", flush=True)
     try:
         base, builds, sweep, profile = measure(args, Path(tmp))
     finally:
-        if args.keep:
-            print(f"kept {tmp}")
-        else:
-            import shutil
-
+        if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)
     tables = [*results_table(base, builds), "",
               f"Blosc2 ZSTD level sweep on {min(args.sweep_tiles, base['tiles'])} decoded tiles (all members; "
