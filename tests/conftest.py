@@ -14,7 +14,7 @@ from tools.majortom_fixture import make_majortom_dataset
 
 @pytest.fixture(scope="session")
 def majortom(tmp_path_factory) -> tuple[Path, list[dict]]:
-    """4 parquet files (one per quadrant N/S x E/W) x 3 rows of 120 px tiles, with metadata.parquet (read-only: do not modify)."""
+    """4 parquet files (one per quadrant N/S x E/W) x 3 rows of 120 px tiles + metadata.parquet; read-only."""
     root = tmp_path_factory.mktemp("majortom")
     rows = make_majortom_dataset(root, num_files=4, rows_per_file=3)
     return root, rows

@@ -1,6 +1,7 @@
 """`phileo-shard build` on generated MajorTOM data: lossless, geo-correct, filtered, rejected rows."""
 
 import json
+import shutil
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -194,3 +195,17 @@ def test_bad_input_is_one_line_error(majortom, tmp_path, args, message):
     assert result.exit_code == 2
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {message}"), result.output
+
+
+def test_unreadable_parquet_and_partial_download(majortom, tmp_path):
+    source, records = majortom
+    src = tmp_path / "src"
+    shutil.copytree(source, src)
+    (src / "images" / "part_00004.parquet").unlink()  # partial download: metadata.parquet lists more files
+    (src / "images" / "part_00003.parquet").write_bytes(b"PAR1 not really a parquet file")
+    out, result = build(tmp_path, src)
+    assert result.exit_code == 0, result.output
+    rejected = [json.loads(line) for line in (out / "rejected.jsonl").read_text().splitlines()]
+    assert len(rejected) == 1 and "unreadable parquet file" in rejected[0]["reason"]
+    assert rejected[0]["file"].endswith("part_00003.parquet")
+    assert sorted(read_dataset(out)) == sorted(r["key"] for r in records if r["file_index"] < 2)

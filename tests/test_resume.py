@@ -88,7 +88,8 @@ def test_resume_after_sigkill_gives_every_row_exactly_once(tmp_path, workers):
     assert not list(out.rglob("*.tmp"))
     assert run_shard("verify", str(out)).exit_code == 0
     fresh = tmp_path / "fresh"
-    assert run_shard("build", "--input", str(tmp_path / "src"), "--output", str(fresh), "--shard-size", "1").exit_code == 0
+    uninterrupted = run_shard("build", "--input", str(tmp_path / "src"), "--output", str(fresh), "--shard-size", "1")
+    assert uninterrupted.exit_code == 0
     assert shard_digests(fresh) == shard_digests(out)  # resumed == uninterrupted, byte for byte
 
 

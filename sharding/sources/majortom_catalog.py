@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from phileo.bands import ALL_BANDS, CLOUD_MASK
@@ -117,17 +119,19 @@ def list_extracted(root: Path, catalog: Catalog) -> None:
 
 
 def apply_metadata(metadata_path: Path, images: dict[str, Path], catalog: Catalog) -> None:
-    """Take cloud_cover/nodata/centre from metadata.parquet; keep only rows it lists."""
+    """Take cloud_cover/nodata/centre from metadata.parquet for the rows of the input's files.
+
+    Rows of files that are not in the input (a partial download) are ignored, not rejected.
+    """
     table = pq.read_table(metadata_path, columns=["product_id", "cloud_cover", "nodata", "centre_lat",
                                                   "centre_lon", "parquet_url", "parquet_row"])
-    known = {}
-    for entry in table.to_pylist():
-        name = os.path.basename(str(entry["parquet_url"]))
-        if name not in images:
-            catalog.rejected.append(reject(name, entry["parquet_row"], f"metadata.parquet lists "
-                                           f"{entry['product_id']} in {name}, which is not in the input"))
-            continue
-        known[(str(images[name]), int(entry["parquet_row"]))] = entry
+    urls = pc.unique(table.column("parquet_url")).to_pylist()
+    local = {url: images[os.path.basename(url)] for url in urls if os.path.basename(url) in images}
+    selected = table.filter(pc.is_in(table.column("parquet_url"), value_set=pa.array(list(local), pa.string())))
+    if selected.num_rows < table.num_rows:
+        log.info("metadata.parquet: %d of %d rows are of files not in the input; ignored",
+                 table.num_rows - selected.num_rows, table.num_rows)
+    known = {(str(local[e["parquet_url"]]), int(e["parquet_row"])): e for e in selected.to_pylist()}
     kept = []
     for row in catalog.rows:
         entry = known.get((row["source_file"], row["source_row"]))
