@@ -170,17 +170,20 @@ def build(args: BuildArgs, workers: int = 1, overwrite: bool = False) -> BuildSu
 def _run_with_progress(pending: list, options: UnitOptions, workers: int, summary: BuildSummary,
                        started: float) -> None:
     total_tiles = sum(len(rows) for _, rows in pending)
-    bytes_in = bytes_out = 0
+    moved = {"in": 0, "out": 0}
     with tqdm(total=total_tiles, unit="tile", desc="build", dynamic_ncols=True) as bar:
-        for result in run_local(pending, options, workers):
+
+        def on_tile(bytes_in: int, bytes_out: int) -> None:
+            moved["in"] += bytes_in
+            moved["out"] += bytes_out
+            megabytes_per_s = 1e-6 / max(time.monotonic() - started, 1e-9)
+            bar.set_postfix_str(f"in {moved['in'] * megabytes_per_s:.1f} MB/s, "
+                                f"out {moved['out'] * megabytes_per_s:.1f} MB/s", refresh=False)
+            bar.update(1)
+
+        for result in run_local(pending, options, workers, on_tile):
             if "error" in result:
                 log.error("unit %d failed: %s\n%s", result["unit"], result["error"], result["traceback"])
                 summary.failed_units.append(result)
-                continue
-            bytes_in += result["bytes_in"]
-            bytes_out += result["bytes_out"]
-            elapsed = max(time.monotonic() - started, 1e-9)
-            bar.set_postfix_str(f"in {bytes_in / 1e6 / elapsed:.1f} MB/s, out {bytes_out / 1e6 / elapsed:.1f} MB/s")
-            bar.update(result["planned"])
     if summary.failed_units:
         log.error("%d unit(s) failed; rerun the same command to retry them", len(summary.failed_units))

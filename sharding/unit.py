@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from itertools import groupby
 from pathlib import Path
@@ -80,8 +80,11 @@ def sample_band_histogram(sample: Sample, histogram: np.ndarray) -> None:
             histogram[ALL_BANDS.index(band)] += np.bincount(array[channel, ys, xs], minlength=65536)
 
 
-def build_unit(unit: int, rows: list[dict], options: UnitOptions) -> dict:
-    """Convert one unit; returns (and writes last) its stats."""
+Progress = Callable[[int, int], None]  # (bytes read, bytes written) after each tile
+
+
+def build_unit(unit: int, rows: list[dict], options: UnitOptions, progress: Progress | None = None) -> dict:
+    """Convert one unit; returns (and writes last) its stats. `progress` is called once per tile."""
     output = Path(options.output)
     shards_dir = output / "shards"
     for leftover in shards_dir.glob(f"{unit:06d}-*.tar{TMP_SUFFIX}"):
@@ -92,12 +95,15 @@ def build_unit(unit: int, rows: list[dict], options: UnitOptions) -> dict:
     counts = {"filtered": 0, "bytes_in": 0}
     try:
         for row, columns in iter_unit_rows(rows, options.layout, options.with_thumbnail):
+            bytes_in = counts["bytes_in"]
             sample = _convert(row, columns, options, rejected, counts)
-            if sample is None:
-                continue
-            sample_band_histogram(sample, histogram)
-            entry = writer.write(sample)
-            index.append(entry | {name: sample.meta[name] for name in INDEX_FIELDS if name not in entry})
+            entry = {"bytes": 0}
+            if sample is not None:
+                sample_band_histogram(sample, histogram)
+                entry = writer.write(sample)
+                index.append(entry | {name: sample.meta[name] for name in INDEX_FIELDS if name not in entry})
+            if progress is not None:
+                progress(counts["bytes_in"] - bytes_in, entry["bytes"])
         shards = writer.close()
     except BaseException:
         writer.abort()

@@ -133,3 +133,20 @@ def test_inspect_prints_summaries_and_writes_preview(built, tmp_path):
     assert image.size[0] >= 120 and image.mode == "RGB"
     bad = run_shard("inspect", str(tmp_path / "nope.tar"))
     assert bad.exit_code == 2 and "expected a dataset directory or a .tar shard" in bad.output
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_progress_is_reported_once_per_tile_from_workers(majortom, tmp_path, workers):
+    from sharding.build import BuildArgs, load_units, make_plan, prepare_output
+    from sharding.distributor import run_local
+    from sharding.unit import UnitOptions
+
+    args = BuildArgs(str(majortom[0]), str(tmp_path / "ds"), shard_size=300_000)
+    prepare_output(args, overwrite=False)
+    make_plan(args)
+    units = list(enumerate(load_units(tmp_path / "ds")))
+    calls = []
+    options = UnitOptions(args.output, "parquet", args.shard_size, args.filters)
+    results = list(run_local(units, options, workers, lambda bytes_in, bytes_out: calls.append(bytes_out)))
+    assert len(units) > 1 and not [r for r in results if "error" in r]
+    assert len(calls) == 12 and all(size > 0 for size in calls)

@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import blosc2
+
 from phileo.schema import DEFAULT_CLEVEL, decode_array, encode_array
 from sharding.errors import RowError
 from sharding.sources.majortom import BAND_COLUMNS, decode_bands, iter_parquet_rows
@@ -32,7 +34,7 @@ DOCS = ROOT / "docs" / "benchmarks.md"
 SECTION = "## Shard build (tools/bench_shard.py)"
 DOCS_HEADER = ("# Benchmarks\n\nMeasured figures of the tools in tools/, each section written by the tool "
                "named in its heading. Rerun the command shown to refresh a section.\n")
-CLEVELS = (1, 3, 5, 7, 9)
+CLEVELS, EXTRA_LEVELS = (1, 3, 5, 7, 9), (1, 3)
 MB = 1e6
 # Runs the build in a fresh interpreter. Peak RSS = VmHWM of its own address space: ru_maxrss
 # would inherit the benchmark's RSS at fork time, so it is not used.
@@ -63,6 +65,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--input", type=Path, help="real MajorTOM dir (images/*.parquet) or one .parquet file")
     parser.add_argument("--shard-size", type=int, default=0, help="bytes; 0: a quarter of the source (>= 4 units)")
     parser.add_argument("--clevel", type=int, default=DEFAULT_CLEVEL, help="ZSTD level of the timed builds")
+    parser.add_argument("--repeat", type=int, default=2, help="runs of the baseline and of each build (best kept)")
     parser.add_argument("--sweep-tiles", type=int, default=3, help="tiles used by the clevel sweep")
     parser.add_argument("--profile", type=int, default=6, metavar="N", help="cProfile a build of N tiles (0: skip)")
     parser.add_argument("--write-docs", action="store_true", help=f"write the results into {DOCS}")
@@ -124,8 +127,8 @@ def baseline_decode(files: list[Path], limit: int, keep: int) -> dict:
                 a.nbytes for a in arrays.values())
             if len(kept) < keep:
                 kept.append((arrays, tile_tiff))
-    if bad:
-        print(f"baseline: {bad} row(s) rejected (bad GeoTIFFs), not counted", flush=True)
+    print(f"baseline: {tiles} tiles decoded in {time.perf_counter() - started:.1f} s"
+          + (f", {bad} bad row(s) skipped" if bad else ""), flush=True)
     return {"tiles": tiles, "seconds": time.perf_counter() - started, "cpu": time.process_time() - cpu,
             "tiff_bytes": tiff_bytes, "raw_bytes": raw_bytes, "kept": kept,
             "parquet_bytes": sum(f.stat().st_size for f, _, _ in taken),
@@ -148,6 +151,8 @@ def run_build(input_path: Path, output: Path, workers: int, limit: int, shard_si
     if result["failed"] or result["written"] == 0:
         raise SystemExit(f"error: build --workers {workers} wrote {result['written']} tiles, "
                          f"{result['failed']} unit(s) failed:\n{err[-4000:]}")
+    print(f"build --workers {workers}: {result['written']} tiles in {result['shards']} shards, "
+          f"{result['seconds']:.1f} s (wall {wall:.1f} s)", flush=True)
     workers_mb = sorted((mb for pid, (mb, worker) in peaks.items() if worker and pid != proc.pid), reverse=True)
     return result | {"wall": wall, "workers": workers, "workers_mb": workers_mb}
 
@@ -172,40 +177,33 @@ def poll_rss(proc: subprocess.Popen, interval: float = 0.05) -> dict[int, tuple[
     root = psutil.Process(proc.pid)
     while proc.poll() is None:
         try:
-            family = root.children(recursive=True)
-        except psutil.Error:
-            break
-        for p in family:
-            try:
+            for p in root.children(recursive=True):
                 worker = "spawn_main" in " ".join(p.cmdline())
-            except psutil.Error:
-                continue
-            peaks[p.pid] = (max(_hwm_mb(p.pid), peaks.get(p.pid, (0.0, False))[0]), worker)
+                peaks[p.pid] = (max(_hwm_mb(p.pid), peaks.get(p.pid, (0.0, False))[0]), worker)
+        except psutil.Error:  # a process ended between listing and reading: next round
+            pass
         time.sleep(interval)
     return peaks
 
 
 def clevel_sweep(kept: list[tuple[dict, int]], repeats: int = 2) -> list[dict]:
-    """Encode/decode the kept tiles' arrays at each level, 1 Blosc2 thread; MB/s of uncompressed bytes."""
-    import blosc2
+    """Encode/decode the kept tiles' arrays per variant, 1 Blosc2 thread; MB/s of uncompressed bytes.
 
+    Variants: `encode_array` (ZSTD + SHUFFLE, the schema's) at CLEVELS, plus SHUFFLE + BYTEDELTA at
+    EXTRA_LEVELS (same ZSTD codec; the cframe is self-describing, `decode_array` reads it unchanged).
+    """
+    raw, tiff, rows = sum(a.nbytes for arrays, _ in kept for a in arrays.values()), sum(t for _, t in kept), []
     threads = blosc2.nthreads
     blosc2.set_nthreads(1)
-    try:
-        return _sweep(kept, repeats)
-    finally:
-        blosc2.set_nthreads(threads)
-
-
-def _sweep(kept: list[tuple[dict, int]], repeats: int) -> list[dict]:
-    raw = sum(a.nbytes for arrays, _ in kept for a in arrays.values())
-    tiff = sum(t for _, t in kept)
-    rows = []
-    for clevel in CLEVELS:
+    variants = [(c, None) for c in CLEVELS] + [(c, [blosc2.Filter.SHUFFLE, blosc2.Filter.BYTEDELTA])
+                                               for c in EXTRA_LEVELS]
+    for clevel, filters in variants:
+        cparams = filters and blosc2.CParams(codec=blosc2.Codec.ZSTD, clevel=clevel, filters=filters)
         enc_s, dec_s = [], []
         while len(enc_s) < repeats and sum(enc_s) < 3.0:  # one repeat only for the slow high levels
             started = time.perf_counter()
-            frames = [encode_array(a, clevel) for arrays, _ in kept for a in arrays.values()]
+            frames = [blosc2.asarray(a, cparams=cparams).to_cframe() if filters else encode_array(a, clevel)
+                      for arrays, _ in kept for a in arrays.values()]
             enc_s.append(time.perf_counter() - started)
         for _ in range(repeats):
             started = time.perf_counter()
@@ -213,8 +211,10 @@ def _sweep(kept: list[tuple[dict, int]], repeats: int) -> list[dict]:
                 decode_array(frame)
             dec_s.append(time.perf_counter() - started)
         size = sum(len(f) for f in frames)
-        rows.append({"clevel": clevel, "enc_mbs": raw / MB / min(enc_s), "dec_mbs": raw / MB / min(dec_s),
-                     "bytes": size, "vs_tiff": size / tiff, "vs_raw": size / raw})
+        rows.append({"clevel": clevel, "filters": "SHUFFLE+BYTEDELTA" if filters else "SHUFFLE",
+                     "enc_mbs": raw / MB / min(enc_s), "dec_mbs": raw / MB / min(dec_s), "vs_tiff": size / tiff,
+                     "vs_raw": size / raw})
+    blosc2.set_nthreads(threads)
     return rows
 
 
@@ -313,14 +313,15 @@ def rss_rows(b: dict, decode_rate: float) -> list[str]:
 
 def sweep_table(sweep: list[dict], base: dict) -> list[str]:
     tiff_mbs = base["raw_bytes"] / MB / base["seconds"]
-    lines = ["| ZSTD clevel (+SHUFFLE) | encode MB/s | decode MB/s | bytes vs source GeoTIFF | bytes vs raw |",
-             "|---|---|---|---|---|",
-             f"| GeoTIFF deflate+predictor (source) | - | {tiff_mbs:.0f} (incl. parquet read) | 1.000 | "
-             f"{base['tiff_bytes'] / base['raw_bytes']:.3f} |"]
+    lines = ["| Blosc2 clevel | zstd level | filters | encode MB/s | decode MB/s | bytes vs source GeoTIFF "
+             "| bytes vs raw |", "|---|---|---|---|---|---|---|",
+             f"| GeoTIFF (source) | deflate | predictor 2 | - | {tiff_mbs:.0f} (rasterio, incl. parquet read) | "
+             f"1.000 | {base['tiff_bytes'] / base['raw_bytes']:.3f} |"]
     for r in sweep:
-        mark = " (default)" if r["clevel"] == DEFAULT_CLEVEL else ""
-        lines.append(f"| {r['clevel']}{mark} | {r['enc_mbs']:.0f} | {r['dec_mbs']:.0f} | {r['vs_tiff']:.3f} | "
-                     f"{r['vs_raw']:.3f} |")
+        mark = " (default)" if r["clevel"] == DEFAULT_CLEVEL and r["filters"] == "SHUFFLE" else ""
+        zstd = 2 * r["clevel"] - 1 if r["clevel"] < 8 else {8: 20, 9: 22}[r["clevel"]]  # c-blosc2's mapping
+        lines.append(f"| {r['clevel']}{mark} | {zstd} | {r['filters']} | {r['enc_mbs']:.0f} | {r['dec_mbs']:.0f} | "
+                     f"{r['vs_tiff']:.3f} | {r['vs_raw']:.3f} |")
     return lines
 
 
@@ -337,9 +338,11 @@ def docs_section(args: argparse.Namespace, base: dict, tables: list[str], synthe
         f"Machine: {machine()}; Python {sys.version.split()[0]}. Date: {datetime.date.today().isoformat()}.", "",
         note, "",
         "Baseline (the floor) = the same rows read with pyarrow (one row group at a time) and every band "
-        "decoded with rasterio (`decode_bands`), one process, no writing. Build rates use the time "
-        "`sharding.build.build` reports (plan + convert + finalize), in a fresh subprocess; Blosc2 there "
-        "keeps its default thread count, so the CPU-time row is the stricter per-core figure.", "",
+        f"decoded with rasterio (`decode_bands`), one process, no writing. Best of {args.repeat} runs each. "
+        "Build rates use the time `sharding.build.build` reports (plan + convert + finalize), in a fresh "
+        "subprocess (Blosc2 keeps its default thread count there, so the CPU-time row is the stricter "
+        f"per-core figure). Shard size {base['shard_size'] / MB:.0f} MB"
+        + ("" if args.shard_size else " (a quarter of the source, so the build has several units)") + ".", "",
         *tables, ""])
 
 
@@ -359,15 +362,11 @@ def write_docs(section: str) -> None:
 def measure(args: argparse.Namespace, work: Path) -> tuple[dict, list[dict], list[dict], list[str]]:
     input_path = args.input or make_fixture(work / "input", args.tiles, args.files, args.tile_size)
     files = source_files(input_path)
-    base = baseline_decode(files, args.tiles, args.sweep_tiles)
-    print(f"baseline: {base['tiles']} tiles decoded in {base['seconds']:.1f} s", flush=True)
-    shard_size = args.shard_size or max(1, base["tiff_bytes"] // 4)
-    builds = []
-    for workers in sorted({1, args.workers}):
-        b = run_build(input_path, work / f"out-w{workers}", workers, base["tiles"], shard_size, args.clevel)
-        print(f"build --workers {workers}: {b['written']} tiles in {b['shards']} shards, "
-              f"{b['seconds']:.1f} s (wall {b['wall']:.1f} s)", flush=True)
-        builds.append(b)
+    runs = [baseline_decode(files, args.tiles, args.sweep_tiles if i == 0 else 0) for i in range(args.repeat)]
+    base = runs[0] | {key: min(run[key] for run in runs) for key in ("seconds", "cpu")}
+    shard_size = base["shard_size"] = args.shard_size or max(1, base["tiff_bytes"] // 4)
+    builds = [min((run_build(input_path, work / f"out-w{workers}", workers, base["tiles"], shard_size, args.clevel)
+                   for _ in range(args.repeat)), key=lambda b: b["seconds"]) for workers in sorted({1, args.workers})]
     sweep = clevel_sweep(base.pop("kept"))
     profile = profile_build(input_path, work / "out-profile", min(args.profile, base["tiles"]), shard_size,
                             args.clevel) if args.profile else []
@@ -376,8 +375,8 @@ def measure(args: argparse.Namespace, work: Path) -> tuple[dict, list[dict], lis
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.tiles < 1 or args.workers < 1:
-        raise SystemExit("error: --tiles and --workers must be >= 1")
+    if min(args.tiles, args.workers, args.repeat) < 1:
+        raise SystemExit("error: --tiles, --workers and --repeat must be >= 1")
     tmp = tempfile.mkdtemp(prefix="bench_shard-")
     print(f"work directory: {tmp}", flush=True)
     try:
