@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from phileo import __version__
+from phileo.schema import DEFAULT_CLEVEL
 from sharding.distributor import run_local
 from sharding.errors import InputError
 from sharding.manifest import INDEX, MANIFEST, REJECTED, finalize
@@ -45,7 +46,7 @@ class BuildArgs:
     shard_size: int = 1_000_000_000
     mix_groups: int = 16
     seed: int = 0
-    clevel: int = 5
+    clevel: int = DEFAULT_CLEVEL
     thumbnails: bool = False
 
     def __post_init__(self) -> None:
