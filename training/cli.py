@@ -1,11 +1,83 @@
-"""`phileo-train` command line (pretraining and fine-tuning arrive with later issues)."""
+"""`phileo-train` command line: flags override the config dataclasses, nothing more."""
+
+from __future__ import annotations
+
+import logging
+import sys
 
 import click
+
+from training.config import ConfigError, DataConfig, OptimConfig, PretrainConfig, RunConfig
+
+
+def _data_options(function):
+    options = [
+        click.option("--shards", required=True, help="manifest.json (path/URL), dataset dir, URL list or pattern."),
+        click.option("--crops-per-tile", default=16, show_default=True, help="Random crops cut from each tile."),
+        click.option("--crop-size", default=128, show_default=True),
+        click.option("--batch-size", default=16, show_default=True, help="Crops per rank per micro-step."),
+        click.option("--num-workers", default=2, show_default=True, help="DataLoader workers per rank."),
+        click.option("--shuffle-buffer", default=512, show_default=True, help="Crops in each worker's buffer."),
+        click.option("--shards-in-parallel", default=4, show_default=True, help="Shards interleaved per worker."),
+        click.option("--max-bad-fraction", default=0.01, show_default=True, help="Fail past this unreadable share."),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("numexpr").setLevel(logging.WARNING)
+
+
+def _fail(error: Exception) -> None:
+    click.echo(f"error: {error}", err=True)
+    sys.exit(2)
 
 
 @click.group()
 def main() -> None:
     """Pretrain and fine-tune PhilEO geospatial foundation models on phileo-shard datasets."""
+
+
+@main.command()
+@_data_options
+@click.option("--out", required=True, help="Run directory (config, metrics, checkpoints).")
+@click.option("--model", default="geoaware-unet-44m", show_default=True)
+@click.option("--epochs", type=int, default=1, show_default=True)
+@click.option("--steps", type=int, help="Optimizer steps (overrides --epochs).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--lr", type=float, help="Peak learning rate [default: 1e-4 x sqrt(world size)].")
+@click.option("--min-lr", default=1e-6, show_default=True)
+@click.option("--weight-decay", default=0.01, show_default=True)
+@click.option("--warmup-steps", default=100, show_default=True)
+@click.option("--grad-clip", default=1.0, show_default=True)
+@click.option("--grad-accum", default=1, show_default=True)
+@click.option("--ckpt-every", default=500, show_default=True, help="Checkpoint every N optimizer steps.")
+@click.option("--keep-checkpoints", default=3, show_default=True)
+@click.option("--log-every", default=10, show_default=True)
+@click.option("--record-keys", help="Directory: each rank appends the tile key of every crop to rank{r}.txt.")
+@click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in --out.")
+@click.option("--amp/--no-amp", default=True, show_default=True, help="bf16 autocast where supported.")
+def pretrain(**flags) -> None:
+    """Pretrain a model by streaming shards (launch with torchrun for several ranks)."""
+    from phileo.models import list_models
+    from training.pretrain import pretrain as run_pretrain
+    from training.shards import ShardSpecError
+
+    _setup_logging()
+    try:
+        if flags["model"] not in list_models():
+            raise ConfigError(f"--model {flags['model']}: unknown; choose one of {', '.join(list_models())}")
+        config = PretrainConfig(
+            RunConfig(**{k: flags[k] for k in ("out", "model", "epochs", "steps", "seed", "ckpt_every",
+                                              "keep_checkpoints", "log_every", "record_keys", "resume", "amp")}),
+            DataConfig(**{k: flags[k] for k in DataConfig.__dataclass_fields__}),
+            OptimConfig(**{k: flags[k] for k in OptimConfig.__dataclass_fields__}))
+        run_pretrain(config)
+    except (ConfigError, ShardSpecError) as error:
+        _fail(error)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,100 @@
+"""Pretraining configuration: nested typed dataclasses validated on construction.
+
+CLI flags only override these defaults; the resolved config is saved as config.json in
+the run directory and inside every checkpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+class ConfigError(ValueError):
+    """A flag value is invalid; the message names the flag."""
+
+
+def _positive(flag: str, value: float | None, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if value is None or value <= 0:
+        raise ConfigError(f"{flag} {value}: expected a positive number")
+
+
+@dataclass
+class DataConfig:
+    shards: str = ""
+    crops_per_tile: int = 16
+    crop_size: int = 128
+    batch_size: int = 16  # per rank, per micro-step
+    num_workers: int = 2  # DataLoader workers per rank
+    shuffle_buffer: int = 512  # crops
+    shards_in_parallel: int = 4  # shards each worker interleaves, for geographic mixing
+    max_bad_fraction: float = 0.01
+
+    def __post_init__(self) -> None:
+        if not self.shards:
+            raise ConfigError("--shards: required (a manifest.json, a dataset directory, a URL list or a pattern)")
+        for flag, value in (("--crops-per-tile", self.crops_per_tile), ("--batch-size", self.batch_size),
+                            ("--shuffle-buffer", self.shuffle_buffer), ("--crop-size", self.crop_size),
+                            ("--shards-in-parallel", self.shards_in_parallel)):
+            _positive(flag, value)
+        if self.crop_size % 2:
+            raise ConfigError(f"--crop-size {self.crop_size}: expected an even number (20 m grid alignment)")
+        if self.num_workers < 0:
+            raise ConfigError(f"--num-workers {self.num_workers}: expected 0 or more")
+        if not 0 <= self.max_bad_fraction <= 1:
+            raise ConfigError(f"--max-bad-fraction {self.max_bad_fraction}: expected a fraction in 0..1")
+
+
+@dataclass
+class OptimConfig:
+    lr: float | None = None  # None: 1e-4 x sqrt(world size), as the original U-Net
+    min_lr: float = 1e-6
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+
+    def __post_init__(self) -> None:
+        _positive("--lr", self.lr, allow_none=True)
+        _positive("--grad-accum", self.grad_accum)
+        if self.min_lr < 0 or self.weight_decay < 0 or self.warmup_steps < 0 or self.grad_clip < 0:
+            raise ConfigError("--min-lr, --weight-decay, --warmup-steps and --grad-clip must be >= 0")
+
+
+@dataclass
+class RunConfig:
+    out: str = ""
+    model: str = "geoaware-unet-44m"
+    epochs: int | None = 1
+    steps: int | None = None  # optimizer steps; overrides --epochs
+    seed: int = 0
+    ckpt_every: int = 500
+    keep_checkpoints: int = 3
+    log_every: int = 10
+    record_keys: str | None = None
+    resume: bool = False
+    amp: bool = True  # bf16 autocast where supported
+
+    def __post_init__(self) -> None:
+        if not self.out:
+            raise ConfigError("--out: required (the run directory)")
+        _positive("--epochs", self.epochs, allow_none=self.steps is not None)
+        _positive("--steps", self.steps, allow_none=True)
+        for flag, value in (("--ckpt-every", self.ckpt_every), ("--keep-checkpoints", self.keep_checkpoints),
+                            ("--log-every", self.log_every)):
+            _positive(flag, value)
+
+
+@dataclass
+class PretrainConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> PretrainConfig:
+        return cls(RunConfig(**values["run"]), DataConfig(**values["data"]), OptimConfig(**values["optim"]))

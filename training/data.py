@@ -1,0 +1,228 @@
+"""The streaming training dataset: one flat list of small picklable stages in a wds.DataPipeline.
+
+tiles of this worker's shards (several shards interleaved, then repeated passes to fill the
+quota) -> K random crops per tile with their labels -> exactly `quota` crops -> shuffle
+buffer -> batches. Rank and worker come from the epoch plan (training/epoch.py), so every
+rank yields exactly `plan.steps` batches.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import webdataset as wds
+from webdataset.tariterators import tarfile_samples
+
+from phileo.bands import REFLECTANCE_SCALE
+from phileo.schema import SchemaError, decode_sample
+from training.epoch import EpochPlan, WorkerPlan
+from training.labels import crop_labels
+
+log = logging.getLogger(__name__)
+
+HALO_20M = 1  # extra 20 m pixels around a crop so bilinear upsampling matches the full-tile result
+
+
+@dataclass(frozen=True)
+class StreamOptions:
+    crops_per_tile: int = 16
+    crop_size: int = 128
+    batch_size: int = 16
+    shuffle_buffer: int = 512
+    shards_in_parallel: int = 4
+    seed: int = 0
+    max_bad_fraction: float = 0.01
+
+
+def worker_position() -> tuple[int, int]:
+    info = torch.utils.data.get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)
+
+
+class BadDataPolicy:
+    """Counts corrupt shards/samples, logs them (rate-limited), fails past `max_bad_fraction`."""
+
+    def __init__(self, max_bad_fraction: float, log_every: int = 100):
+        self.max_bad_fraction, self.log_every, self.bad, self.good = max_bad_fraction, log_every, 0, 0
+
+    def record(self, url: str, error: Exception) -> bool:
+        self.bad += 1
+        if self.bad <= 10 or self.bad % self.log_every == 0:
+            log.warning("skipping bad data in %s (%d so far): %s", url, self.bad, error)
+        return True
+
+    def check(self, planned: int) -> None:
+        lost = max(self.bad, planned - self.good)
+        if planned and lost / planned > self.max_bad_fraction:
+            raise RuntimeError(f"{lost} of {planned} planned tiles unreadable (> --max-bad-fraction "
+                               f"{self.max_bad_fraction}); see the warnings above for the shards")
+
+
+class EpochTiles(torch.utils.data.IterableDataset):
+    """Decoded tiles of this rank/worker's shards: one pass, then repeated passes (marked) forever."""
+
+    def __init__(self, plan: EpochPlan, rank: int, options: StreamOptions, done_keys: frozenset = frozenset()):
+        self.plan, self.rank, self.options, self.done_keys = plan, rank, options, done_keys
+
+    def __iter__(self) -> Iterator[dict]:
+        worker, _ = worker_position()
+        assignment: WorkerPlan = self.plan.workers[self.rank][worker]
+        if assignment.quota == 0:
+            return
+        policy = BadDataPolicy(self.options.max_bad_fraction)
+        for repeat in range(1_000_000):
+            delivered = 0
+            for tile in self._one_pass(assignment.shards, policy):
+                delivered += 1
+                yield tile | {"repeat": repeat > 0}
+            if repeat == 0:
+                policy.check(assignment.tiles)
+            if delivered == 0:
+                raise RuntimeError(f"rank {self.rank} worker {worker}: no readable tile in {assignment.shards}")
+
+    def _one_pass(self, urls: list[str], policy: BadDataPolicy) -> Iterator[dict]:
+        """Interleave `shards_in_parallel` shards so consecutive tiles come from different shards."""
+        pending = list(urls)
+        active: list[Iterator[dict]] = []
+        while pending or active:
+            while pending and len(active) < self.options.shards_in_parallel:
+                active.append(self._read_shard(pending.pop(0), policy))
+            for stream in list(active):
+                tile = next(stream, None)
+                if tile is None:
+                    active.remove(stream)
+                else:
+                    yield tile
+
+    def _read_shard(self, url: str, policy: BadDataPolicy) -> Iterator[dict]:
+        handler = lambda error: policy.record(url, error)  # noqa: E731
+        for raw in tarfile_samples([{"url": url}], handler=handler):
+            key = raw["__key__"]
+            if key in self.done_keys:
+                continue
+            members = {k: v for k, v in raw.items() if not k.startswith("__")}
+            try:
+                sample = decode_sample(key, members)
+            except SchemaError as error:
+                policy.record(url, error)
+                continue
+            policy.good += 1
+            yield {"key": key, "url": url, "meta": sample.meta, "arrays": sample.arrays}
+
+
+class CutCrops:
+    """K random crops per tile (offsets even so the 20 m grid stays aligned), with labels."""
+
+    def __init__(self, options: StreamOptions, epoch: int, rank: int):
+        self.options, self.epoch, self.rank = options, epoch, rank
+
+    def __call__(self, tiles: Iterator[dict]) -> Iterator[dict]:
+        worker, _ = worker_position()
+        rng = np.random.default_rng([self.options.seed, self.epoch, self.rank, worker])
+        size = self.options.crop_size
+        for tile in tiles:
+            height, width = tile["meta"]["shape"]
+            if height < size or width < size:
+                log.warning("skipping %s: %dx%d is smaller than a %d crop", tile["key"], height, width, size)
+                continue
+            for _ in range(self.options.crops_per_tile):
+                y = 2 * int(rng.integers(0, (height - size) // 2 + 1))
+                x = 2 * int(rng.integers(0, (width - size) // 2 + 1))
+                yield self._crop(tile, y, x, size)
+
+    @staticmethod
+    def _crop(tile: dict, y: int, x: int, size: int) -> dict:
+        arrays = tile["arrays"]
+        if "s2_stack" in arrays:
+            bands_10m, bands_20m = arrays["s2_stack"][:, y : y + size, x : x + size], None
+        else:
+            bands_10m = arrays["s2_10m"][:, y : y + size, x : x + size]
+            padded = np.pad(arrays["s2_20m"], ((0, 0), (HALO_20M, HALO_20M), (HALO_20M, HALO_20M)), mode="edge")
+            half = size // 2
+            bands_20m = padded[:, y // 2 : y // 2 + half + 2 * HALO_20M, x // 2 : x // 2 + half + 2 * HALO_20M]
+        labels = crop_labels(tile["meta"], arrays, y, x, size)
+        return {"key": tile["key"], "url": tile["url"], "repeat": tile["repeat"], "s2_10m": bands_10m.copy(),
+                "s2_20m": None if bands_20m is None else bands_20m.copy(), **labels}
+
+
+class ShuffleCrops:
+    """Reservoir-style shuffle buffer with a seeded RNG (reproducible per rank/worker/epoch)."""
+
+    def __init__(self, buffer_size: int, seed: int, epoch: int, rank: int):
+        self.buffer_size, self.seed, self.epoch, self.rank = buffer_size, seed, epoch, rank
+
+    def __call__(self, crops: Iterator[dict]) -> Iterator[dict]:
+        worker, _ = worker_position()
+        rng = random.Random(f"{self.seed}-{self.epoch}-{self.rank}-{worker}")
+        buffer: list[dict] = []
+        for crop in crops:
+            buffer.append(crop)
+            if len(buffer) >= self.buffer_size:
+                index = rng.randrange(len(buffer))
+                buffer[index], buffer[-1] = buffer[-1], buffer[index]
+                yield buffer.pop()
+        rng.shuffle(buffer)
+        yield from buffer
+
+
+class TakeQuota:
+    """Exactly this worker's quota of crops: the plan's promise that keeps ranks in step."""
+
+    def __init__(self, plan: EpochPlan, rank: int):
+        self.plan, self.rank = plan, rank
+
+    def __call__(self, crops: Iterator[dict]) -> Iterator[dict]:
+        worker, _ = worker_position()
+        quota = self.plan.workers[self.rank][worker].quota
+        taken = 0
+        for crop in crops:
+            if taken == quota:
+                return
+            taken += 1
+            yield crop
+        assert taken == quota, f"rank {self.rank} worker {worker}: stream ended after {taken} of {quota} crops"
+
+
+LABEL_KEYS = ("coords", "clouds", "landcover", "buildings", "water")
+
+
+def collate_crops(crops: list[dict]) -> dict:
+    """Stack crops into a batch: image (B, 10, S, S) float32 reflectance, labels, weights, keys."""
+    bands_10m = torch.from_numpy(np.stack([c["s2_10m"] for c in crops]).astype(np.float32))
+    if crops[0]["s2_20m"] is None:  # s2_stack sources: already 10 bands on the 10 m grid
+        image = bands_10m
+    else:
+        low = torch.from_numpy(np.stack([c["s2_20m"] for c in crops]).astype(np.float32))
+        up = F.interpolate(low, scale_factor=2, mode="bilinear", align_corners=False)
+        margin = 2 * HALO_20M
+        image = torch.cat([bands_10m, up[:, :, margin:-margin, margin:-margin]], dim=1)
+    batch = {"image": image / REFLECTANCE_SCALE, "keys": [c["key"] for c in crops],
+             "urls": [c["url"] for c in crops], "repeats": sum(c["repeat"] for c in crops)}
+    for name in LABEL_KEYS:
+        batch[name] = torch.from_numpy(np.stack([c[name] for c in crops]))
+        batch[f"{name}_weight"] = torch.tensor([c[f"{name}_weight"] for c in crops], dtype=torch.float32)
+    return batch
+
+
+def make_pipeline(plan: EpochPlan, rank: int, options: StreamOptions,
+                  done_keys: frozenset = frozenset()) -> wds.DataPipeline:
+    return wds.DataPipeline(
+        EpochTiles(plan, rank, options, done_keys),
+        CutCrops(options, plan.epoch, rank),
+        TakeQuota(plan, rank),  # before the shuffle: the buffer must not pull repeats ahead of first-pass crops
+        ShuffleCrops(options.shuffle_buffer, options.seed, plan.epoch, rank),
+        wds.batched(options.batch_size, collation_fn=collate_crops, partial=False),
+    )
+
+
+def make_loader(plan: EpochPlan, rank: int, options: StreamOptions, num_workers: int,
+                done_keys: frozenset = frozenset()) -> torch.utils.data.DataLoader:
+    pipeline = make_pipeline(plan, rank, options, done_keys)
+    return torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=num_workers,
+                                       persistent_workers=False, prefetch_factor=2 if num_workers else None)

@@ -1,0 +1,64 @@
+"""Per-crop pretraining labels, computed from the sample alone (no GDAL, no global rasters).
+
+Each label comes with a per-crop weight: 0 where the layer is missing or all no-data, so
+the loss ignores it. Cloud classes are the raw mask values 0..3 (the original divided the
+mask by 10000 first, so only class 0 could ever match: fixed here, see original-code.md 5.1).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from phileo.geo import encode_latlon, pixel_lonlat
+
+NUM_CLOUD_CLASSES = 4
+# ESA WorldCover codes -> classes 1..11 (0 = no data), as the original's landcover label.
+WORLDCOVER_CODES = (10, 20, 30, 40, 50, 60, 70, 80, 90, 95, 100)
+NUM_LANDCOVER_CLASSES = len(WORLDCOVER_CODES)
+_WORLDCOVER_LUT = np.zeros(256, dtype=np.int64)
+_WORLDCOVER_LUT[list(WORLDCOVER_CODES)] = np.arange(1, NUM_LANDCOVER_CLASSES + 1)
+
+
+def crop_coords(corners_lonlat: list, shape: tuple[int, int], y: int, x: int, size: int) -> np.ndarray:
+    """sin/cos lat/lon code (4,) of the crop centre, from the tile corners."""
+    lon, lat = pixel_lonlat(corners_lonlat, shape, np.array([y + size / 2]), np.array([x + size / 2]))
+    return encode_latlon(lat, lon)[0]
+
+
+def cloud_fractions(cloud: np.ndarray) -> np.ndarray:
+    """Fraction of pixels in each cloud class 0..3 (values above 3 count as class 3)."""
+    counts = np.bincount(np.minimum(cloud.ravel(), NUM_CLOUD_CLASSES - 1), minlength=NUM_CLOUD_CLASSES)
+    return (counts / cloud.size).astype(np.float32)
+
+
+def landcover_fractions(codes: np.ndarray) -> tuple[np.ndarray, float]:
+    """(11 class fractions over labelled pixels, weight = labelled fraction); no data -> ([1,0..], 0)."""
+    classes = _WORLDCOVER_LUT[np.clip(codes.ravel(), 0, 255)]
+    counts = np.bincount(classes, minlength=NUM_LANDCOVER_CLASSES + 1)[1:]
+    labelled = int(counts.sum())
+    if labelled == 0:
+        empty = np.zeros(NUM_LANDCOVER_CLASSES, dtype=np.float32)
+        empty[0] = 1.0
+        return empty, 0.0
+    return (counts / labelled).astype(np.float32), labelled / codes.size
+
+
+def crop_labels(meta: dict, arrays: dict[str, np.ndarray], y: int, x: int, size: int) -> dict[str, np.ndarray]:
+    """All labels + weights of the crop at (y, x) of a decoded tile."""
+    window = (slice(y, y + size), slice(x, x + size))
+    shape = tuple(meta["shape"])
+    labels = {"coords": crop_coords(meta["corners_lonlat"], shape, y, x, size), "coords_weight": 1.0}
+    if "cloud" in arrays:
+        labels |= {"clouds": cloud_fractions(arrays["cloud"][window]), "clouds_weight": 1.0}
+    else:
+        labels |= {"clouds": np.eye(NUM_CLOUD_CLASSES, dtype=np.float32)[0], "clouds_weight": 0.0}
+    if "label_landcover" in arrays:
+        fractions, weight = landcover_fractions(arrays["label_landcover"][window])
+        labels |= {"landcover": fractions, "landcover_weight": weight}
+    else:
+        labels |= {"landcover": landcover_fractions(np.zeros(1, np.uint8))[0], "landcover_weight": 0.0}
+    for name, scale in (("buildings", 100.0), ("water", 1.0)):
+        layer = arrays.get(f"label_{name}")
+        value = float(layer[window].mean()) / scale if layer is not None else 0.0
+        labels |= {name: np.array([value], dtype=np.float32), f"{name}_weight": float(layer is not None)}
+    return labels

@@ -1,0 +1,232 @@
+"""`phileo-train pretrain`: the streaming DDP pretraining loop.
+
+Step order as nanoGPT: set lr, micro-steps (grad sync only on the last), clip, step,
+zero_grad(set_to_none=True). Every rank runs the same number of steps by construction
+(training/epoch.py), so no rank ever waits on a collective the others skip.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from phileo.models import build as build_model
+from training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from training.config import PretrainConfig
+from training.data import StreamOptions, make_loader
+from training.distributed import World, all_reduce_mean, barrier, gather_objects, init_world, shutdown
+from training.epoch import plan_epoch
+from training.objective import foundation_loss, make_views
+from training.shards import resolve_shards
+
+log = logging.getLogger(__name__)
+
+
+def lr_at(step: int, base: float, min_lr: float, warmup: int, total: int) -> float:
+    """Linear warmup, then cosine decay from `base` to `min_lr` at `total` steps (per step)."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_lr + 0.5 * (base - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def split_views(outputs, size: int) -> tuple:
+    """Split every tensor of a (nested) model output along the batch into (first `size`, rest)."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs[:size], outputs[size:]
+    if isinstance(outputs, (list, tuple)):
+        pairs = [split_views(item, size) for item in outputs]
+        return tuple(p[0] for p in pairs), tuple(p[1] for p in pairs)
+    return outputs, outputs
+
+
+class Trainer:
+    """Holds model, optimizer and the data position; `run()` trains to the configured end."""
+
+    def __init__(self, config: PretrainConfig, world: World):
+        self.config, self.world = config, world
+        self.run_dir = Path(config.run.out)
+        self.shards = resolve_shards(config.data.shards)
+        torch.manual_seed(config.run.seed)  # same initial weights on every rank
+        self.model = build_model(config.run.model).to(world.device)
+        self.ddp = DistributedDataParallel(self.model) if world.distributed else self.model
+        self.base_lr = config.optim.lr or 1e-4 * math.sqrt(world.world_size)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.base_lr,
+                                           weight_decay=config.optim.weight_decay)
+        self.step, self.epoch = 0, 0
+        self.done: dict[str, list[str]] = {}  # tiles fully trained this epoch, by shard (all ranks)
+        self.consumed: Counter = Counter()  # (url, key) -> crops trained this epoch on this rank
+        self.options = StreamOptions(config.data.crops_per_tile, config.data.crop_size, config.data.batch_size,
+                                     config.data.shuffle_buffer, config.data.shards_in_parallel, config.run.seed,
+                                     config.data.max_bad_fraction)
+        self.total_steps = config.run.steps or self._plan(0).steps // config.optim.grad_accum * config.run.epochs
+        self.amp = config.run.amp and (world.device.type == "cpu" or torch.cuda.is_bf16_supported())
+        self.keys_file = None
+        self.generator = torch.Generator(world.device)
+        self.crops_total, self.started = 0, time.monotonic()
+
+    def _plan(self, epoch: int, done: dict[str, list[str]] | None = None):
+        data = self.config.data
+        counts = {url: len(keys) for url, keys in (done or {}).items()}
+        return plan_epoch(self.shards, self.world.world_size, data.num_workers, data.batch_size,
+                          data.crops_per_tile, self.config.run.seed, epoch, counts, self.config.optim.grad_accum)
+
+    def resume(self) -> None:
+        path = latest_checkpoint(self.run_dir)
+        if path is None:
+            log.info("--resume: no checkpoint in %s, starting fresh", self.run_dir)
+            return
+        state = load_checkpoint(path)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step, self.epoch, self.done = state["step"], state["epoch"], state["done"]
+        self._seed_views()
+        log.info("resumed from %s: step %d, epoch %d, %d tiles of this epoch already done", path, self.step,
+                 self.epoch, sum(len(k) for k in self.done.values()))
+
+    def _seed_views(self) -> None:
+        """Augmentation RNG from (seed, rank, step): reproducible, and valid after resuming on another world size."""
+        self.generator.manual_seed(self.config.run.seed * 1_000_003 + self.world.rank * 10_007 + self.step)
+
+    def finished(self) -> bool:
+        if self.config.run.steps is not None:
+            return self.step >= self.config.run.steps
+        return self.epoch >= self.config.run.epochs
+
+    def run(self) -> None:
+        self._seed_views()
+        if self.world.is_primary:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.json").write_text(json.dumps(self.config.to_dict(), indent=1))
+        if self.config.run.record_keys:
+            Path(self.config.run.record_keys).mkdir(parents=True, exist_ok=True)
+            self.keys_file = open(Path(self.config.run.record_keys) / f"rank{self.world.rank}.txt", "a")
+        try:
+            while not self.finished():
+                self.run_epoch()
+            self.save()
+        finally:
+            if self.keys_file:
+                self.keys_file.close()
+
+    def run_epoch(self) -> None:
+        plan = self._plan(self.epoch, self.done)
+        drops, repeats = plan.totals(self.config.data.crops_per_tile)
+        if self.world.is_primary:
+            log.info("epoch %d: %d micro-batches per rank; equalising ranks drops %d and repeats %d crops",
+                     self.epoch, plan.steps, drops, repeats)
+        done_keys = frozenset(key for keys in self.done.values() for key in keys)
+        loader = make_loader(plan, self.world.rank, self.options, self.config.data.num_workers, done_keys)
+        bar = tqdm(total=plan.steps // self.config.optim.grad_accum, disable=not self.world.is_primary,
+                   desc=f"epoch {self.epoch}", unit="step")
+        self._train_batches(iter(loader), plan.steps, bar)
+        bar.close()
+        if not self.finished() or self.config.run.steps is None:
+            self.epoch, self.done, self.consumed = self.epoch + 1, {}, Counter()
+
+    def _train_batches(self, batches, micro_batches: int, bar: tqdm) -> None:
+        accum = self.config.optim.grad_accum
+        for _ in range(micro_batches // accum):
+            if self.finished():
+                return
+            started = time.monotonic()
+            lr = lr_at(self.step, self.base_lr, self.config.optim.min_lr, self.config.optim.warmup_steps,
+                       self.total_steps)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            metrics, crops, waited = Counter(), 0, 0.0
+            for micro in range(accum):
+                fetch = time.monotonic()
+                batch = next(batches)
+                waited += time.monotonic() - fetch
+                sync = micro == accum - 1
+                context = contextlib.nullcontext() if sync or not self.world.distributed else self.ddp.no_sync()
+                with context:
+                    terms = self._forward_backward(batch, accum)
+                metrics.update({k: v / accum for k, v in terms.items()})
+                crops += len(batch["keys"])
+                self._account(batch)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.optim.grad_clip)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            self._log(dict(metrics), lr, crops, waited, time.monotonic() - started, bar)
+            if self.step % self.config.run.ckpt_every == 0:
+                self.save()
+
+    def _forward_backward(self, batch: dict, accum: int) -> dict[str, float]:
+        device = self.world.device
+        image = batch["image"].to(device, non_blocking=True)
+        labels = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor) and k != "image"}
+        view_a, view_b, target_a, target_b = make_views(image, self.generator)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.amp):
+            # one forward over both views (the norms are per sample, so this equals two forwards)
+            out_a, out_b = split_views(self.ddp(torch.cat([view_a, view_b])), len(view_a))
+        loss, terms = foundation_loss(out_a, out_b, target_a, target_b, labels)
+        (loss / accum).backward()
+        return terms
+
+    def _account(self, batch: dict) -> None:
+        self.consumed.update(zip(batch["urls"], batch["keys"]))
+        if self.keys_file:
+            self.keys_file.write("".join(f"{key}\n" for key in batch["keys"]))
+
+    def _log(self, metrics: dict, lr: float, crops: int, waited: float, elapsed: float, bar: tqdm) -> None:
+        self.crops_total += crops
+        bar.update(1)
+        if self.step % self.config.run.log_every and self.step != self.total_steps:
+            return
+        metrics = all_reduce_mean(metrics, self.world)  # a collective: every rank logs at the same steps
+        if not self.world.is_primary:
+            return
+        rate = self.crops_total * self.world.world_size / max(time.monotonic() - self.started, 1e-9)
+        record = {"step": self.step, "epoch": self.epoch, "lr": lr, "crops_per_s": rate,
+                  "data_wait": waited / max(elapsed, 1e-9), **metrics}
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}", crops_s=f"{rate:.0f}", wait=f"{record['data_wait']:.0%}")
+        with open(self.run_dir / "metrics.jsonl", "a") as file:
+            file.write(json.dumps(record) + "\n")
+
+    def save(self) -> None:
+        """Checkpoint with the data position: tiles whose K crops were all trained this epoch, all ranks."""
+        merged: Counter = Counter()
+        for counts in gather_objects(dict(self.consumed), self.world):
+            merged.update(counts)
+        done = {url: list(keys) for url, keys in self.done.items()}
+        for (url, key), crops in merged.items():
+            if crops >= self.config.data.crops_per_tile and key not in done.get(url, ()):
+                done.setdefault(url, []).append(key)
+        if self.keys_file:
+            self.keys_file.flush()
+        if self.world.is_primary:
+            state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                     "step": self.step, "epoch": self.epoch, "done": done, "config": self.config.to_dict(),
+                     "world_size": self.world.world_size}
+            save_checkpoint(self.run_dir, self.step, state, self.config.run.keep_checkpoints)
+        barrier(self.world)
+
+
+def pretrain(config: PretrainConfig) -> None:
+    """Entry point of `phileo-train pretrain` (one process per rank under torchrun)."""
+    world = init_world()
+    # ranks on one machine share its cores
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+    try:
+        trainer = Trainer(config, world)
+        if config.run.resume:
+            trainer.resume()
+        trainer.run()
+        if world.is_primary:
+            log.info("done: %d steps, %d epochs, checkpoints in %s", trainer.step, trainer.epoch,
+                     trainer.run_dir / "checkpoints")
+    finally:
+        shutdown(world)
