@@ -71,7 +71,7 @@ class Trainer:
                                      config.data.max_bad_fraction)
         self.total_steps = config.run.steps or self._plan(0).steps // config.optim.grad_accum * config.run.epochs
         self.amp = config.run.amp and (world.device.type == "cpu" or torch.cuda.is_bf16_supported())
-        self.keys_file = None
+        self.recorded_keys: list[str] = []  # written at each checkpoint, so the audit matches saved training
         self.generator = torch.Generator(world.device)
         self.crops_total, self.started = 0, time.monotonic()
 
@@ -108,24 +108,21 @@ class Trainer:
         if self.world.is_primary:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.json").write_text(json.dumps(self.config.to_dict(), indent=1))
-        if self.config.run.record_keys:
-            Path(self.config.run.record_keys).mkdir(parents=True, exist_ok=True)
-            self.keys_file = open(Path(self.config.run.record_keys) / f"rank{self.world.rank}.txt", "a")
-        try:
-            while not self.finished():
-                self.run_epoch()
-            self.save()
-        finally:
-            if self.keys_file:
-                self.keys_file.close()
+        while not self.finished():
+            self.run_epoch()
+        self.save()
 
     def run_epoch(self) -> None:
         plan = self._plan(self.epoch, self.done)
+        done_keys = frozenset(key for keys in self.done.values() for key in keys)
         drops, repeats = plan.totals(self.config.data.crops_per_tile)
         if self.world.is_primary:
             log.info("epoch %d: %d micro-batches per rank; equalising ranks drops %d and repeats %d crops",
                      self.epoch, plan.steps, drops, repeats)
-        done_keys = frozenset(key for keys in self.done.values() for key in keys)
+            with open(self.run_dir / "epochs.jsonl", "a") as file:
+                file.write(json.dumps({"epoch": self.epoch, "step": self.step, "micro_batches": plan.steps,
+                                       "world_size": self.world.world_size, "dropped_crops": drops,
+                                       "repeated_crops": repeats, "resumed_tiles_done": len(done_keys)}) + "\n")
         loader = make_loader(plan, self.world.rank, self.options, self.config.data.num_workers, done_keys)
         bar = tqdm(total=plan.steps // self.config.optim.grad_accum, disable=not self.world.is_primary,
                    desc=f"epoch {self.epoch}", unit="step")
@@ -178,8 +175,8 @@ class Trainer:
 
     def _account(self, batch: dict) -> None:
         self.consumed.update(zip(batch["urls"], batch["keys"]))
-        if self.keys_file:
-            self.keys_file.write("".join(f"{key}\n" for key in batch["keys"]))
+        if self.config.run.record_keys:
+            self.recorded_keys.extend(batch["keys"])
 
     def _log(self, metrics: dict, lr: float, crops: int, waited: float, elapsed: float, bar: tqdm) -> None:
         self.crops_total += crops
@@ -205,14 +202,23 @@ class Trainer:
         for (url, key), crops in merged.items():
             if crops >= self.config.data.crops_per_tile and key not in done.get(url, ()):
                 done.setdefault(url, []).append(key)
-        if self.keys_file:
-            self.keys_file.flush()
+        self._write_recorded_keys()
         if self.world.is_primary:
             state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                      "step": self.step, "epoch": self.epoch, "done": done, "config": self.config.to_dict(),
                      "world_size": self.world.world_size}
             save_checkpoint(self.run_dir, self.step, state, self.config.run.keep_checkpoints)
         barrier(self.world)
+
+
+    def _write_recorded_keys(self) -> None:
+        if not self.config.run.record_keys:
+            return
+        folder = Path(self.config.run.record_keys)
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / f"rank{self.world.rank}.txt", "a") as file:
+            file.write("".join(f"{key}\n" for key in self.recorded_keys))
+        self.recorded_keys = []
 
 
 def pretrain(config: PretrainConfig) -> None:

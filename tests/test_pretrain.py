@@ -1,0 +1,188 @@
+"""End-to-end pretraining under torchrun (gloo, CPU) on generated shards of uneven sizes."""
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import psutil
+import pytest
+
+from sharding.tarread import iter_tar_samples
+from tests.conftest import read_manifest, run_shard
+from tools.majortom_fixture import make_majortom_dataset
+
+K = 2  # crops per tile
+SIZES = [1, 2, 3, 4, 5, 6, 7]  # tiles per shard: deliberately uneven
+
+
+@pytest.fixture(scope="module")
+def uneven(tmp_path_factory) -> Path:
+    """7 shards holding 1..7 tiles of 144 px (28 tiles), with a manifest."""
+    root = tmp_path_factory.mktemp("uneven")
+    make_majortom_dataset(root / "src", num_files=4, rows_per_file=7, tile_size=144)
+    assert run_shard("build", "--input", str(root / "src"), "--output", str(root / "built")).exit_code == 0
+    samples = [s for shard in read_manifest(root / "built")["shards"]
+               for s in iter_tar_samples(root / "built" / shard["url"])]
+    out = root / "ds"
+    (out / "shards").mkdir(parents=True)
+    shards, start = [], 0
+    for index, size in enumerate(SIZES):
+        name = f"shards/part-{index:02d}.tar"
+        with tarfile.open(out / name, "w") as tar:
+            for sample in samples[start : start + size]:
+                for extension, data in sample.members.items():
+                    info = tarfile.TarInfo(f"{sample.key}.{extension}")
+                    info.size = len(data)
+                    tar.addfile(info, __import__("io").BytesIO(data))
+        shards.append({"url": name, "samples": size})
+        start += size
+    (out / "manifest.json").write_text(json.dumps({"schema": "phileo-shard/1", "shards": shards}))
+    return out
+
+
+def all_keys(dataset: Path) -> list[str]:
+    return [s.key for shard in read_manifest(dataset)["shards"] for s in iter_tar_samples(dataset / shard["url"])]
+
+
+def pretrain_command(dataset: Path, run: Path, ranks: int, *extra: str) -> list[str]:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
+    return [*launcher, "-m", "training.cli", "pretrain", "--shards", str(dataset / "manifest.json"),
+            "--out", str(run), "--model", "geoaware-unet-tiny", "--crops-per-tile", str(K), "--batch-size", "2",
+            "--num-workers", "2", "--shuffle-buffer", "5", "--record-keys", str(run / "keys"), "--no-amp",
+            "--log-every", "1", *extra]
+
+
+def run_pretrain(dataset: Path, run: Path, ranks: int, *extra: str) -> subprocess.CompletedProcess:
+    result = subprocess.run(pretrain_command(dataset, run, ranks, *extra), capture_output=True, text=True,
+                            timeout=400, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def audit(run: Path) -> tuple[Counter, list[int], list[dict]]:
+    """(crops per tile key over all ranks, lines per rank file, epoch records)."""
+    files = sorted((run / "keys").glob("rank*.txt"))
+    lines = [f.read_text().split() for f in files]
+    epochs = [json.loads(line) for line in (run / "epochs.jsonl").read_text().splitlines()]
+    return Counter(key for keys in lines for key in keys), [len(keys) for keys in lines], epochs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_uneven_shards_equal_steps_and_every_tile_k_times(uneven, tmp_path, ranks):
+    run = tmp_path / "run"
+    run_pretrain(uneven, run, ranks, "--epochs", "1")
+    counts, per_rank, (epoch,) = audit(run)
+    assert len(per_rank) == ranks and len(set(per_rank)) == 1  # identical step counts on all ranks
+    assert per_rank[0] == epoch["micro_batches"] * 2
+    keys = all_keys(uneven)
+    assert sum(max(0, K - counts[k]) for k in keys) == epoch["dropped_crops"]
+    assert sum(max(0, c - K) for c in counts.values()) == epoch["repeated_crops"]
+    assert set(counts) <= set(keys)
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["step"] == epoch["micro_batches"] and all(m["loss"] == m["loss"] for m in metrics)
+    assert (run / "config.json").is_file() and list((run / "checkpoints").glob("ckpt-*.pt"))
+
+
+def kill_after_checkpoint(command: list[str], run: Path, step: int, timeout: float = 300) -> None:
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        if (run / "checkpoints" / f"ckpt-{step:09d}.pt").is_file():
+            break
+        time.sleep(0.05)
+    assert process.poll() is None, "the run ended before it could be killed"
+    # torchrun puts ranks in their own sessions: kill the whole tree, as a scheduler would
+    tree = [process.pid] + [child.pid for child in psutil.Process(process.pid).children(recursive=True)]
+    for pid in tree:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    process.wait()
+    psutil.wait_procs([p for p in map(_process_or_none, tree) if p], timeout=30)
+
+
+def _process_or_none(pid: int):
+    try:
+        return psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("resume_ranks", [2, 1])
+def test_sigkill_mid_epoch_then_resume_misses_no_tile(uneven, tmp_path, resume_ranks):
+    run = tmp_path / "run"
+    kill_after_checkpoint(pretrain_command(uneven, run, 2, "--epochs", "1", "--ckpt-every", "2"), run, step=6)
+    run_pretrain(uneven, run, resume_ranks, "--epochs", "1", "--ckpt-every", "2", "--resume")
+    counts, _, epochs = audit(run)
+    first, resumed = epochs[0], epochs[-1]
+    assert resumed["resumed_tiles_done"] > 0 and resumed["world_size"] == resume_ranks
+    keys = all_keys(uneven)
+    missed = [k for k in keys if counts[k] < K]
+    assert len(missed) * K <= first["dropped_crops"] + resumed["dropped_crops"]
+    in_flight_bound = 2 * 2 * 2 * K + first["repeated_crops"] + resumed["repeated_crops"]
+    assert sum(max(0, c - K) for c in counts.values()) <= in_flight_bound + 2 * 2 * 2  # ranks x batch x ckpt
+
+
+def train_in_process(*args: str):
+    from click.testing import CliRunner
+
+    from training.cli import main
+
+    return CliRunner().invoke(main, ["pretrain", *args], catch_exceptions=False)
+
+
+def test_truncated_shard_is_skipped_and_reported(uneven, tmp_path, caplog):
+    broken = tmp_path / "ds"
+    __import__("shutil").copytree(uneven, broken)
+    shard = broken / "shards" / "part-06.tar"  # 7 tiles
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    common = ["--shards", str(broken), "--model", "geoaware-unet-tiny", "--crops-per-tile", "1", "--batch-size", "4",
+              "--num-workers", "0", "--no-amp", "--epochs", "1"]
+    caplog.set_level("WARNING")
+    result = train_in_process(*common, "--out", str(tmp_path / "ok"), "--max-bad-fraction", "0.9")
+    assert result.exit_code == 0, result.output
+    assert "part-06.tar" in caplog.text and "skipping bad data" in caplog.text
+    with pytest.raises(RuntimeError, match=r"planned tiles unreadable \(> --max-bad-fraction 0.01\)"):
+        train_in_process(*common, "--out", str(tmp_path / "strict"))
+
+
+def test_clear_errors_for_bad_flags_and_too_few_shards(uneven, tmp_path):
+    base = ["--shards", str(uneven), "--out", str(tmp_path / "r"), "--model", "geoaware-unet-tiny"]
+    cases = [(["--model", "nope"], "--model nope: unknown"), (["--batch-size", "0"], "--batch-size 0"),
+             (["--crop-size", "127"], "--crop-size 127"), (["--shards", str(tmp_path / "none.tar")], "does not exist")]
+    for extra, message in cases:
+        result = train_in_process(*base, *extra)
+        assert result.exit_code == 2 and message in result.output, result.output
+    from training.epoch import PlanError
+
+    with pytest.raises(PlanError, match="7 shards for 1 ranks x 8 workers"):
+        train_in_process(*base, "--num-workers", "8")
+
+
+@pytest.mark.slow
+def test_tiny_model_loss_drops_on_fixture_data(uneven, tmp_path):
+    run = tmp_path / "run"
+    result = train_in_process("--shards", str(uneven), "--out", str(run), "--model", "geoaware-unet-tiny",
+                              "--crops-per-tile", "4", "--batch-size", "4", "--num-workers", "1", "--steps", "50",
+                              "--lr", "1e-3", "--warmup-steps", "5", "--no-amp", "--log-every", "1", "--seed", "3")
+    assert result.exit_code == 0, result.output
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 50
+
+    def mean(term: str, part: list[dict]) -> float:
+        return sum(m[term] for m in part) / len(part)
+
+    # The total is dominated by 100 x the cloud soft cross-entropy, whose floor is the entropy of the
+    # (fractional) targets; the learnable terms must drop clearly.
+    for term, factor in (("recon", 0.6), ("similarity", 0.6), ("coords", 0.85)):
+        first, last = mean(term, metrics[:5]), mean(term, metrics[-5:])
+        assert last < factor * first, (term, first, last)

@@ -1,0 +1,122 @@
+"""Training data path: shard lists, epoch plans, crops and labels, exactly-once streaming."""
+
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+from rasterio.warp import transform as warp
+
+from phileo.geo import encode_latlon
+from tests.test_build import read_dataset
+from training.data import StreamOptions, make_loader
+from training.epoch import PlanError, plan_epoch
+from training.labels import cloud_fractions, crop_labels, landcover_fractions
+from training.shards import ShardInfo, ShardSpecError, resolve_shards
+
+
+def test_label_coords_match_rasterio_in_all_quadrants(built):
+    for sample in read_dataset(built).values():
+        meta, size = sample.meta, 64
+        for y, x in ((0, 0), (56, 20)):
+            labels = crop_labels(meta, sample.arrays, y, x, size)
+            a, b, c, d, e, f = meta["transform"]
+            col, row = x + size / 2, y + size / 2
+            lon, lat = warp(meta["crs"], "EPSG:4326", [a * col + b * row + c], [d * col + e * row + f])
+            np.testing.assert_allclose(labels["coords"], encode_latlon(lat[0], lon[0]), atol=1e-5)
+
+
+def test_cloud_and_landcover_fractions_on_hand_made_masks():
+    cloud = np.array([[0, 0, 1, 1], [2, 3, 3, 3]], dtype=np.uint8)
+    np.testing.assert_allclose(cloud_fractions(cloud), [2 / 8, 2 / 8, 1 / 8, 3 / 8])
+    codes = np.array([[10, 10, 0, 95], [100, 0, 10, 50]], dtype=np.uint8)  # 0 = no data
+    fractions, weight = landcover_fractions(codes)
+    expected = np.zeros(11)
+    expected[[0, 9, 10, 4]] = [3 / 6, 1 / 6, 1 / 6, 1 / 6]
+    np.testing.assert_allclose(fractions, expected, atol=1e-7)
+    assert weight == pytest.approx(6 / 8)
+    fractions, weight = landcover_fractions(np.zeros((4, 4), np.uint8))
+    assert weight == 0 and fractions[0] == 1
+
+
+def test_missing_layers_get_zero_weight_and_present_ones_are_used():
+    meta = {"shape": [8, 8], "corners_lonlat": [[0, 1], [1, 1], [1, 0], [0, 0]]}
+    arrays = {"cloud": np.zeros((8, 8), np.uint8)}
+    labels = crop_labels(meta, arrays, 0, 0, 4)
+    assert labels["landcover_weight"] == labels["buildings_weight"] == labels["water_weight"] == 0
+    assert labels["clouds_weight"] == 1 and labels["clouds"][0] == 1
+    arrays |= {"label_buildings": np.full((8, 8), 50, np.uint8), "label_water": np.eye(8, dtype=np.uint8)}
+    labels = crop_labels(meta, arrays, 0, 0, 4)
+    assert labels["buildings"][0] == pytest.approx(0.5) and labels["buildings_weight"] == 1
+    assert labels["water"][0] == pytest.approx(0.25) and labels["water_weight"] == 1
+
+
+def test_resolve_shards_from_manifest_dir_list_and_pattern(built, tmp_path):
+    manifest = json.loads((built / "manifest.json").read_text())
+    expected = [(str(built / s["url"]), s["samples"]) for s in manifest["shards"]]
+    for spec in (str(built), str(built / "manifest.json")):
+        assert [(s.url, s.samples) for s in resolve_shards(spec)] == expected
+    listing = tmp_path / "urls.txt"
+    listing.write_text("".join(f"{url}\n" for url, _ in expected))
+    assert [(s.url, s.samples) for s in resolve_shards(str(listing))] == expected
+    first, last = expected[0][0].rsplit("/", 1)[1][:6], expected[-1][0].rsplit("/", 1)[1][:6]
+    pattern = f"{built}/shards/{{{first}..{last}}}-0000.tar"
+    assert [(s.url, s.samples) for s in resolve_shards(pattern)] == expected
+    with pytest.raises(ShardSpecError, match="does not exist"):
+        resolve_shards(str(tmp_path / "nope-{0..2}.tar"))
+    with pytest.raises(ShardSpecError, match="remote shards"):
+        resolve_shards("https://example.invalid/shards/{0..1}.tar")
+
+
+def test_epoch_plan_equal_steps_balanced_and_counted():
+    shards = [ShardInfo(f"s{i}", n) for i, n in enumerate([1, 2, 3, 4, 5, 6, 7])]
+    for world in (1, 2, 3, 5):
+        plan = plan_epoch(shards, world, 1, batch_size=2, crops_per_tile=3, seed=1, epoch=0)
+        quotas = [sum(w.quota for w in rank) for rank in plan.workers]
+        assert quotas == [plan.steps * 2] * world
+        assigned = sorted(url for rank in plan.workers for w in rank for url in w.shards)
+        assert assigned == sorted(s.url for s in shards)  # every shard exactly once
+        drops, repeats = plan.totals(3)
+        assert 28 * 3 - drops + repeats == plan.steps * 2 * world
+    again = plan_epoch(shards, 3, 1, 2, 3, seed=1, epoch=0)
+    other = plan_epoch(shards, 3, 1, 2, 3, seed=1, epoch=1)
+    assert again.workers == plan_epoch(shards, 3, 1, 2, 3, seed=1, epoch=0).workers
+    assert [w.shards for r in other.workers for w in r] != [w.shards for r in again.workers for w in r]
+    with pytest.raises(PlanError, match="7 shards for 4 ranks x 2 workers"):
+        plan_epoch(shards, 4, 2, 2, 3, seed=1, epoch=0)
+
+
+@pytest.mark.parametrize("world, workers", [(1, 0), (2, 2), (3, 1)])
+def test_stream_is_exactly_once_except_counted_equalisation(built, world, workers):
+    shards = resolve_shards(str(built))
+    options = StreamOptions(crops_per_tile=3, crop_size=64, batch_size=2, shuffle_buffer=7)
+    plan = plan_epoch(shards, world, workers, options.batch_size, options.crops_per_tile, 0, 0)
+    counts: Counter = Counter()
+    for rank in range(world):
+        batches = list(make_loader(plan, rank, options, workers))
+        assert len(batches) == plan.steps
+        for batch in batches:
+            assert batch["image"].shape == (2, 10, 64, 64) and batch["coords"].shape == (2, 4)
+            assert 0 < float(batch["image"].max()) < 7
+            counts.update(batch["keys"])
+    drops, repeats = plan.totals(3)
+    assert sum(max(0, 3 - counts[k]) for k in read_dataset(built)) == drops
+    assert sum(max(0, c - 3) for c in counts.values()) == repeats
+
+
+@pytest.mark.parametrize("y, x", [(0, 0), (56, 56), (30, 8), (56, 0)])
+def test_crop_20m_upsampling_equals_full_tile_bilinear(built, y, x):
+    import torch
+    import torch.nn.functional as F
+
+    from training.data import CutCrops, collate_crops
+
+    sample = next(iter(read_dataset(built).values()))
+    tile = {"key": sample.key, "url": "u", "repeat": False, "meta": sample.meta, "arrays": sample.arrays}
+    batch = collate_crops([CutCrops._crop(tile, y, x, 64)])
+    full = F.interpolate(torch.from_numpy(sample.arrays["s2_20m"].astype(np.float32))[None], scale_factor=2,
+                         mode="bilinear", align_corners=False)[0]
+    expected_20m = full[:, y : y + 64, x : x + 64] / 10000
+    expected_10m = torch.from_numpy(sample.arrays["s2_10m"][:, y : y + 64, x : x + 64].astype(np.float32)) / 10000
+    torch.testing.assert_close(batch["image"][0, :4], expected_10m)
+    torch.testing.assert_close(batch["image"][0, 4:], expected_20m, rtol=1e-6, atol=1e-7)
