@@ -186,3 +186,28 @@ def test_tiny_model_loss_drops_on_fixture_data(uneven, tmp_path):
     for term, factor in (("recon", 0.6), ("similarity", 0.6), ("coords", 0.85)):
         first, last = mean(term, metrics[:5]), mean(term, metrics[-5:])
         assert last < factor * first, (term, first, last)
+
+
+def test_streams_shards_over_http(uneven, tmp_path):
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    class QuietHandler(SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:  # keep test output clean
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=str(uneven)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/manifest.json"
+        run = tmp_path / "run"
+        result = train_in_process("--shards", url, "--out", str(run), "--model", "geoaware-unet-tiny",
+                                  "--crops-per-tile", "1", "--batch-size", "4", "--num-workers", "1", "--no-amp",
+                                  "--epochs", "1", "--record-keys", str(run / "keys"))
+        assert result.exit_code == 0, result.output
+        recorded = (run / "keys" / "rank0.txt").read_text().split()
+        assert sorted(recorded) == sorted(all_keys(uneven))  # 28 tiles x 1 crop = 7 batches, nothing dropped
+    finally:
+        server.shutdown()

@@ -17,12 +17,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import webdataset as wds
-from webdataset.tariterators import tarfile_samples
+from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from phileo.bands import REFLECTANCE_SCALE
 from phileo.schema import SchemaError, decode_sample
 from training.epoch import EpochPlan, WorkerPlan
 from training.labels import crop_labels
+from training.shards import open_shard
 
 log = logging.getLogger(__name__)
 
@@ -102,18 +103,32 @@ class EpochTiles(torch.utils.data.IterableDataset):
 
     def _read_shard(self, url: str, policy: BadDataPolicy) -> Iterator[dict]:
         handler = lambda error: policy.record(url, error)  # noqa: E731
-        for raw in tarfile_samples([{"url": url}], handler=handler):
-            key = raw["__key__"]
-            if key in self.done_keys:
-                continue
-            members = {k: v for k, v in raw.items() if not k.startswith("__")}
-            try:
-                sample = decode_sample(key, members)
-            except SchemaError as error:
-                policy.record(url, error)
-                continue
-            policy.good += 1
-            yield {"key": key, "url": url, "meta": sample.meta, "arrays": sample.arrays}
+        try:
+            stream = open_shard(url)
+        except OSError as error:
+            policy.record(url, error)
+            return
+        try:
+            samples = group_by_keys(tar_file_expander([{"url": url, "stream": stream}], handler=handler),
+                                    handler=handler)
+            for raw in samples:
+                if raw["__key__"] not in self.done_keys:
+                    tile = self._decode(raw, url, policy)
+                    if tile is not None:
+                        yield tile
+        finally:
+            stream.close()
+
+    @staticmethod
+    def _decode(raw: dict, url: str, policy: BadDataPolicy) -> dict | None:
+        key = raw["__key__"]
+        try:
+            sample = decode_sample(key, {k: v for k, v in raw.items() if not k.startswith("__")})
+        except SchemaError as error:
+            policy.record(url, error)
+            return None
+        policy.good += 1
+        return {"key": key, "url": url, "meta": sample.meta, "arrays": sample.arrays}
 
 
 class CutCrops:

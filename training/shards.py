@@ -30,6 +30,19 @@ class ShardInfo:
     samples: int
 
 
+def open_shard(url: str):
+    """A readable byte stream of a shard: local file, http(s) (urllib, streamed), else webdataset's gopen."""
+    if url.startswith("file://"):
+        url = url[len("file://"):]
+    if url.startswith(("http://", "https://")):
+        return urllib.request.urlopen(url, timeout=60)  # noqa: S310 (user-given URL)
+    if not is_remote(url):
+        return open(url, "rb")
+    from webdataset import gopen
+
+    return gopen(url, "rb")
+
+
 def is_remote(url: str) -> bool:
     return url.startswith(REMOTE_PREFIXES)
 
