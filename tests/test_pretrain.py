@@ -89,6 +89,7 @@ def test_uneven_shards_equal_steps_and_every_tile_k_times(uneven, tmp_path, rank
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert metrics[-1]["step"] == epoch["micro_batches"] and all(m["loss"] == m["loss"] for m in metrics)
     assert (run / "config.json").is_file() and list((run / "checkpoints").glob("ckpt-*.pt"))
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
 
 
 def kill_after_checkpoint(command: list[str], run: Path, step: int, timeout: float = 300) -> None:

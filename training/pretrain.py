@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from phileo.models import build as build_model
@@ -71,6 +72,7 @@ class Trainer:
                                      config.data.max_bad_fraction)
         self.total_steps = config.run.steps or self._plan(0).steps // config.optim.grad_accum * config.run.epochs
         self.amp = config.run.amp and (world.device.type == "cpu" or torch.cuda.is_bf16_supported())
+        self.tensorboard = None  # SummaryWriter on the primary rank, opened in run()
         self.recorded_keys: list[str] = []  # written at each checkpoint, so the audit matches saved training
         self.generator = torch.Generator(world.device)
         self.crops_total, self.started = 0, time.monotonic()
@@ -108,9 +110,14 @@ class Trainer:
         if self.world.is_primary:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.json").write_text(json.dumps(self.config.to_dict(), indent=1))
-        while not self.finished():
-            self.run_epoch()
-        self.save()
+            self.tensorboard = SummaryWriter(str(self.run_dir / "tensorboard"))
+        try:
+            while not self.finished():
+                self.run_epoch()
+            self.save()
+        finally:
+            if self.tensorboard is not None:
+                self.tensorboard.close()
 
     def run_epoch(self) -> None:
         plan = self._plan(self.epoch, self.done)
@@ -192,6 +199,9 @@ class Trainer:
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", crops_s=f"{rate:.0f}", wait=f"{record['data_wait']:.0%}")
         with open(self.run_dir / "metrics.jsonl", "a") as file:
             file.write(json.dumps(record) + "\n")
+        for name, value in record.items():
+            if name not in ("step", "epoch"):
+                self.tensorboard.add_scalar(f"train/{name}", value, self.step)
 
     def save(self) -> None:
         """Checkpoint with the data position: tiles whose K crops were all trained this epoch, all ranks."""
