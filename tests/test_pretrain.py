@@ -129,8 +129,12 @@ def test_sigkill_mid_epoch_then_resume_misses_no_tile(uneven, tmp_path, resume_r
     keys = all_keys(uneven)
     missed = [k for k in keys if counts[k] < K]
     assert len(missed) * K <= first["dropped_crops"] + resumed["dropped_crops"]
-    in_flight_bound = 2 * 2 * 2 * K + first["repeated_crops"] + resumed["repeated_crops"]
-    assert sum(max(0, c - K) for c in counts.values()) <= in_flight_bound + 2 * 2 * 2  # ranks x batch x ckpt
+    # repeats = what was in flight at the checkpoint (reported) + what equalising ranks repeated
+    extra = sum(max(0, c - K) for c in counts.values())
+    assert 0 < resumed["repeated_in_flight_crops"] <= 6 * 2 * 2  # at most what step 6 trained, all ranks
+    in_flight = resumed["repeated_in_flight_crops"]
+    equalised = first["repeated_crops"] + resumed["repeated_crops"]
+    assert in_flight - resumed["dropped_crops"] <= extra <= in_flight + equalised
 
 
 def train_in_process(*args: str):
@@ -163,10 +167,8 @@ def test_clear_errors_for_bad_flags_and_too_few_shards(uneven, tmp_path):
     for extra, message in cases:
         result = train_in_process(*base, *extra)
         assert result.exit_code == 2 and message in result.output, result.output
-    from training.epoch import PlanError
-
-    with pytest.raises(PlanError, match="7 shards for 1 ranks x 8 workers"):
-        train_in_process(*base, "--num-workers", "8")
+    result = train_in_process(*base, "--num-workers", "8")
+    assert result.exit_code == 2 and "error: 7 shards for 1 ranks x 8 workers" in result.output
 
 
 @pytest.mark.slow

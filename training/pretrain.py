@@ -74,6 +74,7 @@ class Trainer:
         self.amp = config.run.amp and (world.device.type == "cpu" or torch.cuda.is_bf16_supported())
         self.tensorboard = None  # SummaryWriter on the primary rank, opened in run()
         self.recorded_keys: list[str] = []  # written at each checkpoint, so the audit matches saved training
+        self.repeated_in_flight = 0  # crops trained before the resumed checkpoint on tiles then unfinished
         self.generator = torch.Generator(world.device)
         self.crops_total, self.started = 0, time.monotonic()
 
@@ -92,9 +93,11 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.epoch, self.done = state["step"], state["epoch"], state["done"]
+        self.repeated_in_flight = state["in_flight_crops"]
         self._seed_views()
-        log.info("resumed from %s: step %d, epoch %d, %d tiles of this epoch already done", path, self.step,
-                 self.epoch, sum(len(k) for k in self.done.values()))
+        log.info("resumed from %s: step %d, epoch %d, %d tiles of this epoch already done; %d crops of "
+                 "unfinished tiles will be trained again", path, self.step, self.epoch,
+                 sum(len(k) for k in self.done.values()), self.repeated_in_flight)
 
     def _seed_views(self) -> None:
         """Augmentation RNG from (seed, rank, step): reproducible, and valid after resuming on another world size."""
@@ -129,7 +132,8 @@ class Trainer:
             with open(self.run_dir / "epochs.jsonl", "a") as file:
                 file.write(json.dumps({"epoch": self.epoch, "step": self.step, "micro_batches": plan.steps,
                                        "world_size": self.world.world_size, "dropped_crops": drops,
-                                       "repeated_crops": repeats, "resumed_tiles_done": len(done_keys)}) + "\n")
+                                       "repeated_crops": repeats, "resumed_tiles_done": len(done_keys),
+                                       "repeated_in_flight_crops": self.repeated_in_flight}) + "\n")
         loader = make_loader(plan, self.world.rank, self.options, self.config.data.num_workers, done_keys)
         bar = tqdm(total=plan.steps // self.config.optim.grad_accum, disable=not self.world.is_primary,
                    desc=f"epoch {self.epoch}", unit="step")
@@ -209,13 +213,17 @@ class Trainer:
         for counts in gather_objects(dict(self.consumed), self.world):
             merged.update(counts)
         done = {url: list(keys) for url, keys in self.done.items()}
+        in_flight = 0  # crops of tiles not finished yet: trained again after a resume
         for (url, key), crops in merged.items():
             if crops >= self.config.data.crops_per_tile and key not in done.get(url, ()):
                 done.setdefault(url, []).append(key)
+            elif crops < self.config.data.crops_per_tile:
+                in_flight += crops
         self._write_recorded_keys()
         if self.world.is_primary:
             state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                     "step": self.step, "epoch": self.epoch, "done": done, "config": self.config.to_dict(),
+                     "step": self.step, "epoch": self.epoch, "done": done, "in_flight_crops": in_flight,
+                     "config": self.config.to_dict(),
                      "world_size": self.world.world_size}
             save_checkpoint(self.run_dir, self.step, state, self.config.run.keep_checkpoints)
         barrier(self.world)
