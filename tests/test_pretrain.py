@@ -214,3 +214,14 @@ def test_streams_shards_over_http(uneven, tmp_path):
         assert sorted(recorded) == sorted(all_keys(uneven))  # 28 tiles x 1 crop = 7 batches, nothing dropped
     finally:
         server.shutdown()
+
+
+def test_resume_from_a_checkpoint_at_the_end_of_an_epoch(uneven, tmp_path):
+    run = tmp_path / "run"
+    common = ["--shards", str(uneven), "--out", str(run), "--model", "geoaware-unet-tiny", "--crops-per-tile", "1",
+              "--batch-size", "4", "--num-workers", "0", "--no-amp", "--ckpt-every", "7"]
+    assert train_in_process(*common, "--steps", "7").exit_code == 0  # 28 tiles / 4 = 7 steps: one full epoch
+    result = train_in_process(*common, "--steps", "9", "--resume")
+    assert result.exit_code == 0, result.output
+    epochs = [json.loads(line) for line in (run / "epochs.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in epochs] == [0, 1] and epochs[1]["step"] == 7

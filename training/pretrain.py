@@ -26,7 +26,7 @@ from training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpo
 from training.config import PretrainConfig
 from training.data import StreamOptions, make_loader
 from training.distributed import World, all_reduce_mean, barrier, gather_objects, init_world, shutdown
-from training.epoch import plan_epoch
+from training.epoch import PlanError, plan_epoch
 from training.objective import foundation_loss, make_views
 from training.shards import resolve_shards
 
@@ -122,8 +122,19 @@ class Trainer:
             if self.tensorboard is not None:
                 self.tensorboard.close()
 
+    def _next_epoch(self) -> None:
+        self.epoch, self.done, self.consumed, self.repeated_in_flight = self.epoch + 1, {}, Counter(), 0
+
     def run_epoch(self) -> None:
-        plan = self._plan(self.epoch, self.done)
+        try:
+            plan = self._plan(self.epoch, self.done)
+        except PlanError:
+            if not self.done:
+                raise
+            # resumed from a checkpoint taken at the very end of an epoch: less than a step is left
+            log.info("epoch %d: its remaining tiles make less than one step; moving on", self.epoch)
+            self._next_epoch()
+            return
         done_keys = frozenset(key for keys in self.done.values() for key in keys)
         drops, repeats = plan.totals(self.config.data.crops_per_tile)
         if self.world.is_primary:
@@ -137,16 +148,17 @@ class Trainer:
         loader = make_loader(plan, self.world.rank, self.options, self.config.data.num_workers, done_keys)
         bar = tqdm(total=plan.steps // self.config.optim.grad_accum, disable=not self.world.is_primary,
                    desc=f"epoch {self.epoch}", unit="step")
-        self._train_batches(iter(loader), plan.steps, bar)
+        completed = self._train_batches(iter(loader), plan.steps, bar)
         bar.close()
-        if not self.finished() or self.config.run.steps is None:
-            self.epoch, self.done, self.consumed = self.epoch + 1, {}, Counter()
+        if completed:
+            self._next_epoch()
 
-    def _train_batches(self, batches, micro_batches: int, bar: tqdm) -> None:
+    def _train_batches(self, batches, micro_batches: int, bar: tqdm) -> bool:
+        """Train on the epoch's batches; False when --steps ended the run mid-epoch."""
         accum = self.config.optim.grad_accum
         for _ in range(micro_batches // accum):
             if self.finished():
-                return
+                return False
             started = time.monotonic()
             lr = lr_at(self.step, self.base_lr, self.config.optim.min_lr, self.config.optim.warmup_steps,
                        self.total_steps)
@@ -171,6 +183,7 @@ class Trainer:
             self._log(dict(metrics), lr, crops, waited, time.monotonic() - started, bar)
             if self.step % self.config.run.ckpt_every == 0:
                 self.save()
+        return True
 
     def _forward_backward(self, batch: dict, accum: int) -> dict[str, float]:
         device = self.world.device
