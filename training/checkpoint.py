@@ -1,40 +1,110 @@
-"""Atomic checkpoints (temp + rename), keeping the newest few; loaded with weights_only=True."""
+"""Atomic checkpoints (temp + rename), keeping the newest few; loaded with weights_only=True.
+
+DDP runs write one file `ckpt-<step>.pt` (rank 0). FSDP runs write a directory
+`ckpt-<step>/` holding a torch.distributed.checkpoint (every rank writes its shards) plus
+`trainer_state.pt`; it resumes on any number of ranks and `load_model_weights` turns it
+into a plain state dict for fine-tuning or export.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
 
 log = logging.getLogger(__name__)
 
-PATTERN = "ckpt-*.pt"
+PREFIX = "ckpt-"
+TRAINER_STATE = "trainer_state.pt"
 
 
-def checkpoint_path(run_dir: Path, step: int) -> Path:
-    return run_dir / "checkpoints" / f"ckpt-{step:09d}.pt"
+def checkpoint_path(run_dir: Path, step: int, sharded: bool) -> Path:
+    return run_dir / "checkpoints" / f"{PREFIX}{step:09d}{'' if sharded else '.pt'}"
+
+
+def _prune(folder: Path, keep: int) -> None:
+    for old in list_checkpoints(folder.parent)[:-keep]:
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    # zero-padded step numbers: name order is step order (the original sorted "epoch_9" after "epoch_10")
+    folder = run_dir / "checkpoints"
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.name.startswith(PREFIX) and not p.name.endswith(".tmp"))
 
 
 def save_checkpoint(run_dir: Path, step: int, state: dict, keep: int) -> Path:
-    """Write `state` for `step`; a reader never sees a partial file. Older files beyond `keep` go."""
-    path = checkpoint_path(run_dir, step)
+    """Single-file checkpoint written by one rank; a reader never sees a partial file."""
+    path = checkpoint_path(run_dir, step, sharded=False)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
-    for old in sorted(path.parent.glob(PATTERN))[:-keep]:
-        old.unlink()
+    _prune(path.parent, keep)
     log.info("saved %s", path)
     return path
 
 
+def save_sharded_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                            trainer_state: dict, is_primary: bool, barrier, keep: int) -> Path:
+    """Collective: every rank writes its shards into a temp dir; rank 0 renames it when all are done."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    path = checkpoint_path(run_dir, step, sharded=True)
+    tmp = path.with_name(path.name + ".tmp")
+    if is_primary:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(tmp))
+    barrier()
+    if is_primary:
+        torch.save(trainer_state, tmp / TRAINER_STATE)
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+        _prune(path.parent, keep)
+        log.info("saved %s", path)
+    barrier()
+    return path
+
+
+def load_sharded_into(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Load a sharded checkpoint into an (FSDP) model + optimizer on any number of ranks; returns trainer state."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    return load_checkpoint(path / TRAINER_STATE)
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    # zero-padded step numbers: name order is step order (the original sorted "epoch_9" after "epoch_10")
-    found = sorted((run_dir / "checkpoints").glob(PATTERN))
+    found = list_checkpoints(run_dir)
     return found[-1] if found else None
 
 
 def load_checkpoint(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_model_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """Plain model state dict from either checkpoint kind, in one process (fine-tuning, export)."""
+    path = Path(path)
+    if path.is_file():
+        return load_checkpoint(path)["model"]
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory() as scratch:
+        merged = Path(scratch) / "merged.pt"
+        dcp_to_torch_save(str(path), str(merged))
+        return load_checkpoint(merged)["model"]

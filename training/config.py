@@ -74,7 +74,9 @@ class RunConfig:
     log_every: int = 10
     record_keys: str | None = None
     resume: bool = False
-    amp: bool = True  # bf16 autocast where supported
+    amp: bool = True  # bf16 autocast where supported (and bf16 FSDP parameters)
+    strategy: str = "ddp"  # or "fsdp": FSDP2 per block, for the 200M/300M models
+    activation_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         if not self.out:
@@ -84,6 +86,8 @@ class RunConfig:
         for flag, value in (("--ckpt-every", self.ckpt_every), ("--keep-checkpoints", self.keep_checkpoints),
                             ("--log-every", self.log_every)):
             _positive(flag, value)
+        if self.strategy not in ("ddp", "fsdp"):
+            raise ConfigError(f"--strategy {self.strategy}: expected ddp or fsdp")
 
 
 @dataclass

@@ -17,17 +17,24 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from phileo.models import build as build_model
-from training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from training.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    load_sharded_into,
+    save_checkpoint,
+    save_sharded_checkpoint,
+)
 from training.config import PretrainConfig
 from training.data import StreamOptions, make_loader
 from training.distributed import World, all_reduce_mean, barrier, gather_objects, init_world, shutdown
 from training.epoch import PlanError, plan_epoch
 from training.objective import foundation_loss, make_views
+from training.parallel import parallelize
 from training.shards import resolve_shards
 
 log = logging.getLogger(__name__)
@@ -60,7 +67,9 @@ class Trainer:
         self.shards = resolve_shards(config.data.shards)
         torch.manual_seed(config.run.seed)  # same initial weights on every rank
         self.model = build_model(config.run.model).to(world.device)
-        self.ddp = DistributedDataParallel(self.model) if world.distributed else self.model
+        self.amp = config.run.amp and (world.device.type == "cpu" or torch.cuda.is_bf16_supported())
+        self.sharded = config.run.strategy == "fsdp" and world.distributed
+        self.ddp = parallelize(self.model, world, config.run.strategy, self.amp, config.run.activation_checkpointing)
         self.base_lr = config.optim.lr or 1e-4 * math.sqrt(world.world_size)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.base_lr,
                                            weight_decay=config.optim.weight_decay)
@@ -71,9 +80,9 @@ class Trainer:
                                      config.data.shuffle_buffer, config.data.shards_in_parallel, config.run.seed,
                                      config.data.max_bad_fraction)
         self.total_steps = config.run.steps or self._plan(0).steps // config.optim.grad_accum * config.run.epochs
-        self.amp = config.run.amp and (world.device.type == "cpu" or torch.cuda.is_bf16_supported())
         self.tensorboard = None  # SummaryWriter on the primary rank, opened in run()
         self.recorded_keys: list[str] = []  # written at each checkpoint, so the audit matches saved training
+        self.last_saved_step = -1
         self.repeated_in_flight = 0  # crops trained before the resumed checkpoint on tiles then unfinished
         self.generator = torch.Generator(world.device)
         self.crops_total, self.started = 0, time.monotonic()
@@ -89,9 +98,14 @@ class Trainer:
         if path is None:
             log.info("--resume: no checkpoint in %s, starting fresh", self.run_dir)
             return
-        state = load_checkpoint(path)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        # Both kinds load into either strategy and any world size: state dicts are keyed by parameter name.
+        if path.is_dir():
+            state = load_sharded_into(path, self.model, self.optimizer)
+        else:
+            state = load_checkpoint(path)
+            set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                           optim_state_dict=state["optimizer"], options=StateDictOptions(full_state_dict=True))
+        self.last_saved_step = state["step"]
         self.step, self.epoch, self.done = state["step"], state["epoch"], state["done"]
         self.repeated_in_flight = state["in_flight_crops"]
         self._seed_views()
@@ -117,7 +131,8 @@ class Trainer:
         try:
             while not self.finished():
                 self.run_epoch()
-            self.save()
+            if self.last_saved_step != self.step:
+                self.save()
         finally:
             if self.tensorboard is not None:
                 self.tensorboard.close()
@@ -169,9 +184,7 @@ class Trainer:
                 fetch = time.monotonic()
                 batch = next(batches)
                 waited += time.monotonic() - fetch
-                sync = micro == accum - 1
-                context = contextlib.nullcontext() if sync or not self.world.distributed else self.ddp.no_sync()
-                with context:
+                with self._gradient_sync(micro == accum - 1):
                     terms = self._forward_backward(batch, accum)
                 metrics.update({k: v / accum for k, v in terms.items()})
                 crops += len(batch["keys"])
@@ -184,6 +197,14 @@ class Trainer:
             if self.step % self.config.run.ckpt_every == 0:
                 self.save()
         return True
+
+    def _gradient_sync(self, sync: bool):
+        """Reduce gradients only on the last micro-step of an optimizer step."""
+        if self.sharded:
+            self.model.set_requires_gradient_sync(sync)
+        if sync or self.sharded or not self.world.distributed:
+            return contextlib.nullcontext()
+        return self.ddp.no_sync()
 
     def _forward_backward(self, batch: dict, accum: int) -> dict[str, float]:
         device = self.world.device
@@ -222,6 +243,7 @@ class Trainer:
 
     def save(self) -> None:
         """Checkpoint with the data position: tiles whose K crops were all trained this epoch, all ranks."""
+        self.last_saved_step = self.step
         merged: Counter = Counter()
         for counts in gather_objects(dict(self.consumed), self.world):
             merged.update(counts)
@@ -233,12 +255,17 @@ class Trainer:
             elif crops < self.config.data.crops_per_tile:
                 in_flight += crops
         self._write_recorded_keys()
+        state = {"step": self.step, "epoch": self.epoch, "done": done, "in_flight_crops": in_flight,
+                 "config": self.config.to_dict(), "world_size": self.world.world_size}
+        keep = self.config.run.keep_checkpoints
+        if self.sharded:
+            save_sharded_checkpoint(self.run_dir, self.step, self.model, self.optimizer, state,
+                                    self.world.is_primary, lambda: barrier(self.world), keep)
+            return
         if self.world.is_primary:
-            state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                     "step": self.step, "epoch": self.epoch, "done": done, "in_flight_crops": in_flight,
-                     "config": self.config.to_dict(),
-                     "world_size": self.world.world_size}
-            save_checkpoint(self.run_dir, self.step, state, self.config.run.keep_checkpoints)
+            model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
+            save_checkpoint(self.run_dir, self.step, state | {"model": model_state, "optimizer": optimizer_state},
+                            keep)
         barrier(self.world)
 
 
