@@ -256,3 +256,15 @@ def test_fsdp_trains_checkpoints_resumes_identically_and_exports(uneven, tmp_pat
     run_pretrain(uneven, run, 2, "--strategy", "ddp", "--steps", "5", "--ckpt-every", "5", "--resume")
     assert (run / "checkpoints" / "ckpt-000000005.pt").is_file()
     assert set(load_model_weights(run / "checkpoints" / "ckpt-000000005.pt")) == set(weights)
+
+
+def test_grad_accum_counts_optimizer_steps(uneven, tmp_path):
+    run = tmp_path / "run"
+    result = train_in_process("--shards", str(uneven), "--out", str(run), "--model", "geoaware-unet-tiny",
+                              "--crops-per-tile", "1", "--batch-size", "4", "--grad-accum", "2", "--num-workers", "0",
+                              "--no-amp", "--epochs", "1", "--log-every", "1", "--record-keys", str(run / "keys"))
+    assert result.exit_code == 0, result.output
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    (epoch,) = [json.loads(line) for line in (run / "epochs.jsonl").read_text().splitlines()]
+    assert epoch["micro_batches"] == 6 and steps == [1, 2, 3]  # 28 crops -> 3 steps of 2 x 4, 4 dropped
+    assert len((run / "keys" / "rank0.txt").read_text().split()) == 24 and epoch["dropped_crops"] == 4
