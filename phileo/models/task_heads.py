@@ -1,0 +1,145 @@
+"""Task heads: turn any registered encoder into a dense regression or segmentation model for fine-tuning.
+
+    model = build_task_model("phileo-vit", task="segmentation", init_state_dict=ckpt, freeze_encoder=True)
+    logits = model(x)                      # (B, 11, H, W); regression: (B, 1, H, W), raw values (no sigmoid)
+    model.encoder_parameters()             # the pretrained encoder: what freeze_encoder froze
+
+What each family becomes (the PhilEO Bench choices):
+* geoaware-unet-*: the whole U-Net (stem, encoder, decoder) with a new head CNNBlock (1 or 11 channels, no
+  output activation). The pretrained decoder is loaded too; the encoder is stem + encoder.
+* vit-upernet-* (downstream models): the model itself with out_chans 1 or 11 (UPerHead output).
+* phileo-vit*, vit-upernet-*-pretrain: a ViTUPerNet (the "ViT UPerNet 100M" structure: stem, PhilEO ViT encoder,
+  "bench" pyramid, UPerHead) with the same encoder configuration and evenly spread taps.
+
+Every task model keeps the state-dict names of the family's original model, so `load_encoder` maps a
+pretraining checkpoint (PhilEO_CNN / PhilEO_ViT keys, optionally DDP "module." prefixed) onto it. Parameters
+the dense forward does not use (the pretraining geo heads and CLS projection, kept so that checkpoints load
+by name) are frozen, so DDP needs no find_unused_parameters. Frozen-encoder mode freezes the stem too; the
+bench's `phivit_upernet_pretrained(freeze_body=True)` left the stem trainable (original-code.md 5.15).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+
+import torch
+import torch.nn as nn
+
+from .blocks import CNNBlock
+from .geoaware_unet import NUM_LANDCOVER_CLASSES, EncoderOutput, GeoAwareUNet
+from .registry import build
+from .upernet import PhilEOViTUPerNet, ViTUPerNet, default_taps
+from .vit import PhilEOViT, check_input
+
+TASK_OUTPUTS: dict[str, int] = {"regression": 1, "segmentation": NUM_LANDCOVER_CLASSES}
+
+
+class DenseGeoAwareUNet(nn.Module):
+    """A Geo-Aware U-Net's stem, encoder and decoder (same modules and key names) with a new dense head."""
+
+    def __init__(self, unet: GeoAwareUNet, out_chans: int) -> None:
+        super().__init__()
+        self.in_chans, self.out_chans, self.img_size = unet.in_chans, out_chans, unet.img_size
+        self.stem, self.encoder, self.decoder = unet.stem, unet.encoder, unet.decoder
+        self.head = CNNBlock(
+            unet.decoder.dims[-1], out_chans, spatial_size=unet.img_size,
+            act_layer=type(unet.head.activation), act_out_layer=nn.Identity,  # raw values / logits
+        )
+        for module in (self.encoder.head_clouds, self.encoder.head_landcover, self.encoder.head_buildings,
+                       self.encoder.head_coords):
+            module.requires_grad_(False)  # pretraining-only geo heads: unused by the dense forward
+        self.encoder_prefixes: tuple[str, ...] = ("stem.", "encoder.")
+        self.pretrained_prefixes: tuple[str, ...] = ("stem.", "encoder.", "decoder.")
+        self.pretrained_key_map: dict[str, str] = {}
+
+    def encoder_parameters(self) -> Iterator[nn.Parameter]:
+        """The encoder: stem + CNN encoder (what freeze_encoder freezes; the decoder keeps training)."""
+        yield from self.stem.parameters()
+        yield from self.encoder.parameters()
+
+    def forward_features(self, x: torch.Tensor) -> EncoderOutput:
+        check_input(x, self.in_chans, self.img_size)
+        return self.encoder(self.stem(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.forward_features(x)
+        return self.head(self.decoder(features.embeddings, features.skips))
+
+
+def _task_outputs(task: str) -> int:
+    try:
+        return TASK_OUTPUTS[task]
+    except KeyError:
+        raise ValueError(f"unknown task {task!r}; known: {sorted(TASK_OUTPUTS)}") from None
+
+
+def build_task_model(
+    encoder_name: str,
+    task: str = "regression",
+    init_state_dict: Mapping[str, torch.Tensor] | None = None,
+    freeze_encoder: bool = False,
+    **overrides,
+) -> nn.Module:
+    """A dense model on the registered model `encoder_name` (see the module docstring).
+
+    `overrides` go to the registered factory (e.g. img_size). `init_state_dict` is a pretraining state dict
+    (or a checkpoint dict holding one under "model"), loaded with `load_encoder`. The returned model has
+    `encoder_parameters()`; with `freeze_encoder` those have requires_grad=False.
+    """
+    out_chans = _task_outputs(task)
+    with torch.device("meta"):  # only to find the family and read the configuration: no allocation
+        probe = build(encoder_name, **overrides)
+    if isinstance(probe, ViTUPerNet):
+        model: nn.Module = build(encoder_name, **{**overrides, "out_chans": out_chans})
+    elif isinstance(probe, (PhilEOViT, PhilEOViTUPerNet)):
+        config = probe.encoder_config()
+        # UPerHead width 256 as the bench's (embed 512 and 1024); narrower for the tiny test encoders.
+        channels = min(256, config["embed_dim"] // 2)
+        model = ViTUPerNet(**config, out_chans=out_chans, taps=default_taps(config["depth"]), decoder_channels=channels)
+    elif isinstance(probe, GeoAwareUNet):
+        model = DenseGeoAwareUNet(build(encoder_name, **overrides), out_chans)
+    else:
+        raise TypeError(f"no task head for {encoder_name!r} ({type(probe).__name__})")
+    if init_state_dict is not None:
+        state = init_state_dict.get("model", init_state_dict)
+        missing, _ = load_encoder(model, state if isinstance(state, Mapping) else init_state_dict)
+        # A wrong checkpoint (other family, renamed keys) must not silently leave the encoder at its random init.
+        not_loaded = [k for k in missing if k.startswith(model.encoder_prefixes)]
+        if not_loaded:
+            raise ValueError(f"init_state_dict lacks {len(not_loaded)} encoder keys of {encoder_name!r}, "
+                             f"e.g. {not_loaded[:3]}")
+    if freeze_encoder:
+        for param in model.encoder_parameters():
+            param.requires_grad_(False)
+    return model
+
+
+def _target_key(key: str, model: nn.Module, own: Mapping[str, torch.Tensor]) -> str | None:
+    """The model key a checkpoint key loads into, or None: the key itself, else the first renamed key that exists."""
+    if key in own:
+        return key
+    for source, target in model.pretrained_key_map.items():
+        if key.startswith(source) and target + key[len(source):] in own:
+            return target + key[len(source):]
+    return None
+
+
+def load_encoder(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> tuple[list[str], list[str]]:
+    """Load the pretrained part of a checkpoint into a task model (or a downstream ViTUPerNet).
+
+    Loads only keys under the model's `pretrained_prefixes` (default: its `encoder_prefixes`): stem + encoder,
+    plus the decoder for the U-Net. PhilEO ViT pretraining keys "encoder.*" map to "vit_encoder.*"; a DDP
+    "module." prefix is stripped. Shapes must match (a config mismatch raises). Returns (missing, unexpected):
+    model keys left at their init (decoder / head), and checkpoint keys not loaded.
+    """
+    own = model.state_dict()
+    prefixes = getattr(model, "pretrained_prefixes", model.encoder_prefixes)
+    selected, unexpected = {}, []
+    for key, value in state_dict.items():
+        target = _target_key(key.removeprefix("module."), model, own)
+        if target is not None and target.startswith(prefixes):
+            selected[target] = value
+        else:
+            unexpected.append(key)
+    result = model.load_state_dict(selected, strict=False)
+    return list(result.missing_keys), unexpected
