@@ -22,6 +22,7 @@ from phileo import __version__
 from phileo.schema import DEFAULT_CLEVEL
 from sharding.distributor import run_local
 from sharding.errors import InputError
+from sharding.labels import LabelSpec, check_label_rasters, validate_label_specs
 from sharding.manifest import INDEX, MANIFEST, REJECTED, finalize
 from sharding.plan import Filters, assign_units, select_rows
 from sharding.sources.majortom_catalog import list_majortom
@@ -48,8 +49,11 @@ class BuildArgs:
     seed: int = 0
     clevel: int = DEFAULT_CLEVEL
     thumbnails: bool = False
+    labels: tuple[LabelSpec, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "labels", tuple(self.labels))  # callers may pass a list; keep it hashable
+        validate_label_specs(self.labels)
         if self.shard_size < 1:
             raise InputError(f"--shard-size {self.shard_size}: expected a positive number of bytes")
         if self.mix_groups < 1:
@@ -67,6 +71,9 @@ class BuildArgs:
             filters["grid_cells"] = sorted(filters["grid_cells"])
         if filters["bbox"] is not None:
             filters["bbox"] = list(filters["bbox"])
+        args.pop("labels")
+        if self.labels:  # absent without labels: build.json of builds before --label still match
+            args["labels"] = [spec.defining() for spec in sorted(self.labels, key=lambda spec: spec.name)]
         return args
 
 
@@ -108,8 +115,9 @@ def prepare_output(args: BuildArgs, overwrite: bool) -> dict | None:
     if not info_path.is_file():
         return None
     info = json.loads(info_path.read_text())
-    if info["args"] != args.defining():
-        changed = sorted(k for k in info["args"] if info["args"][k] != args.defining().get(k))
+    defining = args.defining()
+    if info["args"] != defining:
+        changed = sorted(k for k in info["args"].keys() | defining.keys() if info["args"].get(k) != defining.get(k))
         raise InputError(f"--output {output} holds a build made with other arguments ({', '.join(changed)} "
                          "differ); rerun with the same arguments to resume, or add --overwrite to start over")
     return info
@@ -149,11 +157,13 @@ def load_units(output: Path) -> list[list[dict]]:
 def build(args: BuildArgs, workers: int = 1, overwrite: bool = False) -> BuildSummary:
     """Build (or resume) a dataset; returns the summary. Raises InputError on bad input."""
     started = time.monotonic()
+    check_label_rasters(args.labels)
     output = Path(args.output)
     info = prepare_output(args, overwrite) or make_plan(args)
     units = load_units(output)
     pending = [(unit, rows) for unit, rows in enumerate(units) if not unit_stats_path(output, unit).is_file()]
-    options = UnitOptions(str(output), info["layout"], args.shard_size, args.filters, args.clevel, args.thumbnails)
+    options = UnitOptions(str(output), info["layout"], args.shard_size, args.filters, args.clevel, args.thumbnails,
+                          args.labels)
     summary = BuildSummary()
     log.info("%d of %d units to build (%d already complete)", len(pending), len(units), len(units) - len(pending))
     _run_with_progress(pending, options, workers, summary, started)

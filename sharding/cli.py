@@ -70,6 +70,9 @@ def run_or_exit(function, *args, **kwargs):
 @click.option("--seed", default=0, show_default=True, help="Seed of the mixing plan.")
 @click.option("--clevel", default=1, show_default=True, help="Blosc2 level (1 = zstd 1; 5 = zstd 9, 4x slower).")
 @click.option("--thumbnails", is_flag=True, help="Store a 128 px JPEG preview per sample.")
+@click.option("--label", "labels", multiple=True, metavar="NAME=RASTER[:nearest|average]",
+              help="Co-register a static raster (any CRS, read by windows) onto each tile as label_NAME; "
+                   "repeatable. Default resampling: average for buildings, else nearest.")
 @click.option("--workers", default=1, show_default=True, help="Worker processes.")
 @click.option("--overwrite", is_flag=True, help="Delete a previous build in --output and start over.")
 @click.option("--strict", is_flag=True, help="Exit non-zero if any row was rejected.")
@@ -78,14 +81,16 @@ def build(input_path: str, output: str, shard_size: str, grid_cells_file: str | 
     """Build WebDataset shards from a source dataset (resumable: rerun the same command)."""
     from sharding.build import BuildArgs
     from sharding.build import build as run_build
+    from sharding.labels import parse_label_spec
     from sharding.plan import Filters, read_grid_cells_file
 
     def prepare_and_run():
         grid_cells = read_grid_cells_file(grid_cells_file) if grid_cells_file else None
         filters = Filters(options["max_cloud"], options["max_nodata"], _parse_bbox(options["bbox"]),
                           options["start"], options["end"], grid_cells, options["limit"])
+        labels = tuple(parse_label_spec(text) for text in options["labels"])
         args = BuildArgs(input_path, output, filters, _parse_size(shard_size), mix_files, options["seed"],
-                         options["clevel"], options["thumbnails"])
+                         options["clevel"], options["thumbnails"], labels)
         if workers < 1:
             raise InputError(f"--workers {workers}: expected at least 1")
         return run_build(args, workers=workers, overwrite=overwrite)

@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 from phileo.bands import ALL_BANDS, RESOLUTION_GROUPS
 from phileo.schema import DEFAULT_CLEVEL, Sample
 from sharding.errors import RowError
+from sharding.labels import LabelSpec, add_labels, close_label_rasters, open_label_rasters
 from sharding.plan import Filters
 from sharding.sources.majortom import BAND_COLUMNS, decode_majortom_row, iter_parquet_rows, read_extracted_product
 from sharding.sources.majortom_catalog import reject
@@ -44,6 +45,7 @@ class UnitOptions:
     filters: Filters
     clevel: int = DEFAULT_CLEVEL
     with_thumbnail: bool = False
+    labels: tuple[LabelSpec, ...] = ()
 
 
 def unit_stats_path(output: Path, unit: int) -> Path:
@@ -93,12 +95,14 @@ def build_unit(unit: int, rows: list[dict], options: UnitOptions, progress: Prog
     histogram = np.zeros((len(ALL_BANDS), 65536), dtype=np.int64)
     index, rejected = [], []
     counts = {"filtered": 0, "bytes_in": 0}
+    rasters = open_label_rasters(options.labels)
     try:
         for row, columns in iter_unit_rows(rows, options.layout, options.with_thumbnail):
             bytes_in = counts["bytes_in"]
             sample = _convert(row, columns, options, rejected, counts)
             entry = {"bytes": 0}
             if sample is not None:
+                add_labels(sample, rasters)  # a raster read error fails the unit: a rerun retries it
                 sample_band_histogram(sample, histogram)
                 entry = writer.write(sample)
                 index.append(entry | {name: sample.meta[name] for name in INDEX_FIELDS if name not in entry})
@@ -108,6 +112,8 @@ def build_unit(unit: int, rows: list[dict], options: UnitOptions, progress: Prog
     except BaseException:
         writer.abort()
         raise
+    finally:
+        close_label_rasters(rasters)
     _write_unit_files(output, unit, index, histogram)
     stats = {"unit": unit, "planned": len(rows), "written": len(index), "rejected": rejected,
              "filtered": counts["filtered"], "bytes_in": counts["bytes_in"],

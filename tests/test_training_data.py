@@ -120,3 +120,13 @@ def test_crop_20m_upsampling_equals_full_tile_bilinear(built, y, x):
     expected_10m = torch.from_numpy(sample.arrays["s2_10m"][:, y : y + 64, x : x + 64].astype(np.float32)) / 10000
     torch.testing.assert_close(batch["image"][0, :4], expected_10m)
     torch.testing.assert_close(batch["image"][0, 4:], expected_20m, rtol=1e-6, atol=1e-7)
+
+
+def test_water_and_buildings_exclude_nodata_pixels():
+    meta = {"shape": [4, 4], "corners_lonlat": [[0, 1], [1, 1], [1, 0], [0, 0]],
+            "labels": {"water": {"nodata": 255}, "buildings": {"nodata": 255}}}
+    water = np.array([[1, 0, 255, 255]] * 4, dtype=np.uint8)
+    buildings = np.full((4, 4), 255, dtype=np.uint8)
+    labels = crop_labels(meta, {"label_water": water, "label_buildings": buildings}, 0, 0, 4)
+    assert labels["water"][0] == pytest.approx(0.5) and labels["water_weight"] == pytest.approx(0.5)
+    assert labels["buildings_weight"] == 0 and labels["buildings"][0] == 0

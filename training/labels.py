@@ -1,8 +1,10 @@
 """Per-crop pretraining labels, computed from the sample alone (no GDAL, no global rasters).
 
 Each label comes with a per-crop weight: 0 where the layer is missing or all no-data, so
-the loss ignores it. Cloud classes are the raw mask values 0..3 (the original divided the
-mask by 10000 first, so only class 0 could ever match: fixed here, see original-code.md 5.1).
+the loss ignores it; partly covered crops are weighted by their valid fraction (water and
+buildings use 255 as no-data, land cover 0, as sharding/labels.py writes them).
+Cloud classes are the raw mask values 0..3 (the original divided the mask by 10000 first,
+so only class 0 could ever match: fixed here, see original-code.md 5.1).
 """
 
 from __future__ import annotations
@@ -59,6 +61,17 @@ def crop_labels(meta: dict, arrays: dict[str, np.ndarray], y: int, x: int, size:
         labels |= {"landcover": landcover_fractions(np.zeros(1, np.uint8))[0], "landcover_weight": 0.0}
     for name, scale in (("buildings", 100.0), ("water", 1.0)):
         layer = arrays.get(f"label_{name}")
-        value = float(layer[window].mean()) / scale if layer is not None else 0.0
-        labels |= {name: np.array([value], dtype=np.float32), f"{name}_weight": float(layer is not None)}
+        value, weight = 0.0, 0.0
+        if layer is not None:
+            value, weight = valid_mean(layer[window], meta.get("labels", {}).get(name, {}).get("nodata", 255))
+        labels |= {name: np.array([value / scale], dtype=np.float32), f"{name}_weight": weight}
     return labels
+
+
+def valid_mean(values: np.ndarray, nodata: float | None) -> tuple[float, float]:
+    """(mean over valid pixels, valid fraction as the weight); nodata None means NaN marks no data."""
+    valid = ~np.isnan(values) if nodata is None else values != nodata
+    count = int(np.count_nonzero(valid))
+    if count == 0:
+        return 0.0, 0.0
+    return float(values[valid].mean()), count / values.size
