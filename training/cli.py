@@ -60,9 +60,13 @@ def main() -> None:
 @click.option("--record-keys", help="Directory: each rank appends the tile key of every crop to rank{r}.txt.")
 @click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in --out.")
 @click.option("--amp/--no-amp", default=True, show_default=True, help="bf16 autocast where supported.")
+@click.option("--strategy", type=click.Choice(["ddp", "fsdp"]), default="ddp", show_default=True,
+              help="fsdp: FSDP2 per block (bf16 params, fp32 reduce) for the 200M/300M models.")
+@click.option("--activation-checkpointing", is_flag=True, help="Recompute blocks in backward to save memory.")
 def pretrain(**flags) -> None:
     """Pretrain a model by streaming shards (launch with torchrun for several ranks)."""
     from phileo.models import list_models
+    from training.epoch import PlanError
     from training.pretrain import pretrain as run_pretrain
     from training.shards import ShardSpecError
 
@@ -72,12 +76,32 @@ def pretrain(**flags) -> None:
             raise ConfigError(f"--model {flags['model']}: unknown; choose one of {', '.join(list_models())}")
         config = PretrainConfig(
             RunConfig(**{k: flags[k] for k in ("out", "model", "epochs", "steps", "seed", "ckpt_every",
-                                              "keep_checkpoints", "log_every", "record_keys", "resume", "amp")}),
+                                              "keep_checkpoints", "log_every", "record_keys", "resume", "amp",
+                                              "strategy", "activation_checkpointing")}),
             DataConfig(**{k: flags[k] for k in DataConfig.__dataclass_fields__}),
             OptimConfig(**{k: flags[k] for k in OptimConfig.__dataclass_fields__}))
         run_pretrain(config)
-    except (ConfigError, ShardSpecError) as error:
+    except (ConfigError, ShardSpecError, PlanError) as error:
         _fail(error)
+
+
+@main.command("bench-data")
+@_data_options
+@click.option("--seconds", type=float, default=30.0, show_default=True, help="Wall time to stream, looping epochs.")
+@click.option("--seed", default=0, show_default=True)
+def bench_data(seconds: float, seed: int, **flags) -> None:
+    """Time the training data pipeline alone (no model): crops/s, tiles/s, MB/s, batch diversity, peak RSS."""
+    from training.bench_data import BenchConfig, format_report, run_bench
+    from training.epoch import PlanError
+    from training.shards import ShardSpecError
+
+    _setup_logging()
+    try:
+        result = run_bench(BenchConfig(DataConfig(**flags), seconds, seed))
+    except (ConfigError, ShardSpecError, PlanError) as error:
+        _fail(error)
+    for line in format_report(result):
+        click.echo(line)
 
 
 if __name__ == "__main__":
