@@ -81,8 +81,8 @@ def expected_shapes(height: int, width: int) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def validate_sample(sample: Sample) -> None:
-    """Raise SchemaError naming the key and the first problem found."""
+def validate_sample(sample: Sample, skipped: frozenset[str] = frozenset()) -> None:
+    """Raise SchemaError naming the key and the first problem found (`skipped`: members present, not decoded)."""
     key, meta = sample.key, sample.meta
     if not _KEY_RE.match(key):
         raise SchemaError(f"{key!r}: key must be non-empty and contain only letters, digits, '_' or '-'")
@@ -97,12 +97,13 @@ def validate_sample(sample: Sample) -> None:
     height, width = meta["shape"]
     if height % 6 or width % 6:
         raise SchemaError(f"{key}: tile shape {height}x{width} is not divisible by 6 (60 m grid)")
-    _validate_arrays(key, sample.arrays, expected_shapes(height, width))
+    _validate_arrays(key, sample.arrays, expected_shapes(height, width), skipped)
 
 
-def _validate_arrays(key: str, arrays: dict[str, np.ndarray], shapes: dict[str, tuple[int, ...]]) -> None:
+def _validate_arrays(key: str, arrays: dict[str, np.ndarray], shapes: dict[str, tuple[int, ...]],
+                     skipped: frozenset[str]) -> None:
     groups = set(RESOLUTION_GROUPS)
-    present = groups & set(arrays)
+    present = groups & (set(arrays) | skipped)
     if STACK_MEMBER in arrays and present:
         raise SchemaError(f"{key}: has both {STACK_MEMBER} and {sorted(present)}")
     if STACK_MEMBER not in arrays and present != groups:
@@ -134,8 +135,13 @@ def encode_sample(sample: Sample, clevel: int = DEFAULT_CLEVEL) -> dict[str, byt
     return members
 
 
-def decode_sample(key: str, members: dict[str, bytes], validate: bool = True) -> Sample:
-    """Inverse of `encode_sample`; `members` maps extensions ("meta.json", "cloud.b2nd") to bytes."""
+def decode_sample(key: str, members: dict[str, bytes], validate: bool = True,
+                  skip: frozenset[str] = frozenset()) -> Sample:
+    """Inverse of `encode_sample`; `members` maps extensions ("meta.json", "cloud.b2nd") to bytes.
+
+    Array members named in `skip` (e.g. "s2_60m", unused by the models) must be present but are
+    not decompressed, which saves the reader their decode time.
+    """
     if META_MEMBER not in members:
         raise SchemaError(f"{key}: no {META_MEMBER} member")
     try:
@@ -146,6 +152,8 @@ def decode_sample(key: str, members: dict[str, bytes], validate: bool = True) ->
     for name, data in members.items():
         if name.endswith("." + ARRAY_EXT):
             member = name[: -len(ARRAY_EXT) - 1]
+            if member in skip:
+                continue
             try:
                 arrays[member] = decode_array(data)
             except Exception as error:  # blosc2 raises bare RuntimeError/ValueError on bad frames
@@ -154,6 +162,6 @@ def decode_sample(key: str, members: dict[str, bytes], validate: bool = True) ->
             extra[name] = data
     sample = Sample(key, meta, arrays, members.get(THUMB_MEMBER), extra)
     if validate:
-        validate_sample(sample)
+        validate_sample(sample, frozenset(skip) & {n[: -len(ARRAY_EXT) - 1] for n in members})
     return sample
 

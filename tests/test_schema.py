@@ -104,3 +104,12 @@ def test_tar_member_names_follow_webdataset_convention(tmp_path):
         meta = json.load(io.BytesIO(tar.extractfile(names[0]).read()))
     assert names[0] == "454U_120R_20200612T104021.meta.json" and meta["schema"] == SCHEMA_VERSION
     assert all(n.startswith("454U_120R_20200612T104021.") for n in names)
+
+
+def test_skipped_members_must_exist_but_are_not_decoded():
+    members = encode_sample(make_sample())
+    sample = decode_sample("454U_120R_20200612T104021", members, skip=frozenset({"s2_60m"}))
+    assert "s2_60m" not in sample.arrays and "s2_20m" in sample.arrays
+    del members["s2_60m.b2nd"]
+    with pytest.raises(SchemaError, match="missing image members"):
+        decode_sample("454U_120R_20200612T104021", members, skip=frozenset({"s2_60m"}))

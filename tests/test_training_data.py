@@ -113,7 +113,7 @@ def test_crop_20m_upsampling_equals_full_tile_bilinear(built, y, x):
 
     sample = next(iter(read_dataset(built).values()))
     tile = {"key": sample.key, "url": "u", "repeat": False, "meta": sample.meta, "arrays": sample.arrays}
-    batch = collate_crops([CutCrops._crop(tile, y, x, 64)])
+    batch = collate_crops([CutCrops._crop(tile, y, x, 64, CutCrops.pad_20m(sample.arrays))])
     full = F.interpolate(torch.from_numpy(sample.arrays["s2_20m"].astype(np.float32))[None], scale_factor=2,
                          mode="bilinear", align_corners=False)[0]
     expected_20m = full[:, y : y + 64, x : x + 64] / 10000

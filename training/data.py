@@ -13,6 +13,7 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import blosc2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -27,6 +28,7 @@ from training.shards import open_shard
 
 log = logging.getLogger(__name__)
 
+UNUSED_MEMBERS = frozenset({"s2_60m"})  # B01/B09: not model inputs, so never decompressed in training
 HALO_20M = 1  # extra 20 m pixels around a crop so bilinear upsampling matches the full-tile result
 
 
@@ -123,7 +125,7 @@ class EpochTiles(torch.utils.data.IterableDataset):
     def _decode(raw: dict, url: str, policy: BadDataPolicy) -> dict | None:
         key = raw["__key__"]
         try:
-            sample = decode_sample(key, {k: v for k, v in raw.items() if not k.startswith("__")})
+            sample = decode_sample(key, {k: v for k, v in raw.items() if not k.startswith("__")}, skip=UNUSED_MEMBERS)
         except SchemaError as error:
             policy.record(url, error)
             return None
@@ -146,19 +148,26 @@ class CutCrops:
             if height < size or width < size:
                 log.warning("skipping %s: %dx%d is smaller than a %d crop", tile["key"], height, width, size)
                 continue
+            padded_20m = self.pad_20m(tile["arrays"])  # once per tile, not per crop
             for _ in range(self.options.crops_per_tile):
                 y = 2 * int(rng.integers(0, (height - size) // 2 + 1))
                 x = 2 * int(rng.integers(0, (width - size) // 2 + 1))
-                yield self._crop(tile, y, x, size)
+                yield self._crop(tile, y, x, size, padded_20m)
 
     @staticmethod
-    def _crop(tile: dict, y: int, x: int, size: int) -> dict:
+    def pad_20m(arrays: dict) -> np.ndarray | None:
+        """The 20 m bands with an edge-replicated halo, so border crops upsample like the full tile."""
+        if "s2_20m" not in arrays:
+            return None
+        return np.pad(arrays["s2_20m"], ((0, 0), (HALO_20M, HALO_20M), (HALO_20M, HALO_20M)), mode="edge")
+
+    @staticmethod
+    def _crop(tile: dict, y: int, x: int, size: int, padded: np.ndarray | None) -> dict:
         arrays = tile["arrays"]
-        if "s2_stack" in arrays:
+        if padded is None:  # s2_stack sources: already 10 bands on the 10 m grid
             bands_10m, bands_20m = arrays["s2_stack"][:, y : y + size, x : x + size], None
         else:
             bands_10m = arrays["s2_10m"][:, y : y + size, x : x + size]
-            padded = np.pad(arrays["s2_20m"], ((0, 0), (HALO_20M, HALO_20M), (HALO_20M, HALO_20M)), mode="edge")
             half = size // 2
             bands_20m = padded[:, y // 2 : y // 2 + half + 2 * HALO_20M, x // 2 : x // 2 + half + 2 * HALO_20M]
         labels = crop_labels(tile["meta"], arrays, y, x, size)
@@ -209,15 +218,20 @@ LABEL_KEYS = ("coords", "clouds", "landcover", "buildings", "water")
 
 def collate_crops(crops: list[dict]) -> dict:
     """Stack crops into a batch: image (B, 10, S, S) float32 reflectance, labels, weights, keys."""
-    bands_10m = torch.from_numpy(np.stack([c["s2_10m"] for c in crops]).astype(np.float32))
+    bands_10m = torch.from_numpy(np.stack([c["s2_10m"] for c in crops]))
     if crops[0]["s2_20m"] is None:  # s2_stack sources: already 10 bands on the 10 m grid
-        image = bands_10m
+        image = bands_10m.float()
     else:
-        low = torch.from_numpy(np.stack([c["s2_20m"] for c in crops]).astype(np.float32))
+        channels_10m, size = bands_10m.shape[1], bands_10m.shape[-1]
+        low = torch.from_numpy(np.stack([c["s2_20m"] for c in crops])).float()
         up = F.interpolate(low, scale_factor=2, mode="bilinear", align_corners=False)
         margin = 2 * HALO_20M
-        image = torch.cat([bands_10m, up[:, :, margin:-margin, margin:-margin]], dim=1)
-    batch = {"image": image / REFLECTANCE_SCALE, "keys": [c["key"] for c in crops],
+        # write into one preallocated tensor: torch.cat over a strided slice costs a full extra copy
+        image = torch.empty(len(crops), channels_10m + low.shape[1], size, size)
+        image[:, :channels_10m] = bands_10m
+        image[:, channels_10m:] = up[:, :, margin:-margin, margin:-margin]
+    image.mul_(1.0 / REFLECTANCE_SCALE)
+    batch = {"image": image, "keys": [c["key"] for c in crops],
              "urls": [c["url"] for c in crops], "repeats": sum(c["repeat"] for c in crops)}
     for name in LABEL_KEYS:
         batch[name] = torch.from_numpy(np.stack([c[name] for c in crops]))
@@ -236,8 +250,16 @@ def make_pipeline(plan: EpochPlan, rank: int, options: StreamOptions,
     )
 
 
+def _init_loader_worker(_: int) -> None:
+    # Each worker is one of several processes per rank: one decode/compute thread each, instead
+    # of Blosc2's and torch's default of one thread per core in every worker.
+    blosc2.set_nthreads(1)
+    torch.set_num_threads(1)
+
+
 def make_loader(plan: EpochPlan, rank: int, options: StreamOptions, num_workers: int,
                 done_keys: frozenset = frozenset()) -> torch.utils.data.DataLoader:
     pipeline = make_pipeline(plan, rank, options, done_keys)
     return torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=num_workers,
-                                       persistent_workers=False, prefetch_factor=2 if num_workers else None)
+                                       persistent_workers=False, prefetch_factor=2 if num_workers else None,
+                                       worker_init_fn=_init_loader_worker if num_workers else None)
