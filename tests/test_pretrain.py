@@ -2,6 +2,7 @@
 
 import contextlib
 import json
+import math
 import os
 import signal
 import subprocess
@@ -268,3 +269,13 @@ def test_grad_accum_counts_optimizer_steps(uneven, tmp_path):
     (epoch,) = [json.loads(line) for line in (run / "epochs.jsonl").read_text().splitlines()]
     assert epoch["micro_batches"] == 6 and steps == [1, 2, 3]  # 28 crops -> 3 steps of 2 x 4, 4 dropped
     assert len((run / "keys" / "rank0.txt").read_text().split()) == 24 and epoch["dropped_crops"] == 4
+
+
+@pytest.mark.parametrize("model", ["phileo-vit-tiny", "vit-upernet-tiny-pretrain"])
+def test_vit_family_pretrains_with_the_same_trainer(uneven, tmp_path, model):
+    run = tmp_path / "run"
+    result = train_in_process("--shards", str(uneven), "--out", str(run), "--model", model, "--crops-per-tile", "1",
+                              "--batch-size", "2", "--num-workers", "0", "--no-amp", "--steps", "2", "--log-every", "1")
+    assert result.exit_code == 0, result.output
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2] and all(math.isfinite(m["loss"]) for m in metrics)
