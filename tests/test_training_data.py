@@ -5,11 +5,12 @@ from collections import Counter
 
 import numpy as np
 import pytest
+import torch
 from rasterio.warp import transform as warp
 
 from phileo.geo import encode_latlon
 from tests.test_build import read_dataset
-from training.data import StreamOptions, make_loader
+from training.data import StreamOptions, make_loader, model_input
 from training.epoch import PlanError, plan_epoch
 from training.labels import cloud_fractions, crop_labels, landcover_fractions
 from training.shards import ShardInfo, ShardSpecError, resolve_shards
@@ -96,8 +97,9 @@ def test_stream_is_exactly_once_except_counted_equalisation(built, world, worker
         batches = list(make_loader(plan, rank, options, workers))
         assert len(batches) == plan.steps
         for batch in batches:
-            assert batch["image"].shape == (2, 10, 64, 64) and batch["coords"].shape == (2, 4)
-            assert 0 < float(batch["image"].max()) < 7
+            image = model_input(batch, torch.device("cpu"))
+            assert image.shape == (2, 10, 64, 64) and image.dtype == torch.float32 and batch["coords"].shape == (2, 4)
+            assert 0 < float(image.max()) < 7 and batch["s2_10m"].dtype == torch.uint16
             counts.update(batch["keys"])
     drops, repeats = plan.totals(3)
     assert sum(max(0, 3 - counts[k]) for k in read_dataset(built)) == drops
@@ -109,17 +111,18 @@ def test_crop_20m_upsampling_equals_full_tile_bilinear(built, y, x):
     import torch
     import torch.nn.functional as F
 
-    from training.data import CutCrops, collate_crops
+    from training.data import CutCrops, collate_crops, model_input
 
     sample = next(iter(read_dataset(built).values()))
     tile = {"key": sample.key, "url": "u", "repeat": False, "meta": sample.meta, "arrays": sample.arrays}
     batch = collate_crops([CutCrops._crop(tile, y, x, 64, CutCrops.pad_20m(sample.arrays))])
+    image = model_input(batch, torch.device("cpu"))
     full = F.interpolate(torch.from_numpy(sample.arrays["s2_20m"].astype(np.float32))[None], scale_factor=2,
                          mode="bilinear", align_corners=False)[0]
     expected_20m = full[:, y : y + 64, x : x + 64] / 10000
     expected_10m = torch.from_numpy(sample.arrays["s2_10m"][:, y : y + 64, x : x + 64].astype(np.float32)) / 10000
-    torch.testing.assert_close(batch["image"][0, :4], expected_10m)
-    torch.testing.assert_close(batch["image"][0, 4:], expected_20m, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(image[0, :4], expected_10m)
+    torch.testing.assert_close(image[0, 4:], expected_20m, rtol=1e-6, atol=1e-7)
 
 
 def test_water_and_buildings_exclude_nodata_pixels():

@@ -217,26 +217,34 @@ LABEL_KEYS = ("coords", "clouds", "landcover", "buildings", "water")
 
 
 def collate_crops(crops: list[dict]) -> dict:
-    """Stack crops into a batch: image (B, 10, S, S) float32 reflectance, labels, weights, keys."""
-    bands_10m = torch.from_numpy(np.stack([c["s2_10m"] for c in crops]))
-    if crops[0]["s2_20m"] is None:  # s2_stack sources: already 10 bands on the 10 m grid
-        image = bands_10m.float()
-    else:
-        channels_10m, size = bands_10m.shape[1], bands_10m.shape[-1]
-        low = torch.from_numpy(np.stack([c["s2_20m"] for c in crops])).float()
-        up = F.interpolate(low, scale_factor=2, mode="bilinear", align_corners=False)
-        margin = 2 * HALO_20M
-        # write into one preallocated tensor: torch.cat over a strided slice costs a full extra copy
-        image = torch.empty(len(crops), channels_10m + low.shape[1], size, size)
-        image[:, :channels_10m] = bands_10m
-        image[:, channels_10m:] = up[:, :, margin:-margin, margin:-margin]
-    image.mul_(1.0 / REFLECTANCE_SCALE)
-    batch = {"image": image, "keys": [c["key"] for c in crops],
+    """Stack crops into a batch of raw uint16 bands, labels, weights and keys.
+
+    Bands stay uint16 (4x less to copy between processes than float32); `model_input` turns
+    them into reflectance on the training device, where upsampling is cheap.
+    """
+    batch = {"s2_10m": torch.from_numpy(np.stack([c["s2_10m"] for c in crops])), "keys": [c["key"] for c in crops],
              "urls": [c["url"] for c in crops], "repeats": sum(c["repeat"] for c in crops)}
+    if crops[0]["s2_20m"] is not None:  # absent for s2_stack sources: already 10 bands on the 10 m grid
+        batch["s2_20m"] = torch.from_numpy(np.stack([c["s2_20m"] for c in crops]))
     for name in LABEL_KEYS:
         batch[name] = torch.from_numpy(np.stack([c[name] for c in crops]))
         batch[f"{name}_weight"] = torch.tensor([c[f"{name}_weight"] for c in crops], dtype=torch.float32)
     return batch
+
+
+def model_input(batch: dict, device: torch.device) -> torch.Tensor:
+    """(B, 10, S, S) float32 reflectance (DN / 10000) on `device`: 20 m bands bilinearly upsampled."""
+    bands_10m = batch["s2_10m"].to(device, non_blocking=True).float()
+    if "s2_20m" not in batch:
+        return bands_10m.mul_(1.0 / REFLECTANCE_SCALE)
+    low = batch["s2_20m"].to(device, non_blocking=True).float()
+    up = F.interpolate(low, scale_factor=2, mode="bilinear", align_corners=False)
+    margin = 2 * HALO_20M
+    image = torch.cat([bands_10m, up[:, :, margin:-margin, margin:-margin]], dim=1)
+    return image.mul_(1.0 / REFLECTANCE_SCALE)
+
+
+BAND_KEYS = ("s2_10m", "s2_20m")
 
 
 def make_pipeline(plan: EpochPlan, rank: int, options: StreamOptions,

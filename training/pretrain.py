@@ -30,7 +30,7 @@ from training.checkpoint import (
     save_sharded_checkpoint,
 )
 from training.config import PretrainConfig
-from training.data import StreamOptions, make_loader
+from training.data import BAND_KEYS, StreamOptions, make_loader, model_input
 from training.distributed import World, all_reduce_mean, barrier, gather_objects, init_world, shutdown
 from training.epoch import PlanError, plan_epoch
 from training.objective import foundation_loss, make_views
@@ -208,8 +208,8 @@ class Trainer:
 
     def _forward_backward(self, batch: dict, accum: int) -> dict[str, float]:
         device = self.world.device
-        image = batch["image"].to(device, non_blocking=True)
-        labels = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor) and k != "image"}
+        image = model_input(batch, device)
+        labels = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor) and k not in BAND_KEYS}
         view_a, view_b, target_a, target_b = make_views(image, self.generator)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.amp):
             # one forward over both views (the norms are per sample, so this equals two forwards)
