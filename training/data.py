@@ -29,6 +29,7 @@ from training.shards import open_shard
 log = logging.getLogger(__name__)
 
 UNUSED_MEMBERS = frozenset({"s2_60m"})  # B01/B09: not model inputs, so never decompressed in training
+BAND_KEYS = ("s2_10m", "s2_20m")  # uint16 band tensors of a batch; model_input() makes the image
 HALO_20M = 1  # extra 20 m pixels around a crop so bilinear upsampling matches the full-tile result
 
 
@@ -242,9 +243,6 @@ def model_input(batch: dict, device: torch.device) -> torch.Tensor:
     margin = 2 * HALO_20M
     image = torch.cat([bands_10m, up[:, :, margin:-margin, margin:-margin]], dim=1)
     return image.mul_(1.0 / REFLECTANCE_SCALE)
-
-
-BAND_KEYS = ("s2_10m", "s2_20m")
 
 
 def make_pipeline(plan: EpochPlan, rank: int, options: StreamOptions,
