@@ -249,7 +249,7 @@ def measure(args: argparse.Namespace, products: list[Path], dataset: Path, urls:
     return {name: value for name, (value, _) in best.items()} | {"spread": spread}
 
 
-PAD = "np.pad of the whole 20 m tile, once per crop"
+PAD = "np.pad of the 20 m tile (once per tile)"
 # (row, file suffix, function, rows called inside it: their time is subtracted so rows do not overlap)
 PROFILED = (("Blosc2 decode (decode_array)", "schema.py", "decode_array", ()),
             ("schema validation", "schema.py", "validate_sample", ()),
@@ -259,7 +259,7 @@ PROFILED = (("Blosc2 decode (decode_array)", "schema.py", "decode_array", ()),
             (PAD, "_arraypad_impl.py", "pad", ()),
             ("crop labels", "labels.py", "crop_labels", ()),
             ("crop slicing + copies", "data.py", "_crop", (PAD, "crop labels")),
-            ("collate (stack, float32, upsample, cat)", "data.py", "collate_crops", ()))
+            ("collate (uint16 stack; float + upsample run in the training step)", "data.py", "collate_crops", ()))
 
 
 def profile_ours(dataset: Path, args: argparse.Namespace) -> list[str]:
