@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .blocks import ActLayer, CNNBlock
-from .vit import FoundationViTEncoder, PhilEOViTOutput, ViTEncoder, ViTFeatures, check_input, tokens_to_map
+from .vit import FoundationViTEncoder, ViTEncoder, ViTPretrainingModel, check_input, tokens_to_map
 
 
 class ConvModule(nn.Sequential):
@@ -241,12 +241,14 @@ class UPerNetReconstructionDecoder(_PyramidDecoderMixin, nn.Module):
         return out if out.shape[-1] == self.img_size else _resize(out, (self.img_size, self.img_size))
 
 
-class PhilEOViTUPerNet(nn.Module):
+class PhilEOViTUPerNet(ViTPretrainingModel):
     """Pretraining PhilEO ViT with a UPerNet reconstruction decoder (original `PhilEO_ViTUPerNet`).
 
     Same stem, encoder (same state-dict names: PhilEO ViT checkpoints' stem/encoder load), head and 5-tuple
     output as PhilEOViT; only the decoder differs. `decoded` is the UPerHead output (B, in_chans, H, W).
     """
+
+    decoder_input = "hidden_states"
 
     def __init__(
         self,
@@ -267,40 +269,16 @@ class PhilEOViTUPerNet(nn.Module):
         act_layer: ActLayer = "leaky_relu",
     ) -> None:
         super().__init__()
-        self.in_chans, self.img_size = in_chans, img_size
-        self.out_chans = in_chans if out_chans is None else out_chans
-        self.num_features = latent_dim
-        self._encoder_config = dict(
-            in_chans=in_chans, img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
-            num_heads=num_heads, mlp_ratio=mlp_ratio, latent_dim=latent_dim, norm_eps=norm_eps, act_layer=act_layer,
-        )
-        self.stem = CNNBlock(in_chans, in_chans, spatial_size=img_size, act_layer=act_layer)
-        self.encoder = FoundationViTEncoder(
-            latent_dim=latent_dim, img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
-            depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, norm_eps=norm_eps,
+        self._init_stem_encoder(
+            in_chans=in_chans, out_chans=out_chans, img_size=img_size, patch_size=patch_size, embed_dim=embed_dim,
+            depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, latent_dim=latent_dim, norm_eps=norm_eps,
+            act_layer=act_layer,
         )
         self.decoder = UPerNetReconstructionDecoder(
             out_chans=in_chans, img_size=img_size, patch_size=patch_size, embed_dim=embed_dim,
             taps=_check_taps(taps, depth), channels=decoder_channels, pool_scales=pool_scales,
         )
-        self.head = CNNBlock(
-            in_chans, self.out_chans, spatial_size=img_size, act_layer=act_layer, act_out_layer=nn.Sigmoid
-        )
-
-    def encoder_config(self) -> dict:
-        """Keyword arguments that rebuild this encoder (stem + ViT) in another model, e.g. a ViTUPerNet."""
-        return dict(self._encoder_config)
-
-    def forward_features(self, x: torch.Tensor) -> ViTFeatures:
-        check_input(x, self.in_chans, self.img_size)
-        return self.encoder(self.stem(x))
-
-    def forward(self, x: torch.Tensor) -> PhilEOViTOutput:
-        features = self.forward_features(x)
-        decoded = self.decoder(features.hidden_states)
-        return PhilEOViTOutput(
-            self.head(decoded), features.embeddings, features.vit_output, decoded, features.predictions
-        )
+        self._init_head(act_layer)
 
 
 # Named configurations (timm style). Every field can be overridden: build("vit-upernet-100m", out_chans=11).

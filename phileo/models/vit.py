@@ -216,7 +216,54 @@ def check_input(x: torch.Tensor, in_chans: int, img_size: int) -> None:
         raise ValueError(f"expected input (B, {', '.join(map(str, expected))}), got {tuple(x.shape)}")
 
 
-class PhilEOViT(nn.Module):
+class ViTPretrainingModel(nn.Module):
+    """What PhilEO's ViT pretraining models share: stem + FoundationViTEncoder, a decoder, a sigmoid head.
+
+    Subclasses build `self.decoder` between `_init_stem_encoder` and `_init_head` (attribute order =
+    state-dict order, as the original) and name the encoder output the decoder reads (`decoder_input`).
+    """
+
+    decoder_input = "vit_output"
+
+    def _init_stem_encoder(self, *, in_chans: int, out_chans: int | None, img_size: int, patch_size: int,
+                           embed_dim: int, depth: int, num_heads: int, mlp_ratio: float, latent_dim: int,
+                           norm_eps: float, act_layer: ActLayer) -> None:
+        self.in_chans, self.img_size = in_chans, img_size
+        self.out_chans = in_chans if out_chans is None else out_chans
+        self.num_features = latent_dim
+        self._encoder_config = dict(
+            in_chans=in_chans, img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
+            num_heads=num_heads, mlp_ratio=mlp_ratio, latent_dim=latent_dim, norm_eps=norm_eps, act_layer=act_layer,
+        )
+        self.stem = CNNBlock(in_chans, in_chans, spatial_size=img_size, act_layer=act_layer)
+        self.encoder = FoundationViTEncoder(
+            latent_dim=latent_dim, img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
+            depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, norm_eps=norm_eps,
+        )
+
+    def _init_head(self, act_layer: ActLayer) -> None:
+        self.head = CNNBlock(
+            self.in_chans, self.out_chans, spatial_size=self.img_size, act_layer=act_layer, act_out_layer=nn.Sigmoid
+        )
+
+    def encoder_config(self) -> dict:
+        """Keyword arguments that rebuild this encoder (stem + ViT) in another model, e.g. a ViTUPerNet."""
+        return dict(self._encoder_config)
+
+    def forward_features(self, x: torch.Tensor) -> ViTFeatures:
+        """Stem + encoder: embeddings, normed tokens, hidden states and geo-head predictions."""
+        check_input(x, self.in_chans, self.img_size)
+        return self.encoder(self.stem(x))
+
+    def forward(self, x: torch.Tensor) -> PhilEOViTOutput:
+        features = self.forward_features(x)
+        decoded = self.decoder(getattr(features, self.decoder_input))
+        return PhilEOViTOutput(
+            self.head(decoded), features.embeddings, features.vit_output, decoded, features.predictions
+        )
+
+
+class PhilEOViT(ViTPretrainingModel):
     """The PhilEO ViT pretraining model (original `PhilEO_ViT`): reconstruction + embeddings + geo heads.
 
     `act_layer` (the stem and head CNNBlocks only) defaults to LeakyReLU, as the original. The decoder's
@@ -241,42 +288,16 @@ class PhilEOViT(nn.Module):
         act_layer: ActLayer = "leaky_relu",
     ) -> None:
         super().__init__()
-        self.in_chans = in_chans
-        self.out_chans = in_chans if out_chans is None else out_chans
-        self.img_size = img_size
-        self.num_features = latent_dim
-        self._encoder_config = dict(
-            in_chans=in_chans, img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
-            num_heads=num_heads, mlp_ratio=mlp_ratio, latent_dim=latent_dim, norm_eps=norm_eps, act_layer=act_layer,
-        )
-        self.stem = CNNBlock(in_chans, in_chans, spatial_size=img_size, act_layer=act_layer)
-        self.encoder = FoundationViTEncoder(
-            latent_dim=latent_dim, img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
-            depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, norm_eps=norm_eps,
+        self._init_stem_encoder(
+            in_chans=in_chans, out_chans=out_chans, img_size=img_size, patch_size=patch_size, embed_dim=embed_dim,
+            depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, latent_dim=latent_dim, norm_eps=norm_eps,
+            act_layer=act_layer,
         )
         self.decoder = FoundationViTDecoder(
             out_chans=in_chans, img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=decoder_depth,
             num_heads=decoder_num_heads, mlp_ratio=mlp_ratio, norm_eps=norm_eps,
         )
-        self.head = CNNBlock(
-            in_chans, self.out_chans, spatial_size=img_size, act_layer=act_layer, act_out_layer=nn.Sigmoid
-        )
-
-    def encoder_config(self) -> dict:
-        """Keyword arguments that rebuild this encoder (stem + ViT) in another model, e.g. a ViTUPerNet."""
-        return dict(self._encoder_config)
-
-    def forward_features(self, x: torch.Tensor) -> ViTFeatures:
-        """Stem + encoder: embeddings, normed tokens, hidden states and geo-head predictions."""
-        check_input(x, self.in_chans, self.img_size)
-        return self.encoder(self.stem(x))
-
-    def forward(self, x: torch.Tensor) -> PhilEOViTOutput:
-        features = self.forward_features(x)
-        decoded = self.decoder(features.vit_output)
-        return PhilEOViTOutput(
-            self.head(decoded), features.embeddings, features.vit_output, decoded, features.predictions
-        )
+        self._init_head(act_layer)
 
 
 # Named configurations (timm style). Every field can be overridden: build("phileo-vit", depth=24).
