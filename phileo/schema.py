@@ -28,10 +28,13 @@ DEFAULT_CLEVEL = 1  # zstd level 1: 4x faster to encode than 5 for <2% more byte
 
 _KEY_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
 _LABEL_DTYPES = (np.uint8, np.uint16, np.float32)
-REQUIRED_META = ("schema", "source", "key", "shape", "bands", "corners_lonlat", "centre_lat", "centre_lon")
+REQUIRED_META = ("schema", "source", "key", "shape", "bands")
+_GEO_META = ("corners_lonlat", "centre_lat", "centre_lon")
 REQUIRED_META_BY_SOURCE = {
-    "majortom": ("grid_cell", "product_id", "timestamp", "crs", "transform", "bounds_lonlat",
-                 "cloud_cover", "nodata"),
+    "majortom": _GEO_META + ("grid_cell", "product_id", "timestamp", "crs", "transform", "bounds_lonlat",
+                             "cloud_cover", "nodata"),
+    # PhilEO Bench patches carry the benchmark's own coordinates (`coords`), not a georeferenced grid
+    "phileo-bench": ("region", "bucket", "split", "tile", "coords", "task_labels"),
 }
 
 
@@ -88,14 +91,14 @@ def validate_sample(sample: Sample, skipped: frozenset[str] = frozenset()) -> No
         raise SchemaError(f"{key!r}: key must be non-empty and contain only letters, digits, '_' or '-'")
     if meta.get("schema") != SCHEMA_VERSION:
         raise SchemaError(f"{key}: meta.json schema is {meta.get('schema')!r}, expected {SCHEMA_VERSION!r}")
-    required = REQUIRED_META + REQUIRED_META_BY_SOURCE.get(meta.get("source", ""), ())
+    required = REQUIRED_META + REQUIRED_META_BY_SOURCE.get(meta.get("source", ""), _GEO_META)
     missing = [name for name in required if name not in meta]
     if missing:
         raise SchemaError(f"{key}: meta.json lacks {', '.join(missing)}")
     if meta["key"] != key:
         raise SchemaError(f"{key}: meta.json key is {meta['key']!r}")
     height, width = meta["shape"]
-    if height % 6 or width % 6:
+    if STACK_MEMBER not in sample.arrays and (height % 6 or width % 6):
         raise SchemaError(f"{key}: tile shape {height}x{width} is not divisible by 6 (60 m grid)")
     _validate_arrays(key, sample.arrays, expected_shapes(height, width), skipped)
 

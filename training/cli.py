@@ -104,5 +104,111 @@ def bench_data(seconds: float, seed: int, **flags) -> None:
         click.echo(line)
 
 
+def _finetune_options(function):
+    options = [
+        click.option("--task", required=True, type=click.Choice(["roads", "buildings", "landcover"])),
+        click.option("--out", required=True, help="Run directory (config, history, best.pt, metrics.json)."),
+        click.option("--model", default="geoaware-unet-44m", show_default=True),
+        click.option("--mode", type=click.Choice(["frozen", "full"]), default="full", show_default=True,
+                     help="frozen: train decoder/head on a frozen pretrained encoder."),
+        click.option("--epochs", default=250, show_default=True),
+        click.option("--lr", type=float, help="Learning rate after warmup [default: 1e-3 x sqrt(world size)]."),
+        click.option("--weight-decay", default=0.01, show_default=True),
+        click.option("--warmup-epochs", default=5, show_default=True, help="Epochs of x10 warmup (0: none)."),
+        click.option("--warmup-gamma", default=10.0, show_default=True),
+        click.option("--lr-scheduler", type=click.Choice(["none", "plateau", "cosine"]), default="none",
+                     show_default=True),
+        click.option("--min-lr", default=1e-6, show_default=True),
+        click.option("--es-patience", default=50, show_default=True, help="Early stop after N epochs without "
+                     "a val-loss improvement."),
+        click.option("--es-delta", default=0.0, show_default=True),
+        click.option("--batch-size", default=16, show_default=True, help="Patches per rank per step."),
+        click.option("--num-workers", default=2, show_default=True, help="DataLoader workers per rank."),
+        click.option("--shuffle-buffer", default=256, show_default=True),
+        click.option("--seed", default=123456, show_default=True),
+        click.option("--amp/--no-amp", default=True, show_default=True, help="bf16 autocast on CUDA."),
+        click.option("--previews", default=4, show_default=True, help="Test patches drawn in previews.png."),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+def _finetune_config(flags: dict, shards: str, val_shards: str, test_shards: str | None, init: str | None):
+    from training.config import FinetuneConfig, FinetuneDataConfig, FinetuneOptimConfig, FinetuneRunConfig
+
+    run = FinetuneRunConfig(**{k: flags[k] for k in ("out", "task", "model", "mode", "seed", "amp", "previews")},
+                            init=init)
+    data = FinetuneDataConfig(shards, val_shards, test_shards,
+                              **{k: flags[k] for k in ("batch_size", "num_workers", "shuffle_buffer")})
+    optim = FinetuneOptimConfig(**{k: flags[k] for k in FinetuneOptimConfig.__dataclass_fields__})
+    return FinetuneConfig(run, data, optim)
+
+
+def _check_model(name: str) -> None:
+    from phileo.models import list_models
+
+    if name not in list_models():
+        raise ConfigError(f"--model {name}: unknown; choose one of {', '.join(list_models())}")
+
+
+@main.command()
+@_finetune_options
+@click.option("--shards", required=True, help="Training dataset (e.g. OUT/roads-n50/train).")
+@click.option("--val-shards", required=True, help="Validation dataset (early stopping).")
+@click.option("--test-shards", help="Test dataset (e.g. OUT/test): metrics.json, confusion matrix, previews.")
+@click.option("--init", help="Pretraining checkpoint (file or sharded dir); default: random init.")
+def finetune(shards: str, val_shards: str, test_shards: str | None, init: str | None, **flags) -> None:
+    """Fine-tune on a PhilEO Bench task (launch with torchrun for several ranks)."""
+    from training.epoch import PlanError
+    from training.finetune import finetune as run
+    from training.shards import ShardSpecError
+
+    _setup_logging()
+    try:
+        _check_model(flags["model"])
+        run(_finetune_config(flags, shards, val_shards, test_shards, init))
+    except (ConfigError, ShardSpecError, PlanError) as error:
+        _fail(error)
+
+
+@main.command("nshot-sweep")
+@_finetune_options
+@click.option("--data", required=True, help="A phileo-bench build with --n-shot: DATA/{task}-n{n}/, DATA/test/.")
+@click.option("--n-shot", "n_shot", required=True, help="Comma-separated n values, e.g. 50,100,500,1000.")
+@click.option("--init", "inits", multiple=True, help="Repeatable: random, CKPT or NAME=CKPT [default: random].")
+def nshot_sweep(data: str, n_shot: str, inits: tuple[str, ...], **flags) -> None:
+    """Fine-tune every (init, n) pair; write results.csv, results.md and the n-shot curve to --out."""
+    from training.distributed import init_world, shutdown
+    from training.epoch import PlanError
+    from training.nshot_sweep import parse_inits, run_sweep
+    from training.shards import ShardSpecError
+
+    _setup_logging()
+    try:
+        _check_model(flags["model"])
+        n_values = _parse_n_values(n_shot)
+        named = parse_inits(inits)
+        base = _finetune_config({**flags, "mode": "full"}, "-", "-", None, None)
+        base.run.mode = flags["mode"]  # per run: frozen applies to pretrained inits only
+        world = init_world()
+        try:
+            run_sweep(base, world, data, n_values, named, flags["out"])
+        finally:
+            shutdown(world)
+    except (ConfigError, ShardSpecError, PlanError) as error:
+        _fail(error)
+
+
+def _parse_n_values(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"--n-shot {text}: expected comma-separated integers, e.g. 50,100,500") from None
+    if not values or min(values) < 1:
+        raise ConfigError(f"--n-shot {text}: expected positive integers")
+    return values
+
+
 if __name__ == "__main__":
     main()

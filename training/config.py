@@ -102,3 +102,87 @@ class PretrainConfig:
     @classmethod
     def from_dict(cls, values: dict) -> PretrainConfig:
         return cls(RunConfig(**values["run"]), DataConfig(**values["data"]), OptimConfig(**values["optim"]))
+
+
+# ---- fine-tuning (phileo-train finetune / nshot-sweep) ----
+
+FINETUNE_TASKS = ("roads", "buildings", "landcover")
+LR_SCHEDULERS = ("none", "plateau", "cosine")
+
+
+@dataclass
+class FinetuneRunConfig:
+    out: str = ""
+    task: str = ""
+    model: str = "geoaware-unet-44m"
+    init: str | None = None  # a pretraining checkpoint of this project; None: random init
+    mode: str = "full"  # "frozen": train the decoder/head only; "full": everything
+    seed: int = 123456  # the benchmark's
+    amp: bool = True  # bf16 autocast on CUDA; CPU runs stay fp32
+    previews: int = 4  # test patches drawn as input | label | prediction
+
+    def __post_init__(self) -> None:
+        if not self.out:
+            raise ConfigError("--out: required (the run directory)")
+        if self.task not in FINETUNE_TASKS:
+            raise ConfigError(f"--task {self.task!r}: expected one of {', '.join(FINETUNE_TASKS)}")
+        if self.mode not in ("frozen", "full"):
+            raise ConfigError(f"--mode {self.mode!r}: expected frozen or full")
+        if self.mode == "frozen" and self.init is None:
+            raise ConfigError("--mode frozen needs --init CKPT: a frozen random encoder learns nothing")
+        if self.previews < 0:
+            raise ConfigError(f"--previews {self.previews}: expected 0 or more")
+
+
+@dataclass
+class FinetuneDataConfig:
+    shards: str = ""
+    val_shards: str = ""
+    test_shards: str | None = None
+    batch_size: int = 16  # per rank, as the benchmark
+    num_workers: int = 2
+    shuffle_buffer: int = 256
+    max_bad_fraction: float = 0.0  # evaluation must see every test patch
+
+    def __post_init__(self) -> None:
+        if not self.shards or not self.val_shards:
+            raise ConfigError("--shards and --val-shards: both required (train and validation datasets)")
+        _positive("--batch-size", self.batch_size)
+        _positive("--shuffle-buffer", self.shuffle_buffer)
+        if self.num_workers < 0:
+            raise ConfigError(f"--num-workers {self.num_workers}: expected 0 or more")
+        if not 0 <= self.max_bad_fraction <= 1:
+            raise ConfigError(f"--max-bad-fraction {self.max_bad_fraction}: expected a fraction in 0..1")
+
+
+@dataclass
+class FinetuneOptimConfig:
+    epochs: int = 250
+    lr: float | None = None  # None: 1e-3 x sqrt(world size), as the benchmark's DDP script
+    weight_decay: float = 0.01
+    warmup_epochs: int = 5  # lr / gamma**warmup_epochs, x gamma each epoch (the benchmark's warmup)
+    warmup_gamma: float = 10.0
+    lr_scheduler: str = "none"
+    min_lr: float = 1e-6
+    es_patience: int = 50  # epochs without a val-loss improvement before stopping
+    es_delta: float = 0.0
+
+    def __post_init__(self) -> None:
+        _positive("--epochs", self.epochs)
+        _positive("--lr", self.lr, allow_none=True)
+        _positive("--warmup-gamma", self.warmup_gamma)
+        _positive("--es-patience", self.es_patience)
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            raise ConfigError(f"--lr-scheduler {self.lr_scheduler!r}: expected one of {', '.join(LR_SCHEDULERS)}")
+        if self.warmup_epochs < 0 or self.weight_decay < 0 or self.min_lr < 0 or self.es_delta < 0:
+            raise ConfigError("--warmup-epochs, --weight-decay, --min-lr and --es-delta must be >= 0")
+
+
+@dataclass
+class FinetuneConfig:
+    run: FinetuneRunConfig = field(default_factory=FinetuneRunConfig)
+    data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
+    optim: FinetuneOptimConfig = field(default_factory=FinetuneOptimConfig)
+
+    def to_dict(self) -> dict:
+        return asdict(self)

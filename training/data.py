@@ -105,33 +105,38 @@ class EpochTiles(torch.utils.data.IterableDataset):
                     yield tile
 
     def _read_shard(self, url: str, policy: BadDataPolicy) -> Iterator[dict]:
-        handler = lambda error: policy.record(url, error)  # noqa: E731
-        try:
-            stream = open_shard(url)
-        except OSError as error:
-            policy.record(url, error)
-            return
-        try:
-            samples = group_by_keys(tar_file_expander([{"url": url, "stream": stream}], handler=handler),
-                                    handler=handler)
-            for raw in samples:
-                if raw["__key__"] not in self.done_keys:
-                    tile = self._decode(raw, url, policy)
-                    if tile is not None:
-                        yield tile
-        finally:
-            stream.close()
+        yield from read_tiles(url, policy, self.done_keys)
 
-    @staticmethod
-    def _decode(raw: dict, url: str, policy: BadDataPolicy) -> dict | None:
-        key = raw["__key__"]
-        try:
-            sample = decode_sample(key, {k: v for k, v in raw.items() if not k.startswith("__")}, skip=UNUSED_MEMBERS)
-        except SchemaError as error:
-            policy.record(url, error)
-            return None
-        policy.good += 1
-        return {"key": key, "url": url, "meta": sample.meta, "arrays": sample.arrays}
+
+def read_tiles(url: str, policy: BadDataPolicy, skip_keys: frozenset = frozenset()) -> Iterator[dict]:
+    """Decoded tiles of one shard, in order; unreadable shards and samples go to `policy`."""
+    handler = lambda error: policy.record(url, error)  # noqa: E731
+    try:
+        stream = open_shard(url)
+    except OSError as error:
+        policy.record(url, error)
+        return
+    try:
+        samples = group_by_keys(tar_file_expander([{"url": url, "stream": stream}], handler=handler),
+                                handler=handler)
+        for raw in samples:
+            if raw["__key__"] not in skip_keys:
+                tile = _decode(raw, url, policy)
+                if tile is not None:
+                    yield tile
+    finally:
+        stream.close()
+
+
+def _decode(raw: dict, url: str, policy: BadDataPolicy) -> dict | None:
+    key = raw["__key__"]
+    try:
+        sample = decode_sample(key, {k: v for k, v in raw.items() if not k.startswith("__")}, skip=UNUSED_MEMBERS)
+    except SchemaError as error:
+        policy.record(url, error)
+        return None
+    policy.good += 1
+    return {"key": key, "url": url, "meta": sample.meta, "arrays": sample.arrays}
 
 
 class CutCrops:

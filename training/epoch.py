@@ -43,7 +43,7 @@ class EpochPlan:
         return sum(p[0] for p in pairs), sum(p[1] for p in pairs)
 
 
-def _balance(sizes: dict[str, int], order: list[str], bins: int) -> list[list[str]]:
+def balance(sizes: dict[str, int], order: list[str], bins: int) -> list[list[str]]:
     """Largest-first onto the least-loaded bin; each bin keeps the (shuffled) `order`."""
     loads, members = [0] * bins, [set() for _ in range(bins)]
     position = {url: i for i, url in enumerate(order)}
@@ -69,7 +69,7 @@ def plan_epoch(shards: list[ShardInfo], world_size: int, num_workers: int, batch
     remaining = {s.url: max(0, s.samples - done.get(s.url, 0)) for s in shards}
     rng = np.random.default_rng([seed, epoch])
     order = [shards[i].url for i in rng.permutation(len(shards))]
-    per_rank = _balance(remaining, order, world_size)
+    per_rank = balance(remaining, order, world_size)
     total_crops = sum(remaining.values()) * crops_per_tile
     steps = total_crops // (world_size * batch_size * grad_accum) * grad_accum
     if steps == 0:
@@ -77,7 +77,7 @@ def plan_epoch(shards: list[ShardInfo], world_size: int, num_workers: int, batch
                         f"per rank on {world_size} ranks")
     plans = []
     for rank_shards in per_rank:
-        groups = _balance(remaining, rank_shards, workers_per_rank)
+        groups = balance(remaining, rank_shards, workers_per_rank)
         workers = [WorkerPlan(group, sum(remaining[u] for u in group)) for group in groups]
         _assign_quotas(workers, steps, batch_size, crops_per_tile)
         plans.append(workers)

@@ -1,0 +1,61 @@
+"""PhilEO Bench downstream data: tasks, label members, region buckets, land-cover classes.
+
+Shared by the `--source phileo-bench` build (sharding/) and fine-tuning (training/): a
+PhilEO Bench sample is one 128x128 patch with the `s2_stack` member and its task labels.
+"""
+
+from __future__ import annotations
+
+import math
+
+SOURCE = "phileo-bench"
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+PATCH_SIZE = 128
+
+# task name (CLI) -> (label member in the shard, file kind in the npy layout)
+TASKS: dict[str, tuple[str, str]] = {
+    "roads": ("label_roads", "label_roads"),
+    "buildings": ("label_buildings", "label_building"),
+    "landcover": ("label_landcover", "label_lc"),
+}
+REGRESSION_TASKS: tuple[str, ...] = ("roads", "buildings")
+
+# ESA WorldCover codes -> the 11 classes of the benchmark (pb/utils/load_data.py), in class order.
+WORLDCOVER_CODES: tuple[int, ...] = (10, 20, 30, 40, 50, 60, 70, 80, 90, 95, 100)
+WORLDCOVER_NAMES: tuple[str, ...] = ("tree cover", "shrubland", "grassland", "cropland", "built-up",
+                                     "bare / sparse", "snow and ice", "water", "herbaceous wetland",
+                                     "mangroves", "moss and lichen")
+NUM_LANDCOVER_CLASSES = len(WORLDCOVER_CODES)
+IGNORE_CLASS = 255  # pixels with a code outside WORLDCOVER_CODES (e.g. 0 = no data): ignored in loss and metrics
+
+# The 20 sub-regions grouped into the 6 n-shot buckets (pb/utils/data_protocol.py), in bucket order.
+REGION_BUCKETS: dict[str, tuple[str, ...]] = {
+    "europe": ("europe", "denmark-1", "denmark-2"),
+    "east-africa": ("east-africa", "tanzania-1", "tanzania-2", "tanzania-3", "tanzania-4", "tanzania-5", "uganda-1"),
+    "northwest-africa": ("eq-guinea", "ghana-1", "egypt-1", "israel-1", "israel-2", "nigeria", "senegal"),
+    "north-america": ("north-america",),
+    "south-america": ("south-america",),
+    "japan": ("japan",),
+}
+REGIONS: tuple[str, ...] = tuple(sorted(r for regions in REGION_BUCKETS.values() for r in regions))
+NSHOT_VAL_RATIO = 0.2
+
+
+def bucket_of(region: str) -> str:
+    for bucket, regions in REGION_BUCKETS.items():
+        if region in regions:
+            return bucket
+    raise KeyError(f"unknown PhilEO Bench region {region!r}; expected one of {', '.join(REGIONS)}")
+
+
+def nshot_val_count(n: int) -> int:
+    """Validation samples per bucket for an n-shot training set: ceil(0.2 n), as the benchmark."""
+    return math.ceil(n * NSHOT_VAL_RATIO)
+
+
+def landcover_lookup() -> list[int]:
+    """A 256-entry table: WorldCover code -> class index, IGNORE_CLASS for any other code."""
+    table = [IGNORE_CLASS] * 256
+    for index, code in enumerate(WORLDCOVER_CODES):
+        table[code] = index
+    return table
