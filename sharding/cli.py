@@ -55,8 +55,10 @@ def run_or_exit(function, *args, **kwargs):
 
 
 @main.command()
-@click.option("--source", type=click.Choice(["majortom"]), default="majortom", show_default=True)
-@click.option("--input", "input_path", required=True, help="images/*.parquet dir, one .parquet, or extracted layout.")
+@click.option("--source", type=click.Choice(["majortom", "phileo-bench"]), default="majortom", show_default=True)
+@click.option("--input", "input_path", required=True, multiple=True,
+              help="majortom: images/*.parquet dir, one .parquet, or extracted layout. phileo-bench: a directory "
+                   "of .npy files or zips, or .zip / .zip.001 files (repeatable).")
 @click.option("--output", required=True, help="Output dataset directory.")
 @click.option("--shard-size", default="1GB", show_default=True, help="Target shard size (1GB, 500MB, bytes).")
 @click.option("--max-cloud", type=float, help="Keep tiles with cloud cover <= this percentage.")
@@ -67,7 +69,8 @@ def run_or_exit(function, *args, **kwargs):
 @click.option("--grid-cells", "grid_cells_file", help="File with one grid cell per line to keep.")
 @click.option("--limit", type=int, help="Keep at most N tiles (the first N in source order).")
 @click.option("--mix-files", default=16, show_default=True, help="Source files mixed into each shard.")
-@click.option("--seed", default=0, show_default=True, help="Seed of the mixing plan.")
+@click.option("--seed", type=int, help="majortom: seed of the mixing plan (default 0). phileo-bench: seed of the "
+                                     "n-shot selection (default 12345, the benchmark's).")
 @click.option("--clevel", default=1, show_default=True, help="Blosc2 level (1 = zstd 1; 5 = zstd 9, 4x slower).")
 @click.option("--thumbnails", is_flag=True, help="Store a 128 px JPEG preview per sample.")
 @click.option("--label", "labels", multiple=True, metavar="NAME=RASTER[:nearest|average]",
@@ -76,24 +79,27 @@ def run_or_exit(function, *args, **kwargs):
 @click.option("--workers", default=1, show_default=True, help="Worker processes.")
 @click.option("--overwrite", is_flag=True, help="Delete a previous build in --output and start over.")
 @click.option("--strict", is_flag=True, help="Exit non-zero if any row was rejected.")
-def build(input_path: str, output: str, shard_size: str, grid_cells_file: str | None, mix_files: int,
+@click.option("--task", help="phileo-bench n-shot: roads, buildings and/or landcover, comma-separated.")
+@click.option("--n-shot", "n_shot", help="phileo-bench n-shot: patches per region bucket, e.g. 50,100,500.")
+@click.option("--indices", help="phileo-bench n-shot: directory of the benchmark's indices_*_{name}_{task}_{n}.json "
+                                "files, used instead of the seeded selection.")
+@click.option("--indices-name", default="128_10M", show_default=True, help="phileo-bench: {name} of --indices files.")
+@click.option("--density-scale", type=click.Choice(["auto", "1", "100"]), default="auto", show_default=True,
+              help="phileo-bench: divisor of roads/buildings labels to get a 0..1 density; auto = 100 when a "
+                   "label file's maximum exceeds 1.")
+def build(input_path: tuple[str, ...], output: str, shard_size: str, grid_cells_file: str | None, mix_files: int,
           workers: int, overwrite: bool, strict: bool, source: str, **options) -> None:
     """Build WebDataset shards from a source dataset (resumable: rerun the same command)."""
-    from sharding.build import BuildArgs
-    from sharding.build import build as run_build
-    from sharding.labels import parse_label_spec
-    from sharding.plan import Filters, read_grid_cells_file
 
     def prepare_and_run():
-        grid_cells = read_grid_cells_file(grid_cells_file) if grid_cells_file else None
-        filters = Filters(options["max_cloud"], options["max_nodata"], _parse_bbox(options["bbox"]),
-                          options["start"], options["end"], grid_cells, options["limit"])
-        labels = tuple(parse_label_spec(text) for text in options["labels"])
-        args = BuildArgs(input_path, output, filters, _parse_size(shard_size), mix_files, options["seed"],
-                         options["clevel"], options["thumbnails"], labels)
+        _check_options_for_source(source)
         if workers < 1:
             raise InputError(f"--workers {workers}: expected at least 1")
-        return run_build(args, workers=workers, overwrite=overwrite)
+        if source == "phileo-bench":
+            return _run_bench_build(input_path, output, shard_size, workers, overwrite, options)
+        # majortom takes one input; as before --input became repeatable, the last one given wins
+        return _run_majortom_build(input_path[-1], output, shard_size, grid_cells_file, mix_files, workers,
+                                   overwrite, options)
 
     summary = run_or_exit(prepare_and_run)
     click.echo(summary.line())
@@ -105,6 +111,60 @@ def build(input_path: str, output: str, shard_size: str, grid_cells_file: str | 
     if strict and summary.rejected:
         click.echo(f"error: --strict: {summary.rejected} row(s) rejected, see {output}/rejected.jsonl", err=True)
         sys.exit(1)
+
+
+_MAJORTOM_ONLY = ("max_cloud", "max_nodata", "bbox", "start", "end", "grid_cells_file", "limit", "mix_files",
+                  "thumbnails", "labels")
+_BENCH_ONLY = ("task", "n_shot", "indices", "indices_name", "density_scale")
+
+
+def _check_options_for_source(source: str) -> None:
+    """Options of the other source given on the command line are a one-line error."""
+    context = click.get_current_context()
+    explicit = [param for param in context.command.params
+                if context.get_parameter_source(param.name) not in (None, click.core.ParameterSource.DEFAULT)]
+    other = _BENCH_ONLY if source == "majortom" else _MAJORTOM_ONLY
+    for param in explicit:
+        if param.name in other:
+            raise InputError(f"{param.opts[0]} is not used with --source {source}")
+
+
+def _split_list(value: str | None, flag: str, convert=str) -> tuple:
+    if not value:
+        return ()
+    try:
+        return tuple(convert(part.strip()) for part in value.split(",") if part.strip())
+    except ValueError as error:
+        raise InputError(f"{flag} {value!r}: expected a comma-separated list of numbers") from error
+
+
+def _run_majortom_build(input_path: str, output: str, shard_size: str, grid_cells_file: str | None,
+                        mix_files: int, workers: int, overwrite: bool, options: dict):
+    from sharding.build import BuildArgs
+    from sharding.build import build as run_build
+    from sharding.labels import parse_label_spec
+    from sharding.plan import Filters, read_grid_cells_file
+
+    grid_cells = read_grid_cells_file(grid_cells_file) if grid_cells_file else None
+    filters = Filters(options["max_cloud"], options["max_nodata"], _parse_bbox(options["bbox"]),
+                      options["start"], options["end"], grid_cells, options["limit"])
+    labels = tuple(parse_label_spec(text) for text in options["labels"])
+    seed = 0 if options["seed"] is None else options["seed"]
+    args = BuildArgs(input_path, output, filters, _parse_size(shard_size), mix_files, seed,
+                     options["clevel"], options["thumbnails"], labels)
+    return run_build(args, workers=workers, overwrite=overwrite)
+
+
+def _run_bench_build(inputs: tuple[str, ...], output: str, shard_size: str, workers: int, overwrite: bool,
+                     options: dict):
+    from sharding.bench_build import BenchArgs, build_bench
+    from sharding.nshot import DEFAULT_SEED
+
+    args = BenchArgs(inputs, output, _split_list(options["task"], "--task"),
+                     _split_list(options["n_shot"], "--n-shot", int),
+                     DEFAULT_SEED if options["seed"] is None else options["seed"], options["indices"],
+                     options["indices_name"], options["density_scale"], _parse_size(shard_size), options["clevel"])
+    return build_bench(args, workers=workers, overwrite=overwrite)
 
 
 @main.command()
@@ -140,6 +200,66 @@ def inspect(path: str, max_samples: int, preview: str | None) -> None:
             click.echo(f"preview of {len(samples)} samples written to {preview}")
 
     run_or_exit(run)
+
+
+@main.command()
+@click.argument("source")
+@click.option("--output", required=True, help="Output dataset directory.")
+@click.option("--where", help="Condition on index columns, e.g. \"cloud_cover < 10 and centre_lat > 0\" "
+                              "(comparisons, in (...), and/or/not, parentheses, numbers, quoted strings).")
+@click.option("--bbox", help="W,S,E,N in degrees: keep samples whose centre lies inside.")
+@click.option("--start", help="Keep samples acquired on or after this ISO date/time.")
+@click.option("--end", help="Keep samples acquired on or before this ISO date/time (a date: that whole day).")
+@click.option("--shard-size", default="1GB", show_default=True, help="Target shard size (1GB, 500MB, bytes).")
+@click.option("--overwrite", is_flag=True, help="Replace a dataset already in --output.")
+def subset(source: str, output: str, where: str | None, bbox: str | None, start: str | None, end: str | None,
+           shard_size: str, overwrite: bool) -> None:
+    """Copy the samples of SOURCE that match a query into a new dataset (tar bytes unchanged)."""
+    from sharding.subset import SubsetArgs
+    from sharding.subset import subset as run_subset
+
+    def run():
+        args = SubsetArgs(source, output, where, _parse_bbox(bbox), start, end, _parse_size(shard_size))
+        return run_subset(args, overwrite)
+
+    click.echo(run_or_exit(run).line())
+
+
+@main.command()
+@click.argument("dataset")
+@click.option("--output-train", required=True, help="Output dataset directory of the training samples.")
+@click.option("--output-val", required=True, help="Output dataset directory of the validation samples.")
+@click.option("--val-fraction", default=0.01, show_default=True, help="About this fraction of samples for val.")
+@click.option("--block-km", default=100.0, show_default=True, help="Side of the square blocks held out whole.")
+@click.option("--buffer-km", default=12.0, show_default=True,
+              help="Drop samples whose centre is within this of a train/val block boundary (one grid cell plus "
+                   "the tile's overhang: overlapping tiles never straddle it).")
+@click.option("--seed", default=0, show_default=True, help="Seed of the choice of val blocks.")
+@click.option("--shard-size", default="1GB", show_default=True, help="Target shard size (1GB, 500MB, bytes).")
+@click.option("--overwrite", is_flag=True, help="Replace datasets already in the outputs.")
+def split(dataset: str, output_train: str, output_val: str, val_fraction: float, block_km: float, buffer_km: float,
+          seed: int, shard_size: str, overwrite: bool) -> None:
+    """Spatial train/val hold-out of whole blocks, with a buffer at train/val block boundaries."""
+    from sharding.split import SplitArgs
+    from sharding.split import split as run_split
+
+    def run():
+        args = SplitArgs(dataset, output_train, output_val, val_fraction, block_km, buffer_km, seed,
+                         _parse_size(shard_size))
+        return run_split(args, overwrite)
+
+    click.echo(run_or_exit(run).line())
+
+
+@main.command()
+@click.argument("dataset")
+@click.option("--out", required=True, help="PNG to write; the counts go to the same name with .json.")
+def coverage(dataset: str, out: str) -> None:
+    """World map of sample centres, counts per latitude band, acquisition months and cloud cover."""
+    from sharding.coverage import coverage_map
+
+    counts, png, json_path = run_or_exit(coverage_map, dataset, out)
+    click.echo(counts.line(png, json_path))
 
 
 if __name__ == "__main__":

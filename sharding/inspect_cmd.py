@@ -45,8 +45,12 @@ def band_arrays(sample: Sample) -> Iterator[tuple[str, np.ndarray]]:
 
 def summarize(sample: Sample) -> str:
     meta = sample.meta
-    lines = [f"{sample.key}  time {meta.get('timestamp', '-')}  centre {meta['centre_lat']:.4f},"
-             f"{meta['centre_lon']:.4f}  cloud {meta.get('cloud_cover', math.nan):.1f}%  "
+    if "centre_lat" in meta:
+        where = f"centre {meta['centre_lat']:.4f},{meta['centre_lon']:.4f}"
+    else:  # PhilEO Bench patches: a region and the benchmark's coordinates, no georeferenced grid
+        where = f"region {meta.get('region', '-')} {meta.get('split', '')} coords {meta.get('coords')}"
+    lines = [f"{sample.key}  time {meta.get('timestamp', '-')}  {where}  "
+             f"cloud {meta.get('cloud_cover', math.nan):.1f}%  "
              f"nodata {meta.get('nodata', math.nan):.3f}  shape {meta['shape']}  crs {meta.get('crs', '-')}"]
     cells = [f"{band} {int(a.min())}/{int(a.max())}/{a.mean():.0f}" for band, a in band_arrays(sample)]
     lines.append("    min/max/mean  " + "  ".join(cells))

@@ -87,6 +87,10 @@ def _count(target: torch.Tensor, task: str) -> int:
 class FinetuneTrainer:
     def __init__(self, config: FinetuneConfig, world: World):
         self.config, self.world, self.run_dir = config, world, Path(config.run.out)
+        if world.is_primary:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
+            (self.run_dir / "history.jsonl").unlink(missing_ok=True)
         run, data = config.run, config.data
         self.task = run.task
         self.train_shards = resolve_shards(data.shards)
@@ -225,12 +229,8 @@ class FinetuneTrainer:
 def run_finetune(config: FinetuneConfig, world: World) -> dict:
     """One fine-tuning run in an initialised world; returns what it writes to metrics.json."""
     run_dir = Path(config.run.out)
-    if world.is_primary:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
-        (run_dir / "history.jsonl").unlink(missing_ok=True)
-    barrier(world)
     trainer = FinetuneTrainer(config, world)
+    barrier(world)
     started = time.monotonic()
     history = trainer.fit()
     results = {"task": config.run.task, "model": config.run.model, "init": config.run.init,
