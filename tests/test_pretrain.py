@@ -279,3 +279,11 @@ def test_vit_family_pretrains_with_the_same_trainer(uneven, tmp_path, model):
     assert result.exit_code == 0, result.output
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2] and all(math.isfinite(m["loss"]) for m in metrics)
+
+
+def test_default_learning_rates_follow_the_original_per_family():
+    from training.config import OptimConfig
+
+    assert OptimConfig().resolved_lrs("geoaware-unet-44m", 4) == pytest.approx((2e-4, 1e-6))
+    assert OptimConfig().resolved_lrs("vit-upernet-100m-pretrain", 4) == pytest.approx((6e-5, 1e-8))
+    assert OptimConfig(lr=1e-3, min_lr=0.0).resolved_lrs("phileo-vit", 4) == (1e-3, 0.0)

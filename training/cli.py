@@ -48,8 +48,9 @@ def main() -> None:
 @click.option("--epochs", type=int, default=1, show_default=True)
 @click.option("--steps", type=int, help="Optimizer steps (overrides --epochs).")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--lr", type=float, help="Peak learning rate [default: 1e-4 x sqrt(world size)].")
-@click.option("--min-lr", default=1e-6, show_default=True)
+@click.option("--lr", type=float, help="Peak learning rate [default: the original's, x sqrt(world size): "
+              "1e-4 for the U-Nets, 3e-5 for the ViTs].")
+@click.option("--min-lr", type=float, help="Final learning rate [default: 1e-6 U-Nets, 1e-8 ViTs].")
 @click.option("--weight-decay", default=0.01, show_default=True)
 @click.option("--warmup-steps", default=100, show_default=True)
 @click.option("--grad-clip", default=1.0, show_default=True)

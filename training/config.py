@@ -6,7 +6,12 @@ the run directory and inside every checkpoint.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
+
+# Pretraining (peak lr before x sqrt(world size), final lr) of the original scripts: train_model_ddp.py (CNN)
+# and train_model_vit_ddp.py (ViT; its schedule never ran because of a typo, original-code.md bug 5).
+DEFAULT_LRS = {"cnn": (1e-4, 1e-6), "vit": (3e-5, 1e-8)}
 
 
 class ConfigError(ValueError):
@@ -48,8 +53,8 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float | None = None  # None: 1e-4 x sqrt(world size), as the original U-Net
-    min_lr: float = 1e-6
+    lr: float | None = None  # None: the original's per family x sqrt(world size) (DEFAULT_LRS)
+    min_lr: float | None = None  # None: the original's per family
     weight_decay: float = 0.01
     warmup_steps: int = 100
     grad_clip: float = 1.0
@@ -58,8 +63,14 @@ class OptimConfig:
     def __post_init__(self) -> None:
         _positive("--lr", self.lr, allow_none=True)
         _positive("--grad-accum", self.grad_accum)
-        if self.min_lr < 0 or self.weight_decay < 0 or self.warmup_steps < 0 or self.grad_clip < 0:
+        if (self.min_lr or 0) < 0 or self.weight_decay < 0 or self.warmup_steps < 0 or self.grad_clip < 0:
             raise ConfigError("--min-lr, --weight-decay, --warmup-steps and --grad-clip must be >= 0")
+
+    def resolved_lrs(self, model: str, world_size: int) -> tuple[float, float]:
+        """(peak, final) learning rate: flags, else the original's defaults for the model family."""
+        family = "vit" if "vit" in model else "cnn"
+        base, final = DEFAULT_LRS[family]
+        return (self.lr or base * math.sqrt(world_size)), (final if self.min_lr is None else self.min_lr)
 
 
 @dataclass

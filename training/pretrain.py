@@ -70,7 +70,7 @@ class Trainer:
         self.amp = config.run.amp and (world.device.type == "cpu" or torch.cuda.is_bf16_supported())
         self.sharded = config.run.strategy == "fsdp" and world.distributed
         self.ddp = parallelize(self.model, world, config.run.strategy, self.amp, config.run.activation_checkpointing)
-        self.base_lr = config.optim.lr or 1e-4 * math.sqrt(world.world_size)
+        self.base_lr, self.min_lr = config.optim.resolved_lrs(config.run.model, world.world_size)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.base_lr,
                                            weight_decay=config.optim.weight_decay)
         self.step, self.epoch = 0, 0
@@ -175,7 +175,7 @@ class Trainer:
             if self.finished():
                 return False
             started = time.monotonic()
-            lr = lr_at(self.step, self.base_lr, self.config.optim.min_lr, self.config.optim.warmup_steps,
+            lr = lr_at(self.step, self.base_lr, self.min_lr, self.config.optim.warmup_steps,
                        self.total_steps)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
