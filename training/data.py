@@ -24,6 +24,7 @@ from phileo.bands import REFLECTANCE_SCALE
 from phileo.schema import SchemaError, decode_sample
 from training.epoch import EpochPlan, WorkerPlan
 from training.labels import crop_labels
+from training.remote import RemoteReadError
 from training.shards import open_shard
 
 log = logging.getLogger(__name__)
@@ -54,9 +55,11 @@ class BadDataPolicy:
 
     def __init__(self, max_bad_fraction: float, log_every: int = 100):
         self.max_bad_fraction, self.log_every, self.bad, self.good = max_bad_fraction, log_every, 0, 0
+        self.urls: dict[str, None] = {}  # shards with bad data, in order
 
     def record(self, url: str, error: Exception) -> bool:
         self.bad += 1
+        self.urls[url] = None
         if self.bad <= 10 or self.bad % self.log_every == 0:
             log.warning("skipping bad data in %s (%d so far): %s", url, self.bad, error)
         return True
@@ -64,8 +67,10 @@ class BadDataPolicy:
     def check(self, planned: int) -> None:
         lost = max(self.bad, planned - self.good)
         if planned and lost / planned > self.max_bad_fraction:
+            shards = ", ".join(list(self.urls)[:5]) + (" ..." if len(self.urls) > 5 else "")
             raise RuntimeError(f"{lost} of {planned} planned tiles unreadable (> --max-bad-fraction "
-                               f"{self.max_bad_fraction}); see the warnings above for the shards")
+                               f"{self.max_bad_fraction}); bad shards: {shards or 'none recorded'}; see the "
+                               "warnings above")
 
 
 class EpochTiles(torch.utils.data.IterableDataset):
@@ -109,8 +114,22 @@ class EpochTiles(torch.utils.data.IterableDataset):
 
 
 def read_tiles(url: str, policy: BadDataPolicy, skip_keys: frozenset = frozenset()) -> Iterator[dict]:
-    """Decoded tiles of one shard, in order; unreadable shards and samples go to `policy`."""
-    handler = lambda error: policy.record(url, error)  # noqa: E731
+    """Decoded tiles of one shard, in order; unreadable shards and samples go to `policy`.
+
+    A remote stream that gave up (RemoteReadError: retry budget spent) ends the shard: it is
+    recorded once, and the partial sample it was reading is dropped.
+    """
+    gave_up = False
+
+    def handler(error: Exception) -> bool:
+        nonlocal gave_up
+        if isinstance(error, RemoteReadError):
+            if not gave_up:
+                policy.record(url, error)
+            gave_up = True
+            return False
+        return policy.record(url, error)
+
     try:
         stream = open_shard(url)
     except OSError as error:
@@ -120,6 +139,8 @@ def read_tiles(url: str, policy: BadDataPolicy, skip_keys: frozenset = frozenset
         samples = group_by_keys(tar_file_expander([{"url": url, "stream": stream}], handler=handler),
                                 handler=handler)
         for raw in samples:
+            if gave_up:
+                return
             if raw["__key__"] not in skip_keys:
                 tile = _decode(raw, url, policy)
                 if tile is not None:

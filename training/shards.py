@@ -1,22 +1,28 @@
 """Resolve `--shards` into a list of shard URLs with their sample counts.
 
-Accepted: a manifest.json path or http(s) URL (preferred: it gives sample counts), a
+Accepted: a manifest.json path or http(s)/s3 URL (preferred: it gives sample counts), a
 dataset directory (its manifest.json, else its *.tar files), a text file of URLs, or a
-brace pattern (`dir/shards/{000000..000039}-0000.tar`). Counts of local shards without a
-manifest are read from the tar headers (no pixel data is read).
+brace pattern (`dir/shards/{000000..000039}-0000.tar`, also of s3:// or https:// URLs).
+Counts of local shards without a manifest are read from the tar headers (no pixel data is
+read); those of remote shards from the dataset's index.parquet (next to shards/).
+Remote reads go through training/remote.py: streamed, retried, resumed at the byte offset.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import posixpath
 import tarfile
-import urllib.request
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 from webdataset.shardlists import expand_urls
 
+from training.remote import open_remote
+
+RESUMABLE_PREFIXES = ("http://", "https://", "s3://")
 REMOTE_PREFIXES = ("http://", "https://", "s3://", "pipe:")
 
 
@@ -31,11 +37,14 @@ class ShardInfo:
 
 
 def open_shard(url: str):
-    """A readable byte stream of a shard: local file, http(s) (urllib, streamed), else webdataset's gopen."""
+    """A readable byte stream: local file; http(s)/s3 streamed with retry + resume; else webdataset's gopen.
+
+    OSError (RemoteReadError for http(s)/s3) when the shard cannot be opened.
+    """
     if url.startswith("file://"):
         url = url[len("file://"):]
-    if url.startswith(("http://", "https://")):
-        return urllib.request.urlopen(url, timeout=60)  # noqa: S310 (user-given URL)
+    if url.startswith(RESUMABLE_PREFIXES):
+        return open_remote(url)
     if not is_remote(url):
         return open(url, "rb")
     from webdataset import gopen
@@ -49,8 +58,8 @@ def is_remote(url: str) -> bool:
 
 def _read_text(url: str) -> str:
     if is_remote(url):
-        with urllib.request.urlopen(url, timeout=60) as response:  # noqa: S310 (user-given URL)
-            return response.read().decode("utf-8")
+        with open_shard(url) as stream:
+            return stream.read().decode("utf-8")
     return Path(url).read_text()
 
 
@@ -78,12 +87,45 @@ def count_tar_samples(path: str) -> int:
     return len(keys)
 
 
-def _with_counts(spec: str, urls: list[str]) -> list[ShardInfo]:
+def index_counts(index_url: str) -> Counter:
+    """Samples per shard (relative URL, as in the manifest) from a dataset's index.parquet.
+
+    Reads the whole file (tens of MB for millions of samples); the manifest is the cheaper source.
+    """
+    import pyarrow.parquet as pq
+
+    with open_shard(index_url) as stream:
+        table = pq.read_table(io.BytesIO(stream.read()), columns=["shard"])
+    return Counter(table.column("shard").to_pylist())
+
+
+def _remote_counts(spec: str, urls: list[str]) -> list[ShardInfo]:
+    """Counts of remote shards `<root>/shards/<name>.tar` from `<root>/index.parquet`."""
+    indexes: dict[str, Counter] = {}
     shards = []
     for url in urls:
-        if is_remote(url):
-            raise ShardSpecError(f"--shards {spec}: sample counts of remote shards are unknown; pass the "
+        root = posixpath.dirname(posixpath.dirname(url))
+        if root not in indexes:
+            try:
+                indexes[root] = index_counts(f"{root}/index.parquet")
+            except (OSError, ValueError, KeyError) as error:
+                raise ShardSpecError(f"--shards {spec}: sample counts of remote shards are unknown ({error}); "
+                                     "pass the dataset's manifest.json URL instead") from error
+        samples = indexes[root].get(url[len(root) + 1:], 0)
+        if not samples:
+            raise ShardSpecError(f"--shards {spec}: {url} has no samples in {root}/index.parquet")
+        shards.append(ShardInfo(url, samples))
+    return shards
+
+
+def _with_counts(spec: str, urls: list[str]) -> list[ShardInfo]:
+    if any(is_remote(url) for url in urls):
+        if not all(url.startswith(RESUMABLE_PREFIXES) for url in urls):
+            raise ShardSpecError(f"--shards {spec}: sample counts of these remote shards are unknown; pass the "
                                  "dataset's manifest.json URL instead")
+        return _remote_counts(spec, urls)
+    shards = []
+    for url in urls:
         if not Path(url).is_file():
             raise ShardSpecError(f"--shards {spec}: {url} does not exist")
         try:

@@ -14,7 +14,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 from rasterio.errors import RasterioError
 from rasterio.io import MemoryFile
 
@@ -22,6 +21,7 @@ from phileo.bands import ALL_BANDS, CLOUD_MASK, RESOLUTION_GROUPS
 from phileo.geo import corners_lonlat_from_transform
 from phileo.schema import CLOUD, SCHEMA_VERSION, Sample
 from sharding.errors import RowError
+from sharding.sources.remote import column_ranges, open_parquet
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ READ_COLUMNS = ["product_id", "grid_cell", "product_datetime", "thumbnail", *BAN
 
 def iter_parquet_rows(path: str, rows: list[int], with_thumbnail: bool) -> Iterator[tuple[int, dict]]:
     """Yield (row, {column: value}) for the sorted `rows` of one file, one row group in memory at a time."""
-    parquet = pq.ParquetFile(path)
+    parquet, remote = open_parquet(path)
     columns = [c for c in READ_COLUMNS if c != "thumbnail" or with_thumbnail]
     columns = [c for c in columns if c in parquet.schema_arrow.names]
     starts, start = [], 0
@@ -45,6 +45,8 @@ def iter_parquet_rows(path: str, rows: list[int], with_thumbnail: bool) -> Itera
         wanted = bisect.bisect_right(starts, row) - 1
         if wanted != group_index:
             group_index, group = wanted, None  # free the previous row group before reading the next
+            if remote is not None:  # one ranged GET spanning the row group's columns
+                remote.fetch(*column_ranges(parquet, wanted, columns), keep=False)
             group = parquet.read_row_group(wanted, columns=columns)
         offset = row - starts[group_index]
         yield row, {name: group.column(name)[offset].as_py() for name in columns}

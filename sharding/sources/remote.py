@@ -1,0 +1,220 @@
+"""Remote inputs (s3://, http(s)://, hf://): byte ranges through fsspec, with retries.
+
+A remote parquet file is read as a MajorTOM reader needs it: its size (one HEAD), its footer
+(the last FOOTER_BYTES in one ranged GET; Core-S2L2A footers are ~1-1.5 MB), then one ranged
+GET per row group, spanning exactly the column chunks read. pyarrow parses from those cached
+bytes, so the bytes fetched per tile stay ~1x the tile and no read-ahead is wasted.
+
+S3 uses s3fs with the standard AWS environment (AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL,
+AWS_ACCESS_KEY_ID, ...; never logged); HTTP uses fsspec's aiohttp client; hf:// uses
+huggingface_hub's HfFileSystem (HF_TOKEN from the environment, if any).
+
+Transient errors (HTTP 408/429/5xx, connection resets, timeouts, truncated bodies) are retried
+with bounded exponential backoff and jitter; each retry is logged and counted in RETRIES (per
+process). When the budget is spent RemoteUnavailable is raised: not an OSError, so a unit fails
+as a whole (the build's resume reruns it) instead of rejecting rows. Missing objects (404) are
+FileNotFoundError, as for local files.
+
+Environment knobs: PHILEO_REMOTE_RETRIES (default 6), PHILEO_REMOTE_BACKOFF_S (first delay,
+default 0.5 s; doubled per failure up to 30 s).
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import logging
+import os
+import random
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+import pyarrow.parquet as pq
+
+log = logging.getLogger(__name__)
+
+SCHEMES = ("s3://", "http://", "https://", "hf://")
+FOOTER_BYTES = 2 << 20
+RETRY_STATUS = frozenset({408, 425, 429})  # plus every 5xx
+MAX_DELAY_S = 30.0
+RETRIES = {"count": 0}  # per process; units report the difference over their run
+T = TypeVar("T")
+
+
+class RemoteUnavailable(RuntimeError):
+    """A remote read kept failing after the retry budget; the message names the URL."""
+
+
+def is_remote(path: str | None) -> bool:
+    return bool(path) and str(path).startswith(SCHEMES)
+
+
+def retry_count() -> int:
+    return RETRIES["count"]
+
+
+def filesystem(url: str):
+    """The fsspec filesystem for a URL (cached per process by fsspec)."""
+    if url.startswith("s3://"):
+        import s3fs
+
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        return s3fs.S3FileSystem(endpoint_url=endpoint)
+    if url.startswith("hf://"):
+        from huggingface_hub import HfFileSystem
+
+        return HfFileSystem()
+    import fsspec
+
+    return fsspec.filesystem("https" if url.startswith("https://") else "http")
+
+
+def is_transient(error: BaseException) -> bool:
+    """Network trouble and server overload are worth retrying; missing objects and bad requests are not."""
+    status = getattr(error, "status", None) or getattr(error, "code", None)
+    response = getattr(error, "response", None)
+    if status is None and isinstance(response, dict):
+        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    if isinstance(status, int) and status >= 400:
+        return status in RETRY_STATUS or status >= 500
+    if isinstance(error, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        return False
+    if isinstance(error, OSError):
+        return error.errno != errno.EINVAL
+    return type(error).__module__.split(".")[0] in {"aiohttp", "botocore", "aiobotocore", "requests",
+                                                    "urllib3", "asyncio"} or isinstance(error, TimeoutError)
+
+
+def with_retries(url: str, what: str, action: Callable[[], T]) -> T:
+    """Run `action`, retrying transient errors with backoff + jitter; RemoteUnavailable when spent."""
+    budget = int(os.environ.get("PHILEO_REMOTE_RETRIES", 6))
+    first_delay = float(os.environ.get("PHILEO_REMOTE_BACKOFF_S", 0.5))
+    failures = 0
+    while True:
+        try:
+            return action()
+        except Exception as error:  # noqa: BLE001 (classified just below)
+            if not is_transient(error):
+                raise
+            failures += 1
+            if failures > budget:
+                raise RemoteUnavailable(f"{url}: {what} failed after {budget} retries: "
+                                        f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+                                        ) from error
+            delay = min(first_delay * 2 ** (failures - 1), MAX_DELAY_S) * random.uniform(0.5, 1.0)
+            log.warning("%s: %s failed (%s); retry %d/%d in %.2f s", url, what, type(error).__name__,
+                        failures, budget, delay)
+            RETRIES["count"] += 1
+            time.sleep(delay)
+
+
+def read_range(url: str, start: int, end: int) -> bytes:
+    """Bytes [start, end) of a remote object in one ranged GET (retried; a short body is retried too)."""
+    fs = filesystem(url)
+
+    def fetch() -> bytes:
+        data = fs.cat_file(url, start=start, end=end)
+        if len(data) != end - start:
+            raise ConnectionResetError(f"got {len(data)} bytes of range {start}-{end}")
+        return data
+
+    return with_retries(url, f"GET bytes {start}-{end}", fetch)
+
+
+def read_bytes(url: str) -> bytes:
+    """A whole (small) remote object: list files, metadata.parquet."""
+    fs = filesystem(url)
+    return with_retries(url, "GET", lambda: fs.cat_file(url))
+
+
+def object_size(url: str) -> int:
+    fs = filesystem(url)
+    return int(with_retries(url, "HEAD", lambda: fs.size(url)))
+
+
+class CachedRanges(io.RawIOBase):
+    """A seekable read-only file over byte ranges fetched up front; a miss is one more ranged GET."""
+
+    def __init__(self, url: str, size: int):
+        super().__init__()
+        self.url, self.size, self.position = url, size, 0
+        self.blocks: list[tuple[int, bytes]] = []
+        self.fetched = 0  # bytes fetched, for tests and logs
+
+    def fetch(self, start: int, end: int, keep: bool = True) -> None:
+        """Fetch [start, end) in one GET; `keep=False` drops earlier non-footer blocks first."""
+        start, end = max(0, start), min(self.size, end)
+        if not keep:
+            self.blocks = self.blocks[:1]
+        if start < end and not self._cached(start, end):
+            self.blocks.append((start, read_range(self.url, start, end)))
+            self.fetched += end - start
+
+    def _cached(self, start: int, end: int) -> bytes | None:
+        for offset, data in self.blocks:
+            if offset <= start and end <= offset + len(data):
+                return data[start - offset:end - offset]
+        return None
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.position, io.SEEK_END: self.size}[whence]
+        self.position = base + offset
+        return self.position
+
+    def readinto(self, buffer) -> int:
+        view = memoryview(buffer).cast("B")
+        end = min(self.size, self.position + len(view))
+        if end <= self.position:
+            return 0
+        data = self._cached(self.position, end)
+        if data is None:
+            log.debug("%s: cache miss at %d-%d", self.url, self.position, end)
+            self.fetch(self.position, end)
+            data = self._cached(self.position, end)
+        view[:len(data)] = data
+        self.position = end
+        return len(data)
+
+
+def open_remote_parquet(url: str) -> tuple[pq.ParquetFile, CachedRanges]:
+    """A ParquetFile over a remote object: one HEAD and one footer GET (two if the footer is larger)."""
+    source = CachedRanges(url, object_size(url))
+    source.fetch(source.size - FOOTER_BYTES, source.size)
+    footer_length = int.from_bytes(source._cached(source.size - 8, source.size - 4), "little")
+    if footer_length + 8 > min(source.size, FOOTER_BYTES):  # larger than the sample: fetch all of it
+        source.blocks.clear()
+        source.fetch(source.size - footer_length - 8, source.size)
+    return pq.ParquetFile(source), source
+
+
+def column_ranges(parquet: pq.ParquetFile, group: int, columns: list[str]) -> tuple[int, int]:
+    """The byte span [start, end) of the named columns' chunks in one row group."""
+    meta = parquet.metadata.row_group(group)
+    spans = []
+    for index in range(meta.num_columns):
+        chunk = meta.column(index)
+        if chunk.path_in_schema in columns:
+            first = chunk.data_page_offset
+            if chunk.has_dictionary_page and chunk.dictionary_page_offset is not None:
+                first = min(first, chunk.dictionary_page_offset)
+            spans.append((first, first + chunk.total_compressed_size))
+    if not spans:
+        return 0, 0
+    return min(s for s, _ in spans), max(e for _, e in spans)
+
+
+def open_parquet(path: str) -> tuple[pq.ParquetFile, CachedRanges | None]:
+    """Local path -> (ParquetFile, None); URL -> (ParquetFile over cached ranges, the ranges)."""
+    if is_remote(path):
+        return open_remote_parquet(path)
+    return pq.ParquetFile(path), None
