@@ -33,6 +33,8 @@ _GEO_META = ("corners_lonlat", "centre_lat", "centre_lon")
 REQUIRED_META_BY_SOURCE = {
     "majortom": _GEO_META + ("grid_cell", "product_id", "timestamp", "crs", "transform", "bounds_lonlat",
                              "cloud_cover", "nodata"),
+    "fasttom": _GEO_META + ("grid_cell", "product_id", "timestamp", "crs", "transform", "bounds_lonlat",
+                            "cloud_cover", "nodata", "quadrant", "majortom_key"),
     # PhilEO Bench patches carry the benchmark's own coordinates (`coords`), not a georeferenced grid
     "phileo-bench": ("region", "bucket", "split", "tile", "coords", "task_labels"),
 }

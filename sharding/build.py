@@ -11,7 +11,9 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import pyarrow as pa
@@ -22,10 +24,15 @@ from phileo import __version__
 from phileo.schema import DEFAULT_CLEVEL
 from sharding.distributor import run_local
 from sharding.errors import InputError
+from sharding.fasttom import FastTomRules
 from sharding.labels import LabelSpec, check_label_rasters, validate_label_specs
 from sharding.manifest import INDEX, MANIFEST, REJECTED, finalize
+from sharding.nodes import NODES_DIR, NodeShare, finish_node, publish_shared
 from sharding.plan import Filters, assign_units, select_rows
-from sharding.sources.majortom_catalog import list_majortom
+from sharding.ray_executor import run_ray
+from sharding.sources.geotiff_catalog import list_geotiff_folders
+from sharding.sources.remote import is_remote
+from sharding.sources.remote_catalog import list_source
 from sharding.unit import UnitOptions, unit_stats_path
 from sharding.writer import TMP_SUFFIX, atomic_write
 
@@ -34,7 +41,7 @@ log = logging.getLogger(__name__)
 BUILD_INFO = "build.json"
 PLAN = "plan.parquet"
 PLAN_REJECTED = "plan_rejected.jsonl"
-OWNED = {BUILD_INFO, PLAN, PLAN_REJECTED, MANIFEST, INDEX, REJECTED, "shards", "units"}
+OWNED = {BUILD_INFO, PLAN, PLAN_REJECTED, MANIFEST, INDEX, REJECTED, "shards", "units", NODES_DIR}
 
 
 @dataclass(frozen=True)
@@ -50,6 +57,9 @@ class BuildArgs:
     clevel: int = DEFAULT_CLEVEL
     thumbnails: bool = False
     labels: tuple[LabelSpec, ...] = ()
+    fasttom: FastTomRules | None = None  # --source fasttom: one quadrant per tile, FastTOM's rules
+    tile_source: str = "majortom"  # or "geotiff": per-sample folders of GeoTIFFs
+    metadata: str | None = None  # --metadata: plan from a metadata.parquet (path or URL)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "labels", tuple(self.labels))  # callers may pass a list; keep it hashable
@@ -65,13 +75,19 @@ class BuildArgs:
         """JSON of what the dataset depends on (not where it is written)."""
         args = asdict(self)
         args.pop("output")
-        args["input"] = str(Path(self.input).resolve())
+        args["input"] = self.input if not self.input or is_remote(self.input) else str(Path(self.input).resolve())
+        if args["metadata"] is None:  # absent without --metadata: build.json of earlier builds still match
+            args.pop("metadata")
         filters = args["filters"]
         if filters["grid_cells"] is not None:
             filters["grid_cells"] = sorted(filters["grid_cells"])
         if filters["bbox"] is not None:
             filters["bbox"] = list(filters["bbox"])
         args.pop("labels")
+        if args["fasttom"] is None:  # absent for majortom: build.json of earlier builds still match
+            args.pop("fasttom")
+        if args["tile_source"] == "majortom":
+            args.pop("tile_source")
         if self.labels:  # absent without labels: build.json of builds before --label still match
             args["labels"] = [spec.defining() for spec in sorted(self.labels, key=lambda spec: spec.name)]
         return args
@@ -87,12 +103,14 @@ class BuildSummary:
     bytes_in: int = 0
     seconds: float = 0.0
     failed_units: list[dict] = field(default_factory=list)
+    retries: int = 0  # remote reads retried in this run
 
     def line(self) -> str:
         rate = self.written / self.seconds if self.seconds else 0.0
         return (f"wrote {self.written} tiles in {self.shards} shards ({self.bytes_out / 1e6:.1f} MB from "
                 f"{self.bytes_in / 1e6:.1f} MB of GeoTIFF), rejected {self.rejected}, filtered {self.filtered}, "
-                f"in {self.seconds:.1f} s ({rate:.2f} tiles/s)")
+                f"in {self.seconds:.1f} s ({rate:.2f} tiles/s)" + (f", {self.retries} remote retries"
+                                                                    if self.retries else ""))
 
 
 def prepare_output(args: BuildArgs, overwrite: bool) -> dict | None:
@@ -123,21 +141,25 @@ def prepare_output(args: BuildArgs, overwrite: bool) -> dict | None:
     return info
 
 
-def make_plan(args: BuildArgs) -> dict:
-    """List, filter and cut the input into units; saves the plan, build.json last."""
+def make_plan(args: BuildArgs, write: Callable = atomic_write) -> dict:
+    """List, filter and cut the input into units; saves the plan (with `write`), build.json last."""
     output = Path(args.output)
-    catalog = list_majortom(args.input)
+    if args.tile_source == "geotiff":
+        catalog = list_geotiff_folders(args.input)
+    else:
+        catalog = list_source(args.input, args.metadata, args.filters)
     rows, duplicates, filtered = select_rows(catalog, args.filters)
     units = assign_units(rows, args.shard_size, args.mix_groups, args.seed)
     planned = [row | {"unit": unit} for unit, unit_rows in enumerate(units) for row in unit_rows]
     table = pa.Table.from_pylist(planned) if planned else pa.table({"unit": pa.array([], pa.int64())})
-    atomic_write(output / PLAN, lambda p: pq.write_table(table, p))
+    write(output / PLAN, lambda p: pq.write_table(table, p))
     rejected = catalog.rejected + duplicates
-    atomic_write(output / PLAN_REJECTED, lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in rejected)))
-    info = {"schema": "phileo-shard/1", "source": "majortom", "layout": catalog.layout, "tool_version": __version__,
+    write(output / PLAN_REJECTED, lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in rejected)))
+    source = "fasttom" if args.fasttom else args.tile_source
+    info = {"schema": "phileo-shard/1", "source": source, "layout": catalog.layout, "tool_version": __version__,
             "args": args.defining(), "units": len(units), "planned_tiles": len(planned),
             "filtered_at_plan": filtered}
-    atomic_write(output / BUILD_INFO, lambda p: p.write_text(json.dumps(info, indent=1)))
+    write(output / BUILD_INFO, lambda p: p.write_text(json.dumps(info, indent=1)))
     log.info("planned %d tiles in %d units (%d rejected, %d filtered)", len(planned), len(units),
              len(rejected), filtered)
     return info
@@ -154,22 +176,34 @@ def load_units(output: Path) -> list[list[dict]]:
     return units
 
 
-def build(args: BuildArgs, workers: int = 1, overwrite: bool = False) -> BuildSummary:
-    """Build (or resume) a dataset; returns the summary. Raises InputError on bad input."""
+def build(args: BuildArgs, workers: int = 1, overwrite: bool = False, executor: str = "local",
+          ray_address: str | None = None, node: NodeShare | None = None, sink=None) -> BuildSummary:
+    """Build (or resume) a dataset, or only `node`'s share of it; returns the summary. Raises InputError."""
     started = time.monotonic()
     check_label_rasters(args.labels)
     output = Path(args.output)
-    info = prepare_output(args, overwrite) or make_plan(args)
+    info = prepare_output(args, overwrite) or make_plan(args, publish_shared if node else atomic_write)
+    if sink is not None:  # --output s3://: output is its staging directory (sharding/remote_output.py)
+        sink.publish_plan()
     units = load_units(output)
     pending = [(unit, rows) for unit, rows in enumerate(units) if not unit_stats_path(output, unit).is_file()]
+    pending = node.select(pending, units) if node else pending
     options = UnitOptions(str(output), info["layout"], args.shard_size, args.filters, args.clevel, args.thumbnails,
-                          args.labels)
+                          args.labels, args.fasttom, sink=sink.url if sink is not None else None)
     summary = BuildSummary()
     log.info("%d of %d units to build (%d already complete)", len(pending), len(units), len(units) - len(pending))
-    _run_with_progress(pending, options, workers, summary, started)
-    if not summary.failed_units:
+    runner = run_local if executor == "local" else partial(run_ray, address=ray_address)
+    _run_with_progress(pending, options, workers, summary, started, runner)
+    if node and not summary.failed_units:
+        totals = finish_node(output, node, units)["totals"]
+        summary.written, summary.shards, summary.bytes_out = totals["samples"], totals["shards"], totals["bytes"]
+        summary.rejected, summary.filtered = totals["rejected"], totals["filtered"]
+        summary.bytes_in = totals["bytes_in"]
+    elif not summary.failed_units:
         plan_rejected = [json.loads(line) for line in (output / PLAN_REJECTED).read_text().splitlines()]
         manifest = finalize(output, info, len(units), plan_rejected, info["filtered_at_plan"])
+        if sink is not None:
+            sink.publish_final()
         totals = manifest["totals"]
         summary.written, summary.shards, summary.bytes_out = totals["samples"], totals["shards"], totals["bytes"]
         summary.rejected, summary.filtered = totals["rejected"], totals["filtered"]
@@ -179,7 +213,7 @@ def build(args: BuildArgs, workers: int = 1, overwrite: bool = False) -> BuildSu
 
 
 def _run_with_progress(pending: list, options: UnitOptions, workers: int, summary: BuildSummary,
-                       started: float) -> None:
+                       started: float, runner: Callable = run_local) -> None:
     total_tiles = sum(len(rows) for _, rows in pending)
     moved = {"in": 0, "out": 0}
     with tqdm(total=total_tiles, unit="tile", desc="build", dynamic_ncols=True) as bar:
@@ -192,7 +226,8 @@ def _run_with_progress(pending: list, options: UnitOptions, workers: int, summar
                                 f"out {moved['out'] * megabytes_per_s:.1f} MB/s", refresh=False)
             bar.update(1)
 
-        for result in run_local(pending, options, workers, on_tile):
+        for result in runner(pending, options, workers, on_tile):
+            summary.retries += result.get("retries", 0)
             if "error" in result:
                 log.error("unit %d failed: %s\n%s", result["unit"], result["error"], result["traceback"])
                 summary.failed_units.append(result)

@@ -55,11 +55,17 @@ def run_or_exit(function, *args, **kwargs):
 
 
 @main.command()
-@click.option("--source", type=click.Choice(["majortom", "phileo-bench"]), default="majortom", show_default=True)
-@click.option("--input", "input_path", required=True, multiple=True,
-              help="majortom: images/*.parquet dir, one .parquet, or extracted layout. phileo-bench: a directory "
-                   "of .npy files or zips, or .zip / .zip.001 files (repeatable).")
-@click.option("--output", required=True, help="Output dataset directory.")
+@click.option("--source", type=click.Choice(["majortom", "fasttom", "geotiff", "phileo-bench"]), default="majortom",
+              show_default=True, help="fasttom: MajorTOM input, one 516 px quadrant per tile by FastTOM's rules. "
+              "geotiff: a directory of per-sample folders (B*.tif, cloud_mask.tif, optional metadata.json).")
+@click.option("--input", "input_path", multiple=True,
+              help="majortom: images/*.parquet dir, one .parquet, or extracted layout; or s3://bucket/prefix, "
+                   "hf://datasets/Major-TOM/Core-S2L2A, a parquet URL, or a .txt/.json list of parquet URLs. "
+                   "phileo-bench: a directory of .npy files or zips, or .zip / .zip.001 files (repeatable).")
+@click.option("--output", required=True, help="Output dataset directory, or s3://bucket/prefix.")
+@click.option("--metadata", help="majortom: plan from this metadata.parquet (path or URL): filter its rows, then "
+                                 "read only the selected row groups; --input, if given, is the root its "
+                                 "parquet_url paths are rebased onto.")
 @click.option("--shard-size", default="1GB", show_default=True, help="Target shard size (1GB, 500MB, bytes).")
 @click.option("--max-cloud", type=float, help="Keep tiles with cloud cover <= this percentage.")
 @click.option("--max-nodata", type=float, help="Keep tiles with no-data fraction <= this (0..1).")
@@ -76,7 +82,15 @@ def run_or_exit(function, *args, **kwargs):
 @click.option("--label", "labels", multiple=True, metavar="NAME=RASTER[:nearest|average]",
               help="Co-register a static raster (any CRS, read by windows) onto each tile as label_NAME; "
                    "repeatable. Default resampling: average for buildings, else nearest.")
-@click.option("--workers", default=1, show_default=True, help="Worker processes.")
+@click.option("--workers", default=1, show_default=True, help="Worker processes (--executor ray: CPUs of the local "
+                                                              "cluster started when there is no --ray-address).")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="majortom: run work units on a local process pool or as Ray tasks.")
+@click.option("--ray-address", help="majortom, --executor ray: address of an existing Ray cluster "
+                                    "(default: start a local one).")
+@click.option("--num-nodes", type=int, help="majortom: static multi-node build (SLURM): build only --node-rank's "
+                                           "share of the units, then run `phileo-shard merge`.")
+@click.option("--node-rank", type=int, help="majortom, with --num-nodes: this node's rank, 0..num-nodes-1.")
 @click.option("--overwrite", is_flag=True, help="Delete a previous build in --output and start over.")
 @click.option("--strict", is_flag=True, help="Exit non-zero if any row was rejected.")
 @click.option("--task", help="phileo-bench n-shot: roads, buildings and/or landcover, comma-separated.")
@@ -84,6 +98,10 @@ def run_or_exit(function, *args, **kwargs):
 @click.option("--indices", help="phileo-bench n-shot: directory of the benchmark's indices_*_{name}_{task}_{n}.json "
                                 "files, used instead of the seeded selection.")
 @click.option("--indices-name", default="128_10M", show_default=True, help="phileo-bench: {name} of --indices files.")
+@click.option("--min-clear", type=float, default=0.33, show_default=True,
+              help="fasttom: drop tiles whose clearest quadrant has a smaller cloud-free fraction.")
+@click.option("--max-water", type=float, default=0.5, show_default=True,
+              help="fasttom: drop tiles whose quadrant has a larger water fraction (needs --label water=RASTER).")
 @click.option("--density-scale", type=click.Choice(["auto", "1", "100"]), default="auto", show_default=True,
               help="phileo-bench: divisor of roads/buildings labels to get a 0..1 density; auto = 100 when a "
                    "label file's maximum exceeds 1.")
@@ -95,11 +113,13 @@ def build(input_path: tuple[str, ...], output: str, shard_size: str, grid_cells_
         _check_options_for_source(source)
         if workers < 1:
             raise InputError(f"--workers {workers}: expected at least 1")
+        if not input_path and (source == "phileo-bench" or not options["metadata"]):
+            raise InputError("--input: required (majortom: unless --metadata is given)")
         if source == "phileo-bench":
             return _run_bench_build(input_path, output, shard_size, workers, overwrite, options)
         # majortom takes one input; as before --input became repeatable, the last one given wins
-        return _run_majortom_build(input_path[-1], output, shard_size, grid_cells_file, mix_files, workers,
-                                   overwrite, options)
+        return _run_majortom_build(input_path[-1] if input_path else None, output, shard_size, grid_cells_file,
+                                   mix_files, workers, overwrite, options, source)
 
     summary = run_or_exit(prepare_and_run)
     click.echo(summary.line())
@@ -114,8 +134,9 @@ def build(input_path: tuple[str, ...], output: str, shard_size: str, grid_cells_
 
 
 _MAJORTOM_ONLY = ("max_cloud", "max_nodata", "bbox", "start", "end", "grid_cells_file", "limit", "mix_files",
-                  "thumbnails", "labels")
+                  "thumbnails", "labels", "executor", "ray_address", "num_nodes", "node_rank")
 _BENCH_ONLY = ("task", "n_shot", "indices", "indices_name", "density_scale")
+_FASTTOM_ONLY = ("min_clear", "max_water")
 
 
 def _check_options_for_source(source: str) -> None:
@@ -123,7 +144,9 @@ def _check_options_for_source(source: str) -> None:
     context = click.get_current_context()
     explicit = [param for param in context.command.params
                 if context.get_parameter_source(param.name) not in (None, click.core.ParameterSource.DEFAULT)]
-    other = _BENCH_ONLY if source == "majortom" else _MAJORTOM_ONLY
+    other = {"majortom": _BENCH_ONLY + _FASTTOM_ONLY, "geotiff": _BENCH_ONLY + _FASTTOM_ONLY + ("metadata",),
+             "fasttom": _BENCH_ONLY}.get(source,
+                                                                                _MAJORTOM_ONLY + _FASTTOM_ONLY)
     for param in explicit:
         if param.name in other:
             raise InputError(f"{param.opts[0]} is not used with --source {source}")
@@ -138,11 +161,13 @@ def _split_list(value: str | None, flag: str, convert=str) -> tuple:
         raise InputError(f"{flag} {value!r}: expected a comma-separated list of numbers") from error
 
 
-def _run_majortom_build(input_path: str, output: str, shard_size: str, grid_cells_file: str | None,
-                        mix_files: int, workers: int, overwrite: bool, options: dict):
+def _run_majortom_build(input_path: str | None, output: str, shard_size: str, grid_cells_file: str | None,
+                        mix_files: int, workers: int, overwrite: bool, options: dict, source: str = "majortom"):
     from sharding.build import BuildArgs
     from sharding.build import build as run_build
+    from sharding.fasttom import WATER_LABEL, FastTomRules
     from sharding.labels import parse_label_spec
+    from sharding.nodes import distributed_kwargs
     from sharding.plan import Filters, read_grid_cells_file
 
     grid_cells = read_grid_cells_file(grid_cells_file) if grid_cells_file else None
@@ -150,9 +175,19 @@ def _run_majortom_build(input_path: str, output: str, shard_size: str, grid_cell
                       options["start"], options["end"], grid_cells, options["limit"])
     labels = tuple(parse_label_spec(text) for text in options["labels"])
     seed = 0 if options["seed"] is None else options["seed"]
+    rules = FastTomRules(options["min_clear"], options["max_water"]) if source == "fasttom" else None
+    if rules and rules.max_water < 1 and WATER_LABEL not in {spec.name for spec in labels}:
+        raise InputError("--source fasttom: the water rule needs --label water=RASTER (or --max-water 1 to skip it)")
     args = BuildArgs(input_path, output, filters, _parse_size(shard_size), mix_files, seed,
-                     options["clevel"], options["thumbnails"], labels)
-    return run_build(args, workers=workers, overwrite=overwrite)
+                     options["clevel"], options["thumbnails"], labels, rules, metadata=options["metadata"],
+                     tile_source="geotiff" if source == "geotiff" else "majortom")
+    if output.startswith("s3://"):  # staged locally, published as units complete (sharding/remote_output.py)
+        from sharding.remote_output import build_to_remote
+
+        if options.get("num_nodes"):
+            raise InputError(f"--output {output}: --num-nodes with an s3:// output is not supported yet")
+        return build_to_remote(args, workers=workers, overwrite=overwrite, **distributed_kwargs(options, overwrite))
+    return run_build(args, workers=workers, overwrite=overwrite, **distributed_kwargs(options, overwrite))
 
 
 def _run_bench_build(inputs: tuple[str, ...], output: str, shard_size: str, workers: int, overwrite: bool,
@@ -260,6 +295,15 @@ def coverage(dataset: str, out: str) -> None:
 
     counts, png, json_path = run_or_exit(coverage_map, dataset, out)
     click.echo(counts.line(png, json_path))
+
+
+@main.command()
+@click.argument("output")
+def merge(output: str) -> None:
+    """Finish a --num-nodes build: check every node's units are complete, then write index and manifest."""
+    from sharding.merge import merge as run_merge
+
+    click.echo(run_or_exit(run_merge, output).line())
 
 
 if __name__ == "__main__":

@@ -22,10 +22,12 @@ import pyarrow.parquet as pq
 from phileo.bands import ALL_BANDS, RESOLUTION_GROUPS
 from phileo.schema import DEFAULT_CLEVEL, Sample
 from sharding.errors import RowError
+from sharding.fasttom import FastTomRules, fasttom_quadrant
 from sharding.labels import LabelSpec, add_labels, close_label_rasters, open_label_rasters
 from sharding.plan import Filters
 from sharding.sources.majortom import BAND_COLUMNS, decode_majortom_row, iter_parquet_rows, read_extracted_product
 from sharding.sources.majortom_catalog import reject
+from sharding.sources.remote import retry_count
 from sharding.writer import TMP_SUFFIX, UnitShardWriter, atomic_write
 
 log = logging.getLogger(__name__)
@@ -46,6 +48,8 @@ class UnitOptions:
     clevel: int = DEFAULT_CLEVEL
     with_thumbnail: bool = False
     labels: tuple[LabelSpec, ...] = ()
+    fasttom: FastTomRules | None = None
+    sink: str | None = None  # s3:// output URL: publish the unit's files there (sharding/remote_output.py)
 
 
 def unit_stats_path(output: Path, unit: int) -> Path:
@@ -96,6 +100,7 @@ def build_unit(unit: int, rows: list[dict], options: UnitOptions, progress: Prog
     index, rejected = [], []
     counts = {"filtered": 0, "bytes_in": 0}
     rasters = open_label_rasters(options.labels)
+    retries_before = retry_count()
     try:
         for row, columns in iter_unit_rows(rows, options.layout, options.with_thumbnail):
             bytes_in = counts["bytes_in"]
@@ -103,6 +108,8 @@ def build_unit(unit: int, rows: list[dict], options: UnitOptions, progress: Prog
             entry = {"bytes": 0}
             if sample is not None:
                 add_labels(sample, rasters)  # a raster read error fails the unit: a rerun retries it
+                sample = _fasttom(sample, options, counts)
+            if sample is not None:
                 sample_band_histogram(sample, histogram)
                 entry = writer.write(sample)
                 index.append(entry | {name: sample.meta[name] for name in INDEX_FIELDS if name not in entry})
@@ -118,7 +125,12 @@ def build_unit(unit: int, rows: list[dict], options: UnitOptions, progress: Prog
     stats = {"unit": unit, "planned": len(rows), "written": len(index), "rejected": rejected,
              "filtered": counts["filtered"], "bytes_in": counts["bytes_in"],
              "bytes_out": sum(shard.bytes for shard in shards), "shards": [s.to_json() for s in shards]}
+    stats["retries"] = retry_count() - retries_before  # remote reads retried (sharding/sources/remote.py)
     atomic_write(unit_stats_path(output, unit), lambda p: p.write_text(json.dumps(stats)))
+    if options.sink:  # shards, index, histogram, then the stats object last
+        from sharding.remote_output import publish_unit
+
+        publish_unit(options.sink, unit, stats, unit_stats_path(output, unit))
     return stats
 
 
@@ -137,6 +149,18 @@ def _convert(row: dict, columns: dict | str, options: UnitOptions, rejected: lis
         counts["filtered"] += 1
         return None
     return sample
+
+
+def _fasttom(sample: Sample, options: UnitOptions, counts: dict) -> Sample | None:
+    """The tile's FastTOM quadrant (labels co-registered on the whole tile first), or None when dropped."""
+    if options.fasttom is None:
+        return sample
+    quadrant = fasttom_quadrant(sample, options.fasttom)
+    if isinstance(quadrant, str):
+        counts["filtered"] += 1
+        log.debug("%s: dropped by the FastTOM rules: %s", sample.key, quadrant)
+        return None
+    return quadrant
 
 
 def _write_unit_files(output: Path, unit: int, index: list[dict], histogram: np.ndarray) -> None:

@@ -14,14 +14,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import rasterio
 from rasterio.errors import RasterioError
 from rasterio.io import MemoryFile
+from rasterio.session import DummySession
 
 from phileo.bands import ALL_BANDS, CLOUD_MASK, RESOLUTION_GROUPS
 from phileo.geo import corners_lonlat_from_transform
 from phileo.schema import CLOUD, SCHEMA_VERSION, Sample
 from sharding.errors import RowError
-from sharding.sources.remote import column_ranges, open_parquet
+from sharding.sources.remote import column_spans, open_parquet
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +48,7 @@ def iter_parquet_rows(path: str, rows: list[int], with_thumbnail: bool) -> Itera
         if wanted != group_index:
             group_index, group = wanted, None  # free the previous row group before reading the next
             if remote is not None:  # one ranged GET spanning the row group's columns
-                remote.fetch(*column_ranges(parquet, wanted, columns), keep=False)
+                remote.fetch_spans(column_spans(parquet, wanted, columns), keep=False)
             group = parquet.read_row_group(wanted, columns=columns)
         offset = row - starts[group_index]
         yield row, {name: group.column(name)[offset].as_py() for name in columns}
@@ -80,7 +82,10 @@ def _read_geotiff(column: str, data: bytes | None) -> tuple[np.ndarray, str, tup
 
 def decode_bands(columns: dict) -> tuple[dict[str, np.ndarray], str, tuple[float, ...]]:
     """Decode + cross-check all band GeoTIFFs: (arrays by member, crs, 10 m transform)."""
-    decoded = {name: _read_geotiff(name, columns.get(name)) for name in BAND_COLUMNS}
+    # In-memory GeoTIFFs need no cloud session; without this, rasterio builds a boto3 session per
+    # read whenever AWS keys are in the environment (28 ms instead of 1 ms each: 9x slower builds).
+    with rasterio.Env(session=DummySession()):
+        decoded = {name: _read_geotiff(name, columns.get(name)) for name in BAND_COLUMNS}
     reference, crs, transform = decoded["B02"]
     height, width = reference.shape
     if height % 6 or width % 6:
@@ -147,7 +152,7 @@ def decode_majortom_row(plan_row: dict, columns: dict, with_thumbnail: bool) -> 
     computed_nodata = nodata_fraction(arrays["s2_10m"])
     known = plan_row["cloud_cover"] == plan_row["cloud_cover"]  # NaN when metadata.parquet lacks it
     meta = {
-        "schema": SCHEMA_VERSION, "source": "majortom", "key": plan_row["key"],
+        "schema": SCHEMA_VERSION, "source": plan_row.get("source") or "majortom", "key": plan_row["key"],
         "grid_cell": plan_row["grid_cell"], "product_id": plan_row["product_id"],
         "timestamp": plan_row["timestamp"], "crs": crs, "transform": list(transform),
         "shape": [height, width],

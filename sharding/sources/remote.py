@@ -35,8 +35,10 @@ import pyarrow.parquet as pq
 log = logging.getLogger(__name__)
 
 SCHEMES = ("s3://", "http://", "https://", "hf://")
-FOOTER_BYTES = 2 << 20
+FOOTER_BYTES = int(os.environ.get("PHILEO_REMOTE_FOOTER_KB", 2048)) << 10  # the footer sample, one GET
 RETRY_STATUS = frozenset({408, 425, 429})  # plus every 5xx
+TRANSIENT_MODULES = frozenset({"aiohttp", "botocore", "aiobotocore", "requests", "urllib3", "asyncio", "httpx",
+                               "httpcore"})  # their exceptions without an HTTP status: network trouble
 MAX_DELAY_S = 30.0
 RETRIES = {"count": 0}  # per process; units report the difference over their run
 T = TypeVar("T")
@@ -74,16 +76,17 @@ def is_transient(error: BaseException) -> bool:
     """Network trouble and server overload are worth retrying; missing objects and bad requests are not."""
     status = getattr(error, "status", None) or getattr(error, "code", None)
     response = getattr(error, "response", None)
-    if status is None and isinstance(response, dict):
+    if status is None and isinstance(response, dict):  # botocore ClientError
         status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    elif status is None and response is not None:  # huggingface_hub / httpx / requests
+        status = getattr(response, "status_code", None)
     if isinstance(status, int) and status >= 400:
         return status in RETRY_STATUS or status >= 500
     if isinstance(error, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
         return False
     if isinstance(error, OSError):
         return error.errno != errno.EINVAL
-    return type(error).__module__.split(".")[0] in {"aiohttp", "botocore", "aiobotocore", "requests",
-                                                    "urllib3", "asyncio"} or isinstance(error, TimeoutError)
+    return isinstance(error, TimeoutError) or type(error).__module__.split(".")[0] in TRANSIENT_MODULES
 
 
 def with_retries(url: str, what: str, action: Callable[[], T]) -> T:
@@ -99,9 +102,9 @@ def with_retries(url: str, what: str, action: Callable[[], T]) -> T:
                 raise
             failures += 1
             if failures > budget:
+                detail = (str(error).splitlines() or [""])[0]
                 raise RemoteUnavailable(f"{url}: {what} failed after {budget} retries: "
-                                        f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-                                        ) from error
+                                        f"{type(error).__name__}: {detail}") from error
             delay = min(first_delay * 2 ** (failures - 1), MAX_DELAY_S) * random.uniform(0.5, 1.0)
             log.warning("%s: %s failed (%s); retry %d/%d in %.2f s", url, what, type(error).__name__,
                         failures, budget, delay)
@@ -109,12 +112,28 @@ def with_retries(url: str, what: str, action: Callable[[], T]) -> T:
             time.sleep(delay)
 
 
+_HF_FILES: dict[str, object] = {}  # hf:// URL -> open file (one resolver request per file, not per range)
+
+
+def _hf_range(url: str, start: int, end: int) -> bytes:
+    """hf://: HfFileSystem's file without a cache: each read is exactly one ranged GET."""
+    file = _HF_FILES.get(url)
+    if file is None:
+        file = _HF_FILES[url] = filesystem(url).open(url, "rb", cache_type="none")
+    try:
+        file.seek(start)
+        return file.read(end - start)
+    except Exception:
+        _HF_FILES.pop(url, None)  # reopen after a failure
+        raise
+
+
 def read_range(url: str, start: int, end: int) -> bytes:
     """Bytes [start, end) of a remote object in one ranged GET (retried; a short body is retried too)."""
     fs = filesystem(url)
 
     def fetch() -> bytes:
-        data = fs.cat_file(url, start=start, end=end)
+        data = _hf_range(url, start, end) if url.startswith("hf://") else fs.cat_file(url, start=start, end=end)
         if len(data) != end - start:
             raise ConnectionResetError(f"got {len(data)} bytes of range {start}-{end}")
         return data
@@ -142,11 +161,16 @@ class CachedRanges(io.RawIOBase):
         self.blocks: list[tuple[int, bytes]] = []
         self.fetched = 0  # bytes fetched, for tests and logs
 
-    def fetch(self, start: int, end: int, keep: bool = True) -> None:
-        """Fetch [start, end) in one GET; `keep=False` drops earlier non-footer blocks first."""
-        start, end = max(0, start), min(self.size, end)
+    def fetch_spans(self, spans: list[tuple[int, int]], keep: bool = True) -> None:
+        """One GET per span; `keep=False` first drops every block but the footer (the previous row group)."""
         if not keep:
             self.blocks = self.blocks[:1]
+        for start, end in spans:
+            self.fetch(start, end)
+
+    def fetch(self, start: int, end: int) -> None:
+        """Fetch [start, end) in one GET unless already cached."""
+        start, end = max(0, start), min(self.size, end)
         if start < end and not self._cached(start, end):
             self.blocks.append((start, read_range(self.url, start, end)))
             self.fetched += end - start
@@ -197,8 +221,9 @@ def open_remote_parquet(url: str) -> tuple[pq.ParquetFile, CachedRanges]:
     return pq.ParquetFile(source), source
 
 
-def column_ranges(parquet: pq.ParquetFile, group: int, columns: list[str]) -> tuple[int, int]:
-    """The byte span [start, end) of the named columns' chunks in one row group."""
+def column_spans(parquet: pq.ParquetFile, group: int, columns: list[str], max_gap: int = 64 << 10
+                 ) -> list[tuple[int, int]]:
+    """Byte spans [start, end) of the named columns' chunks in one row group, merged across gaps < max_gap."""
     meta = parquet.metadata.row_group(group)
     spans = []
     for index in range(meta.num_columns):
@@ -208,9 +233,13 @@ def column_ranges(parquet: pq.ParquetFile, group: int, columns: list[str]) -> tu
             if chunk.has_dictionary_page and chunk.dictionary_page_offset is not None:
                 first = min(first, chunk.dictionary_page_offset)
             spans.append((first, first + chunk.total_compressed_size))
-    if not spans:
-        return 0, 0
-    return min(s for s, _ in spans), max(e for _, e in spans)
+    merged: list[list[int]] = []
+    for start, end in sorted(spans):
+        if merged and start - merged[-1][1] < max_gap:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    return [(start, end) for start, end in merged]
 
 
 def open_parquet(path: str) -> tuple[pq.ParquetFile, CachedRanges | None]:

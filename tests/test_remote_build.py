@@ -1,0 +1,323 @@
+"""`phileo-shard build` from HTTP / S3 inputs into S3 outputs, against real servers on 127.0.0.1.
+
+An HTTP server with Range support (and optional 429/500 faults) serves the fixture; SeaweedFS
+(tools/s3_server.py) is the S3 endpoint. Every remote build must give the shards of the local
+build byte for byte.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from functools import partial
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from sharding.sources import remote
+from sharding.sources.remote import RemoteUnavailable, is_transient, with_retries
+from tests.conftest import read_manifest, run_shard
+from tests.s3_server import S3ServerError, SeaweedS3
+
+BUILD_ARGS = ("--shard-size", "300KB", "--mix-files", "2")  # as the `built` fixture
+FOOTER_KB = 64  # fixture files are < 1 MB: a smaller footer sample so row groups are fetched by range
+
+
+class RangeFiles(BaseHTTPRequestHandler):
+    """GET/HEAD of files under `state["root"]` with `Range: bytes=a-b | a- | -n`; every `fail_every`-th
+    ranged GET is answered 429 or 500 (alternately). Counts requests, ranged GETs and body bytes per path."""
+
+    def __init__(self, *args, state: dict, **kwargs):
+        self.state = state
+        super().__init__(*args, **kwargs)
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def do_HEAD(self) -> None:  # noqa: N802 (http.server API)
+        self._serve(head=True)
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server API)
+        self._serve(head=False)
+
+    def _serve(self, head: bool) -> None:
+        path = Path(self.state["root"]) / self.path.lstrip("/").split("?")[0]
+        if not path.is_file():
+            self.send_error(404)
+            return
+        data, ranged = path.read_bytes(), self.headers.get("Range")
+        start, end = 0, len(data)
+        if ranged and not head:
+            with self.state["lock"]:
+                self.state["ranged"] += 1
+                fault = self.state["fail_every"] and self.state["ranged"] % self.state["fail_every"] == 0
+                self.state["faults"] += bool(fault)
+            if fault:
+                self.send_error(429 if self.state["faults"] % 2 else 500)
+                return
+            first, last = re.fullmatch(r"bytes=(\d*)-(\d*)", ranged).groups()
+            start, end = (len(data) - int(last), len(data)) if not first else (
+                int(first), min(len(data), int(last) + 1) if last else len(data))
+            if self.state["down_except_footers"] and end < len(data):
+                self.send_error(503)
+                return
+        body = data[start:end]
+        self.send_response(206 if ranged and not head else 200)
+        self.send_header("Content-Length", str(len(body) if not head else len(data)))
+        self.send_header("Accept-Ranges", "bytes")
+        if ranged and not head:
+            self.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(data)}")
+        self.end_headers()
+        if not head:
+            self.wfile.write(body)
+            with self.state["lock"]:
+                self.state["gets"].append((path.name, start, end, len(data)))
+
+
+@pytest.fixture
+def http(majortom):
+    """(base URL, state) of a Range server over the fixture; state["fail_every"] turns faults on."""
+    state = {"root": str(majortom[0]), "lock": threading.Lock(), "ranged": 0, "faults": 0, "gets": [],
+             "fail_every": 0, "down_except_footers": False}
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(RangeFiles, state=state))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", state
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    try:
+        with SeaweedS3(tmp_path_factory.mktemp("seaweed")) as server:
+            yield server
+    except S3ServerError as error:  # pragma: no cover (environment without weed)
+        pytest.fail(f"SeaweedFS did not start: {error}")
+
+
+@pytest.fixture
+def s3_env(s3, monkeypatch, tmp_path):
+    for name, value in s3.env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("PHILEO_STAGING_DIR", str(tmp_path / "staging"))
+    monkeypatch.setenv("PHILEO_REMOTE_BACKOFF_S", "0.01")
+    monkeypatch.setattr(remote, "FOOTER_BYTES", FOOTER_KB << 10)
+    return s3
+
+
+def s3_objects(s3: SeaweedS3, prefix: str) -> dict[str, bytes]:
+    client = s3.client()
+    keys = [item["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=s3.bucket,
+                                                                                      Prefix=prefix + "/")
+            for item in page.get("Contents", [])]
+    return {key[len(prefix) + 1:]: client.get_object(Bucket=s3.bucket, Key=key)["Body"].read() for key in keys}
+
+
+def assert_same_dataset_on_s3(s3: SeaweedS3, prefix: str, local: Path) -> dict[str, bytes]:
+    """The S3 dataset's manifest lists the local build's shards and every shard object hashes to it."""
+    objects = s3_objects(s3, prefix)
+    manifest = json.loads(objects["manifest.json"])
+    expected = [(s["url"], s["sha256"]) for s in read_manifest(local)["shards"]]
+    assert [(s["url"], s["sha256"]) for s in manifest["shards"]] == expected
+    shards = {name: data for name, data in objects.items() if name.startswith("shards/")}
+    assert sorted(shards) == [url for url, _ in expected]  # nothing partial or extra under shards/
+    for url, digest in expected:
+        assert hashlib.sha256(shards[url]).hexdigest() == digest
+    assert (local / "index.parquet").read_bytes() == objects["index.parquet"]
+    return objects
+
+
+def row_group_bytes(path: Path, columns: set[str]) -> int:
+    meta = pq.ParquetFile(path).metadata
+    return sum(meta.row_group(g).column(c).total_compressed_size for g in range(meta.num_row_groups)
+               for c in range(meta.num_columns) if meta.row_group(g).column(c).path_in_schema in columns)
+
+
+def test_http_metadata_build_into_s3_is_byte_identical_and_reads_each_tile_once(majortom, built, http, s3_env):
+    base, state = http
+    result = run_shard("build", "--metadata", f"{base}/metadata.parquet", "--input", base,
+                       "--output", s3_env.url("from-http"), *BUILD_ARGS)
+    assert result.exit_code == 0, result.output
+    assert_same_dataset_on_s3(s3_env, "from-http", built)
+    files = sorted((majortom[0] / "images").glob("*.parquet"))
+    tiles = sum(row_group_bytes(f, set(pq.ParquetFile(f).schema_arrow.names) - {"thumbnail"}) for f in files)
+    gets = [get for get in state["gets"] if get[0].startswith("part_")]
+    footer_gets = [get for get in gets if get[2] == get[3]]  # ranges that end at the end of the file
+    served = sum(end - start for _, start, end, size in gets if end != size)
+    units = json.loads(s3_objects(s3_env, "from-http")["build.json"])["units"]
+    # every tile's chunks fetched once (+ the small thumbnail between the id and band columns) ...
+    assert tiles <= served <= 1.1 * tiles, (served, tiles)
+    assert len(gets) - len(footer_gets) == sum(pq.ParquetFile(f).metadata.num_row_groups for f in files)
+    # ... plus one footer sample per file at plan time and per unit reading it, each one GET of FOOTER_KB
+    assert all(end - start == FOOTER_KB << 10 for _, start, end, _ in footer_gets)
+    assert len(files) <= len(footer_gets) <= len(files) * (1 + units)
+
+
+def test_metadata_filters_first_then_reads_only_the_selected_files_and_row_groups(majortom, http, tmp_path,
+                                                                                  monkeypatch):
+    base, state = http
+    monkeypatch.setattr(remote, "FOOTER_BYTES", FOOTER_KB << 10)
+    bbox = ("--bbox", "0,0,180,90")  # the fixture has one file per quadrant: only the north-east one is kept
+    local = run_shard("build", "--input", str(majortom[0]), "--output", str(tmp_path / "a"), *bbox)
+    assert local.exit_code == 0, local.output
+    kept = pq.read_table(tmp_path / "a" / "index.parquet").column("key").to_pylist()
+    assert 0 < len(kept) < len(majortom[1])
+    result = run_shard("build", "--metadata", f"{base}/metadata.parquet", "--input", base,
+                       "--output", str(tmp_path / "b"), *bbox)
+    assert result.exit_code == 0, result.output
+    assert read_manifest(tmp_path / "a")["shards"] == read_manifest(tmp_path / "b")["shards"]
+    read = {name for name, *_ in state["gets"] if name.startswith("part_")}
+    assert len(read) == 1, read
+    meta = pq.ParquetFile(majortom[0] / "images" / read.pop()).metadata
+    row_group_gets = [g for g in state["gets"] if g[0].startswith("part_") and g[2] != g[3]]
+    assert len(row_group_gets) <= meta.num_row_groups and len(row_group_gets) >= len(kept)
+
+
+def test_s3_input_build_into_s3_is_byte_identical(majortom, built, s3_env):
+    source = s3_env.upload_dir(majortom[0], "src")
+    result = run_shard("build", "--input", source, "--output", s3_env.url("from-s3"), *BUILD_ARGS)
+    assert result.exit_code == 0, result.output
+    assert_same_dataset_on_s3(s3_env, "from-s3", built)
+    again = run_shard("build", "--input", source, "--output", s3_env.url("from-s3"), *BUILD_ARGS)
+    assert again.exit_code == 0, again.output  # resumed: every unit skipped, the same dataset
+    assert_same_dataset_on_s3(s3_env, "from-s3", built)
+
+
+def test_s3_output_refuses_foreign_objects_and_overwrite_starts_over(majortom, s3_env):
+    s3_env.client().put_object(Bucket=s3_env.bucket, Key="mixed/notes.txt", Body=b"mine")
+    foreign = run_shard("build", "--input", str(majortom[0]), "--output", s3_env.url("mixed"))
+    assert foreign.exit_code == 2 and "notes.txt" in foreign.output and "s3://" in foreign.output
+    args = ("build", "--input", str(majortom[0]), "--output", s3_env.url("ow"), "--shard-size", "1")
+    assert run_shard(*args, "--limit", "3").exit_code == 0
+    refused = run_shard(*args, "--limit", "1")  # other arguments: refused, as for a directory
+    assert refused.exit_code == 2 and f"{s3_env.url('ow')} holds a build made with other arguments" in refused.output
+    replaced = run_shard(*args, "--limit", "1", "--overwrite")
+    assert replaced.exit_code == 0, replaced.output
+    objects = s3_objects(s3_env, "ow")
+    manifest = json.loads(objects["manifest.json"])
+    assert manifest["totals"]["samples"] == 1
+    assert sorted(n for n in objects if n.startswith("shards/")) == [s["url"] for s in manifest["shards"]]
+
+
+def test_flaky_http_still_gives_the_identical_build_and_reports_retries(built, http, tmp_path, monkeypatch):
+    base, state = http
+    state["fail_every"] = 4
+    monkeypatch.setenv("PHILEO_REMOTE_BACKOFF_S", "0.01")
+    monkeypatch.setattr(remote, "FOOTER_BYTES", FOOTER_KB << 10)
+    out = tmp_path / "ds"
+    result = run_shard("build", "--metadata", f"{base}/metadata.parquet", "--input", base, "--output", str(out),
+                       *BUILD_ARGS)
+    assert result.exit_code == 0, result.output
+    assert [s["sha256"] for s in read_manifest(out)["shards"]] == [s["sha256"] for s in read_manifest(built)["shards"]]
+    reported = int(re.search(r"(\d+) remote retries", result.output).group(1))
+    unit_retries = sum(json.loads(p.read_text())["retries"] for p in (out / "units").glob("*[0-9].json"))
+    assert state["faults"] > 0 and 0 < reported == unit_retries <= state["faults"]
+
+
+def test_unit_fails_when_retries_are_spent_and_a_rerun_completes_it(built, http, tmp_path, monkeypatch):
+    base, state = http
+    state["down_except_footers"] = True  # planning works (footers), every row group read gets 503
+    monkeypatch.setenv("PHILEO_REMOTE_RETRIES", "2")
+    monkeypatch.setenv("PHILEO_REMOTE_BACKOFF_S", "0.001")
+    monkeypatch.setattr(remote, "FOOTER_BYTES", FOOTER_KB << 10)
+    args = ("build", "--metadata", f"{base}/metadata.parquet", "--input", base, "--output", str(tmp_path / "ds"),
+            *BUILD_ARGS)
+    failed = run_shard(*args)
+    assert failed.exit_code == 1 and "RemoteUnavailable" in failed.output and "after 2 retries" in failed.output
+    assert not (tmp_path / "ds" / "manifest.json").exists() and not list((tmp_path / "ds").glob("units/*.json"))
+    state["down_except_footers"] = False
+    rerun = run_shard(*args)
+    assert rerun.exit_code == 0, rerun.output
+    assert read_manifest(tmp_path / "ds")["shards"] == read_manifest(built)["shards"]
+
+
+def test_http_parquet_list_input_matches_a_local_build_of_the_same_files(majortom, http, tmp_path):
+    base, _ = http
+    images = sorted((majortom[0] / "images").glob("*.parquet"))
+    (tmp_path / "images").mkdir()
+    for path in images:  # the local reference without metadata.parquet (cloud/nodata from pixels)
+        (tmp_path / "images" / path.name).symlink_to(path)
+    listing = tmp_path / "parts.json"
+    listing.write_text(json.dumps([f"{base}/images/{p.name}" for p in images]))
+    local = run_shard("build", "--input", str(tmp_path / "images"), "--output", str(tmp_path / "a"), *BUILD_ARGS)
+    assert local.exit_code == 0, local.output
+    # a list file served over HTTP, with entries relative to it
+    (majortom[0] / "parts.txt").write_text("".join(f"images/{p.name}\n" for p in images))
+    try:
+        remote_build = run_shard("build", "--input", f"{base}/parts.txt", "--output", str(tmp_path / "b"),
+                                 *BUILD_ARGS)
+    finally:
+        (majortom[0] / "parts.txt").unlink()
+    assert remote_build.exit_code == 0, remote_build.output
+    digests = [[s["sha256"] for s in read_manifest(tmp_path / name)["shards"]] for name in ("a", "b")]
+    assert digests[0] == digests[1] and len(digests[0]) >= 4
+
+
+def test_http_directory_without_listing_is_a_one_line_error(http, tmp_path):
+    base, _ = http
+    result = run_shard("build", "--input", f"{base}/images/", "--output", str(tmp_path / "x"))
+    assert result.exit_code == 2 and "HTTP has no listing" in result.output and base in result.output
+
+
+def test_retries_are_bounded_and_permanent_errors_are_not_retried(monkeypatch):
+    monkeypatch.setenv("PHILEO_REMOTE_RETRIES", "3")
+    monkeypatch.setenv("PHILEO_REMOTE_BACKOFF_S", "0.001")
+    calls = {"n": 0}
+
+    def overloaded():
+        calls["n"] += 1
+        raise ConnectionResetError("reset by peer")
+
+    before = remote.retry_count()
+    with pytest.raises(RemoteUnavailable, match="after 3 retries"):
+        with_retries("http://x/y", "GET", overloaded)
+    assert calls["n"] == 4 and remote.retry_count() - before == 3
+    with pytest.raises(FileNotFoundError):
+        with_retries("http://x/y", "GET", lambda: (_ for _ in ()).throw(FileNotFoundError("gone")))
+    assert not is_transient(FileNotFoundError()) and is_transient(TimeoutError())
+
+
+@pytest.mark.slow
+def test_build_into_s3_killed_mid_way_resumes_with_every_key_exactly_once(majortom, built, s3_env, tmp_path):
+    prefix, out = "killed", s3_env.url("killed")
+    command = [sys.executable, "-m", "sharding.cli", "build", "--input", str(majortom[0]), "--output", out,
+               "--shard-size", "1", "--workers", "1"]
+    env = os.environ | s3_env.env | {"PHILEO_STAGING_DIR": str(tmp_path / "staging")}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    client, deadline = s3_env.client(), time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        listed = client.list_objects_v2(Bucket=s3_env.bucket, Prefix=f"{prefix}/units/")
+        if any(re.search(r"/units/\d{6}\.json$", item["Key"]) for item in listed.get("Contents", [])):
+            break
+        time.sleep(0.02)
+    assert process.poll() is None, "the build finished before it could be killed"
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    partial_objects = s3_objects(s3_env, prefix)
+    assert "manifest.json" not in partial_objects and "build.json" in partial_objects
+    done = [name for name in partial_objects if re.fullmatch(r"units/\d{6}\.json", name)]
+    assert 1 <= len(done) < json.loads(partial_objects["build.json"])["units"]
+    rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    objects = s3_objects(s3_env, prefix)
+    manifest = json.loads(objects["manifest.json"])
+    assert sorted(n for n in objects if n.startswith("shards/")) == sorted(s["url"] for s in manifest["shards"])
+    for shard in manifest["shards"]:
+        assert hashlib.sha256(objects[shard["url"]]).hexdigest() == shard["sha256"]
+    for name, data in partial_objects.items():  # what the killed run had published was already complete
+        assert not name.startswith("shards/") or objects[name] == data
+    keys = pq.read_table(pa.BufferReader(objects["index.parquet"])).column("key").to_pylist()
+    expected = pq.read_table(built / "index.parquet").column("key").to_pylist()
+    assert len(keys) == len(set(keys)) == manifest["totals"]["samples"] and sorted(keys) == sorted(expected)
