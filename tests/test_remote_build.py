@@ -288,6 +288,28 @@ def test_retries_are_bounded_and_permanent_errors_are_not_retried(monkeypatch):
     assert not is_transient(FileNotFoundError()) and is_transient(TimeoutError())
 
 
+def test_rate_limited_retries_wait_as_long_as_retry_after_says(monkeypatch):
+    """The Hub answers 429 with Retry-After: the wait is at least that, never shorter than our backoff."""
+
+    class RateLimited(Exception):
+        status, headers = 429, {"Retry-After": "7"}
+
+    slept = []
+    monkeypatch.setattr(remote.time, "sleep", slept.append)
+    monkeypatch.setenv("PHILEO_REMOTE_BACKOFF_S", "0.001")
+    attempts = iter([RateLimited(), RateLimited(), None])
+
+    def action():
+        error = next(attempts)
+        if error is not None:
+            raise error
+        return b"ok"
+
+    assert with_retries("hf://datasets/x/y", "GET", action) == b"ok"
+    assert slept == [7.0, 7.0]
+    assert remote.retry_after_s(ConnectionResetError()) == 0.0
+
+
 @pytest.mark.slow
 def test_build_into_s3_killed_mid_way_resumes_with_every_key_exactly_once(majortom, built, s3_env, tmp_path):
     prefix, out = "killed", s3_env.url("killed")

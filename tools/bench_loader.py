@@ -45,6 +45,9 @@ from training.bench_data import BenchConfig, BenchResult, run_bench
 from training.config import DataConfig
 from training.labels import cloud_fractions
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tools/ is not installed
+from tools.docs_section import write_docs_section  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `tools` is not an installed package: import it from this checkout
 DOCS = ROOT / "docs" / "benchmarks.md"
@@ -375,19 +378,6 @@ def docs_section(args: argparse.Namespace, best: dict, tables: list[str], loads:
         "profile shows where (a) spends the time that the decode bound (d) does not.", ""])
 
 
-def write_docs(section: str) -> None:
-    """Insert or replace this tool's section only; other sections are left byte for byte."""
-    text = DOCS.read_text()
-    start = text.find(SECTION)
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        nxt = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + section + ("\n" + text[nxt + 1:] if nxt >= 0 else "")
-    DOCS.write_text(text.rstrip("\n") + "\n")
-    print(f"wrote {DOCS}")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if min(args.workers, args.repeat, args.batch_size) < 1 or args.tiles % 4 or args.seconds <= 0:
@@ -412,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + "\n".join(tables) + f"\n\nworst round-to-round spread {best['spread']:.1f}x; "
           f"total {time.perf_counter() - started:.0f} s")
     if args.write_docs:
-        write_docs(docs_section(args, best, tables, loads))
+        write_docs_section(SECTION, docs_section(args, best, tables, loads))
     return 0
 
 

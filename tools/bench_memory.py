@@ -29,6 +29,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tools/ is not installed
+from tools.docs_section import write_docs_section  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs" / "benchmarks.md"
 SECTION = "## Model memory (tools/bench_memory.py)"
@@ -168,15 +171,6 @@ def table(rows: list[tuple[str, dict, dict]], batch: int) -> str:
     return "\n".join(lines)
 
 
-def write_docs(body: str) -> None:
-    text = DOCS.read_text() if DOCS.exists() else ""  # re-read right before writing: others edit the file too
-    start = text.find(SECTION)
-    if start >= 0:
-        nxt = text.find("\n## ", start + len(SECTION))
-        text = text[:start].rstrip("\n") + ("\n\n" + text[nxt + 1:] if nxt >= 0 else "")
-    DOCS.write_text(text.rstrip("\n") + "\n\n" + body.rstrip("\n") + "\n")
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=16, help="crops per step (pretraining forwards 2x: both views)")
@@ -236,8 +230,7 @@ so extrapolated step times overstate; treat extrapolated figures as order-of-mag
 
 {result}
 """
-    write_docs(body)
-    print(f"wrote {SECTION!r} to {DOCS}")
+    write_docs_section(SECTION, body)
 
 
 def _mem_gb() -> float:

@@ -28,6 +28,9 @@ from pathlib import Path
 
 import psutil
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tools/ is not installed
+from tools.docs_section import write_docs_section  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `tools` is not an installed package: import it from this checkout
 
@@ -158,17 +161,35 @@ def docs_section(args: argparse.Namespace, rows: list[str], loads: list[str], in
         "machine is shared (see the load): compare figures within this run only.", ""])
 
 
-def write_docs(section: str) -> None:
-    """Append this tool's section, or replace it where it exists; other sections are left byte for byte."""
-    text = DOCS.read_text()
-    start = text.find(SECTION)
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        nxt = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + section + ("\n" + text[nxt + 1:] if nxt >= 0 else "")
-    DOCS.write_text(text.rstrip("\n") + "\n")
-    print(f"wrote {DOCS}")
+def remote_build_bytes(parquet_prefix: str, tmp: Path, tiles: int) -> dict:
+    """Build from s3:// parquet in this process, counting every byte fetched (footers, row groups, listing)."""
+    from sharding import build as build_module
+    from sharding.sources import remote as remote_source
+    from sharding.sources import remote_catalog
+
+    fetched = {"bytes": 0, "requests": 0}
+    originals = {name: getattr(remote_source, name) for name in ("read_range", "read_bytes")}
+
+    def counting(function):
+        def wrapper(*a, **k):
+            data = function(*a, **k)
+            fetched["bytes"], fetched["requests"] = fetched["bytes"] + len(data), fetched["requests"] + 1
+            return data
+        return wrapper
+
+    patched = [(module, name) for module in (remote_source, remote_catalog) for name in originals
+               if hasattr(module, name)]
+    for module, name in patched:
+        setattr(module, name, counting(originals[name]))
+    try:
+        started = time.perf_counter()
+        summary = build_module.build(build_module.BuildArgs(parquet_prefix, str(tmp / "from-s3")), workers=1)
+        seconds = time.perf_counter() - started
+    finally:
+        for module, name in patched:
+            setattr(module, name, originals[name])
+    assert summary.written == tiles, f"remote build wrote {summary.written} of {tiles} tiles"
+    return fetched | {"seconds": seconds}
 
 
 def run(args: argparse.Namespace, tmp: Path) -> tuple[list[str], dict]:
@@ -186,9 +207,21 @@ def run(args: argparse.Namespace, tmp: Path) -> tuple[list[str], dict]:
         best = measure(args, {"local": str(dataset / "manifest.json"), "s3": f"{prefix}/manifest.json"},
                        psutil.Process(s3.process.pid))
         info["retries"], info["server_cpu_s_per_gb"] = remote.STATS.retries, best["server_cpu_s_per_gb"]
+        parquet_bytes = sum(p.stat().st_size for p in (tmp / "parquet" / "images").glob("*.parquet"))
+        info["build"] = remote_build_bytes(s3.upload_dir(tmp / "parquet", "raw"), tmp, args.tiles)
+        info["build"]["parquet_bytes_per_tile"] = parquet_bytes / args.tiles
+        info["build"]["fetched_per_tile"] = info["build"]["bytes"] / args.tiles
     version = subprocess.run(["weed", "version"], capture_output=True, text=True).stdout
     info["weed"] = next(iter(re.findall(r"\b\d+\.\d+\b", version)), "?")
-    return tables(best, args, info["bytes_per_tile"]), info
+    build = info["build"]
+    rows = tables(best, args, info["bytes_per_tile"]) + [
+        "", "| remote build (s3:// parquet -> local shards, 1 worker) | value |", "|---|---|",
+        f"| source parquet bytes per tile | {build['parquet_bytes_per_tile'] / MB:.3f} MB |",
+        f"| bytes fetched per tile (footers + row groups + listing) | {build['fetched_per_tile'] / MB:.3f} MB "
+        f"(**{build['fetched_per_tile'] / build['parquet_bytes_per_tile']:.2f}x** the tile) |",
+        f"| GET/HEAD requests per tile | {build['requests'] / args.tiles:.1f} |",
+        f"| build time | {build['seconds']:.1f} s |"]
+    return rows, info
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -206,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     loads.append(", ".join(f"{x:.2f}" for x in os.getloadavg()))
     print("\n" + "\n".join(rows))
     if args.write_docs:
-        write_docs(docs_section(args, rows, loads, info))
+        write_docs_section(SECTION, docs_section(args, rows, loads, info))
     return 0
 
 

@@ -29,11 +29,12 @@ from phileo.schema import DEFAULT_CLEVEL, decode_array, encode_array
 from sharding.errors import RowError
 from sharding.sources.majortom import BAND_COLUMNS, decode_bands, iter_parquet_rows
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tools/ is not installed
+from tools.docs_section import write_docs_section  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs" / "benchmarks.md"
 SECTION = "## Shard build (tools/bench_shard.py)"
-DOCS_HEADER = ("# Benchmarks\n\nMeasured figures of the tools in tools/, each section written by the tool "
-               "named in its heading. Rerun the command shown to refresh a section.\n")
 CLEVELS, EXTRA_LEVELS = (1, 3, 5, 7, 9), (1, 3)
 MB = 1e6
 # Runs the build in a fresh interpreter. Peak RSS = VmHWM of its own address space: ru_maxrss
@@ -343,19 +344,6 @@ def docs_section(args: argparse.Namespace, base: dict, tables: list[str], synthe
         *tables, ""])
 
 
-def write_docs(section: str) -> None:
-    text = DOCS.read_text() if DOCS.is_file() else DOCS_HEADER
-    start = text.find(SECTION)
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        nxt = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + section + ("\n" + text[nxt + 1:] if nxt >= 0 else "")
-    DOCS.parent.mkdir(parents=True, exist_ok=True)
-    DOCS.write_text(text.rstrip("\n") + "\n")
-    print(f"wrote {DOCS}")
-
-
 def measure(args: argparse.Namespace, work: Path) -> tuple[dict, list[dict], list[dict], list[str]]:
     input_path = args.input or make_fixture(work / "input", args.tiles, args.files, args.tile_size)
     files = source_files(input_path)
@@ -388,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
         tables += ["", *profile]
     print("\n" + "\n".join(tables))
     if args.write_docs:
-        write_docs(docs_section(args, base, tables, synthetic=args.input is None))
+        write_docs_section(SECTION, docs_section(args, base, tables, synthetic=args.input is None))
     return 0
 
 

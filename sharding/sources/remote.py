@@ -89,6 +89,17 @@ def is_transient(error: BaseException) -> bool:
     return isinstance(error, TimeoutError) or type(error).__module__.split(".")[0] in TRANSIENT_MODULES
 
 
+def retry_after_s(error: BaseException) -> float:
+    """Seconds from an HTTP Retry-After header (delta-seconds form) on the error's response, capped; else 0."""
+    response = getattr(error, "response", None)
+    headers = getattr(error, "headers", None) or getattr(response, "headers", None) or {}
+    value = (headers.get("Retry-After") or headers.get("retry-after")) if hasattr(headers, "get") else None
+    try:
+        return min(max(float(value), 0.0), MAX_DELAY_S * 4) if value is not None else 0.0
+    except (TypeError, ValueError):  # the HTTP-date form: fall back to our backoff
+        return 0.0
+
+
 def with_retries(url: str, what: str, action: Callable[[], T]) -> T:
     """Run `action`, retrying transient errors with backoff + jitter; RemoteUnavailable when spent."""
     budget = int(os.environ.get("PHILEO_REMOTE_RETRIES", 6))
@@ -106,6 +117,7 @@ def with_retries(url: str, what: str, action: Callable[[], T]) -> T:
                 raise RemoteUnavailable(f"{url}: {what} failed after {budget} retries: "
                                         f"{type(error).__name__}: {detail}") from error
             delay = min(first_delay * 2 ** (failures - 1), MAX_DELAY_S) * random.uniform(0.5, 1.0)
+            delay = max(delay, retry_after_s(error))  # a rate-limited server (the Hub's 429) says how long
             log.warning("%s: %s failed (%s); retry %d/%d in %.2f s", url, what, type(error).__name__,
                         failures, budget, delay)
             RETRIES["count"] += 1
