@@ -31,7 +31,7 @@ from sharding.nodes import NODES_DIR, NodeShare, finish_node, publish_shared
 from sharding.plan import Filters, assign_units, select_rows
 from sharding.ray_executor import run_ray
 from sharding.sources.geotiff_catalog import list_geotiff_folders
-from sharding.sources.remote import is_remote
+from sharding.sources.remote import is_remote, set_footer_cache
 from sharding.sources.remote_catalog import list_source
 from sharding.unit import UnitOptions, unit_stats_path
 from sharding.writer import TMP_SUFFIX, atomic_write
@@ -41,7 +41,8 @@ log = logging.getLogger(__name__)
 BUILD_INFO = "build.json"
 PLAN = "plan.parquet"
 PLAN_REJECTED = "plan_rejected.jsonl"
-OWNED = {BUILD_INFO, PLAN, PLAN_REJECTED, MANIFEST, INDEX, REJECTED, "shards", "units", NODES_DIR}
+FOOTERS = "footers"  # remote parquet footers fetched once per build, shared by the plan and every unit
+OWNED = {BUILD_INFO, PLAN, PLAN_REJECTED, MANIFEST, INDEX, REJECTED, "shards", "units", NODES_DIR, FOOTERS}
 
 
 @dataclass(frozen=True)
@@ -144,6 +145,7 @@ def prepare_output(args: BuildArgs, overwrite: bool) -> dict | None:
 def make_plan(args: BuildArgs, write: Callable = atomic_write) -> dict:
     """List, filter and cut the input into units; saves the plan (with `write`), build.json last."""
     output = Path(args.output)
+    set_footer_cache(output / FOOTERS)
     if args.tile_source == "geotiff":
         catalog = list_geotiff_folders(args.input)
     else:

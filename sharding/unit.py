@@ -27,7 +27,7 @@ from sharding.labels import LabelSpec, add_labels, close_label_rasters, open_lab
 from sharding.plan import Filters
 from sharding.sources.majortom import BAND_COLUMNS, decode_majortom_row, iter_parquet_rows, read_extracted_product
 from sharding.sources.majortom_catalog import reject
-from sharding.sources.remote import retry_count
+from sharding.sources.remote import retry_count, set_footer_cache
 from sharding.writer import TMP_SUFFIX, UnitShardWriter, atomic_write
 
 log = logging.getLogger(__name__)
@@ -92,6 +92,7 @@ Progress = Callable[[int, int], None]  # (bytes read, bytes written) after each 
 def build_unit(unit: int, rows: list[dict], options: UnitOptions, progress: Progress | None = None) -> dict:
     """Convert one unit; returns (and writes last) its stats. `progress` is called once per tile."""
     output = Path(options.output)
+    set_footer_cache(output / "footers")  # footers fetched at plan time or by other units: no GET again
     shards_dir = output / "shards"
     for leftover in shards_dir.glob(f"{unit:06d}-*.tar{TMP_SUFFIX}"):
         leftover.unlink()

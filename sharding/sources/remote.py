@@ -22,12 +22,14 @@ default 0.5 s; doubled per failure up to 30 s).
 from __future__ import annotations
 
 import errno
+import hashlib
 import io
 import logging
 import os
 import random
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
 import pyarrow.parquet as pq
@@ -222,14 +224,57 @@ class CachedRanges(io.RawIOBase):
         return len(data)
 
 
+_FOOTER_CACHE: dict[str, Path | None] = {"dir": None}
+
+
+def set_footer_cache(directory: Path | str | None) -> None:
+    """Keep fetched footers in `directory` (the build's output): the plan and every unit share them."""
+    _FOOTER_CACHE["dir"] = Path(directory) if directory else None
+
+
+def _cached_footer(url: str) -> tuple[int, int, bytes] | None:
+    """(object size, footer offset, footer bytes) saved by an earlier open of `url` in this build."""
+    if _FOOTER_CACHE["dir"] is None:
+        return None
+    path = _FOOTER_CACHE["dir"] / f"{hashlib.sha1(url.encode()).hexdigest()}.footer"
+    if not path.is_file():
+        return None
+    data = path.read_bytes()
+    size, offset = int.from_bytes(data[:8], "little"), int.from_bytes(data[8:16], "little")
+    return size, offset, data[16:]
+
+
+def _save_footer(url: str, source: CachedRanges) -> None:
+    if _FOOTER_CACHE["dir"] is None:
+        return
+    offset, data = source.blocks[0]
+    folder = _FOOTER_CACHE["dir"]
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{hashlib.sha1(url.encode()).hexdigest()}.footer"
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(source.size.to_bytes(8, "little") + offset.to_bytes(8, "little") + data)
+    os.replace(tmp, path)  # several units may save the same footer: identical bytes, last rename wins
+
+
 def open_remote_parquet(url: str) -> tuple[pq.ParquetFile, CachedRanges]:
-    """A ParquetFile over a remote object: one HEAD and one footer GET (two if the footer is larger)."""
+    """A ParquetFile over a remote object: one HEAD and one footer GET (two if the footer is larger).
+
+    With a footer cache set, a footer fetched once in a build (at plan time or by another unit) is
+    read from disk: no HEAD, no footer GET, only the row groups' byte ranges.
+    """
+    cached = _cached_footer(url)
+    if cached is not None:
+        size, offset, data = cached
+        source = CachedRanges(url, size)
+        source.blocks.append((offset, data))
+        return pq.ParquetFile(source), source
     source = CachedRanges(url, object_size(url))
     source.fetch(source.size - FOOTER_BYTES, source.size)
     footer_length = int.from_bytes(source._cached(source.size - 8, source.size - 4), "little")
     if footer_length + 8 > min(source.size, FOOTER_BYTES):  # larger than the sample: fetch all of it
         source.blocks.clear()
         source.fetch(source.size - footer_length - 8, source.size)
+    _save_footer(url, source)
     return pq.ParquetFile(source), source
 
 
