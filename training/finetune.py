@@ -13,7 +13,6 @@ cross-entropy for land cover, where pixels with a code outside WorldCover are ig
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
@@ -184,7 +183,7 @@ class FinetuneTrainer:
             improved = val_loss < self.best_loss - self.config.optim.es_delta
             if improved:  # a copy, not a reference: later steps must not change the kept weights
                 self.best_loss, self.best_epoch, stale = val_loss, epoch, 0
-                self.best_state = copy.deepcopy({k: v.detach().cpu() for k, v in self.model.state_dict().items()})
+                self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
             else:
                 stale += 1
             record = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "best": improved,
