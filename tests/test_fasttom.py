@@ -92,3 +92,31 @@ def test_fasttom_build_end_to_end(tmp_path):
     assert run_shard("verify", str(tmp_path / "out")).exit_code == 0
     assert run_shard("build", "--source", "majortom", "--input", str(tmp_path / "in"), "--output",
                      str(tmp_path / "x"), "--max-water", "1").exit_code == 2
+
+
+def test_fasttom_water_rule_with_a_co_registered_water_raster(tmp_path):
+    """Same input twice: keeping every tile (--max-water 1) records each quadrant's water fraction; the
+    default rule must then keep exactly the tiles at or below 0.5."""
+    from tools.label_fixture import make_label_rasters
+
+    rows = make_majortom_dataset(tmp_path / "in", num_files=1, rows_per_file=4, tile_size=SIZE)
+    water = make_label_rasters(tmp_path / "rasters", layers=("water",))["water"]
+    common = ["build", "--source", "fasttom", "--input", str(tmp_path / "in"), "--min-clear", "0",
+              "--label", f"water={water}"]
+    assert run_shard(*common, "--output", str(tmp_path / "all"), "--max-water", "1").exit_code == 0
+    assert run_shard(*common, "--output", str(tmp_path / "rule")).exit_code == 0
+
+    def fractions(dataset):
+        found = {}
+        for shard in read_manifest(dataset)["shards"]:
+            for raw in iter_tar_samples(dataset / shard["url"]):
+                sample = decode_sample(raw.key, raw.members)
+                layer = sample.arrays["label_water"]
+                assert sample.meta["water_fraction"] == np.count_nonzero(layer == 1) / np.count_nonzero(layer != 255)
+                found[sample.meta["majortom_key"]] = sample.meta["water_fraction"]
+        return found
+
+    every, kept = fractions(tmp_path / "all"), fractions(tmp_path / "rule")
+    assert sorted(every) == sorted(row["key"] for row in rows)
+    assert set(kept) == {key for key, fraction in every.items() if fraction <= 0.5}
+    assert read_manifest(tmp_path / "rule")["totals"]["filtered"] == len(every) - len(kept)

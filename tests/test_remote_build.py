@@ -288,6 +288,39 @@ def test_retries_are_bounded_and_permanent_errors_are_not_retried(monkeypatch):
     assert not is_transient(FileNotFoundError()) and is_transient(TimeoutError())
 
 
+def test_label_raster_over_http_equals_the_local_raster(majortom, tmp_path):
+    """`--label water=http://...` is read by windows through GDAL's /vsicurl/ (Range requests)."""
+    from phileo.schema import decode_sample
+    from sharding.tarread import iter_tar_samples
+    from tools.label_fixture import make_label_rasters
+
+    water = make_label_rasters(tmp_path / "rasters", layers=("water",))["water"]
+    region = sorted((water.parent / "water").glob("region_*.tif"))[0]
+    state = {"root": str(region.parent), "lock": threading.Lock(), "ranged": 0, "faults": 0, "gets": [],
+             "fail_every": 0, "down_except_footers": False}
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(RangeFiles, state=state))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/{region.name}"
+    try:
+        for name, raster in (("local", str(region)), ("remote", url)):
+            # another process: GDAL may hold the GIL while it waits for this process's server thread
+            result = subprocess.run([sys.executable, "-m", "sharding.cli", "build", "--input", str(majortom[0]),
+                                     "--output", str(tmp_path / name), "--label", f"water={raster}", *BUILD_ARGS],
+                                    capture_output=True, text=True, timeout=300)
+            assert result.returncode == 0, result.stderr[-2000:]
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert state["ranged"] > 0  # windows, not a download of the whole raster
+
+    def layers(dataset):
+        return {raw.key: decode_sample(raw.key, raw.members).arrays["label_water"].tobytes()
+                for shard in read_manifest(dataset)["shards"] for raw in iter_tar_samples(dataset / shard["url"])}
+
+    local, remote_layers = layers(tmp_path / "local"), layers(tmp_path / "remote")
+    assert local == remote_layers and len(local) == len(majortom[1])
+
+
 def test_rate_limited_retries_wait_as_long_as_retry_after_says(monkeypatch):
     """The Hub answers 429 with Retry-After: the wait is at least that, never shorter than our backoff."""
 
