@@ -18,14 +18,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import webdataset as wds
-from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from phileo.bands import REFLECTANCE_SCALE
 from phileo.schema import SchemaError, decode_sample
 from training.epoch import EpochPlan, WorkerPlan
 from training.labels import crop_labels
-from training.remote import RemoteReadError
 from training.shards import open_shard
+from training.tarstream import TarFormatError, iter_samples
 
 log = logging.getLogger(__name__)
 
@@ -116,35 +115,22 @@ class EpochTiles(torch.utils.data.IterableDataset):
 def read_tiles(url: str, policy: BadDataPolicy, skip_keys: frozenset = frozenset()) -> Iterator[dict]:
     """Decoded tiles of one shard, in order; unreadable shards and samples go to `policy`.
 
-    A remote stream that gave up (RemoteReadError: retry budget spent) ends the shard: it is
-    recorded once, and the partial sample it was reading is dropped.
+    A damaged tar, or a remote stream that gave up (RemoteReadError: retry budget spent), ends
+    the shard: it is recorded once, and the partial sample it was reading is dropped.
     """
-    gave_up = False
-
-    def handler(error: Exception) -> bool:
-        nonlocal gave_up
-        if isinstance(error, RemoteReadError):
-            if not gave_up:
-                policy.record(url, error)
-            gave_up = True
-            return False
-        return policy.record(url, error)
-
     try:
         stream = open_shard(url)
     except OSError as error:
         policy.record(url, error)
         return
     try:
-        samples = group_by_keys(tar_file_expander([{"url": url, "stream": stream}], handler=handler),
-                                handler=handler)
-        for raw in samples:
-            if gave_up:
-                return
+        for raw in iter_samples(stream, url):
             if raw["__key__"] not in skip_keys:
                 tile = _decode(raw, url, policy)
                 if tile is not None:
                     yield tile
+    except (TarFormatError, OSError, UnicodeDecodeError) as error:
+        policy.record(url, error)
     finally:
         stream.close()
 
