@@ -133,3 +133,15 @@ def test_water_and_buildings_exclude_nodata_pixels():
     labels = crop_labels(meta, {"label_water": water, "label_buildings": buildings}, 0, 0, 4)
     assert labels["water"][0] == pytest.approx(0.5) and labels["water_weight"] == pytest.approx(0.5)
     assert labels["buildings_weight"] == 0 and labels["buildings"][0] == 0
+
+
+def test_shuffle_spreads_tiles_over_batches_and_keeps_every_crop_once():
+    from training.data import ShuffleCrops
+
+    crops = [{"key": f"t{tile:02d}", "n": n} for tile in range(40) for n in range(16)]  # tile by tile, K=16
+    out = list(ShuffleCrops(16 * 20, seed=3, epoch=0, rank=0)(iter(crops)))
+    assert sorted((c["key"], c["n"]) for c in out) == sorted((c["key"], c["n"]) for c in crops)
+    assert out == list(ShuffleCrops(16 * 20, seed=3, epoch=0, rank=0)(iter(crops)))  # seeded
+    assert out != list(ShuffleCrops(16 * 20, seed=3, epoch=1, rank=0)(iter(crops)))
+    full = [len({c["key"] for c in out[i : i + 16]}) for i in range(0, len(out) - 16 * 16, 16)]
+    assert sum(full) / len(full) > 15.5  # a reservoir shuffle gives about 10 of 16 on this stream

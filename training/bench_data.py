@@ -118,7 +118,7 @@ def steady_state_distinct(crops_per_tile: int, batch_size: int, shuffle_buffer: 
         for index in range(total):
             yield {"key": index // crops_per_tile}
 
-    shuffled = ShuffleCrops(shuffle_buffer, seed, 0, 0)(crops())
+    shuffled = ShuffleCrops(shuffle_buffer, seed, 0, 0, spread=batch_size)(crops())
     distinct = [len({c["key"] for c in itertools.islice(shuffled, batch_size)}) for _ in range(warmup + batches)]
     return sum(distinct[warmup:]) / batches
 

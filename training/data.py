@@ -8,6 +8,7 @@ rank yields exactly `plan.steps` batches.
 
 from __future__ import annotations
 
+import collections
 import logging
 import random
 from collections.abc import Iterator
@@ -189,23 +190,52 @@ class CutCrops:
 
 
 class ShuffleCrops:
-    """Reservoir-style shuffle buffer with a seeded RNG (reproducible per rank/worker/epoch)."""
+    """Seeded shuffle buffer that spreads tiles over batches (reproducible per rank/worker/epoch).
 
-    def __init__(self, buffer_size: int, seed: int, epoch: int, rank: int):
-        self.buffer_size, self.seed, self.epoch, self.rank = buffer_size, seed, epoch, rank
+    A plain reservoir over K crops per tile puts several crops of one tile in a batch, even when
+    the buffer holds many tiles. Here crops wait per tile, and leave in rounds: each round visits
+    the buffered tiles in a random order and takes one random crop of each, and a new round starts
+    with the tiles not among the last `spread` taken, so any `spread` consecutive crops (a batch)
+    come from different tiles whenever the buffer holds that many tiles.
+    """
+
+    def __init__(self, buffer_size: int, seed: int, epoch: int, rank: int, spread: int = 16):
+        self.buffer_size, self.seed, self.epoch, self.rank, self.spread = buffer_size, seed, epoch, rank, spread
 
     def __call__(self, crops: Iterator[dict]) -> Iterator[dict]:
         worker, _ = worker_position()
         rng = random.Random(f"{self.seed}-{self.epoch}-{self.rank}-{worker}")
-        buffer: list[dict] = []
+        by_tile: dict[str, list[dict]] = {}
+        round_order: list[str] = []  # popped from the end
+        recent: collections.deque = collections.deque(maxlen=self.spread)
+        buffered = 0
         for crop in crops:
-            buffer.append(crop)
-            if len(buffer) >= self.buffer_size:
-                index = rng.randrange(len(buffer))
-                buffer[index], buffer[-1] = buffer[-1], buffer[index]
-                yield buffer.pop()
-        rng.shuffle(buffer)
-        yield from buffer
+            by_tile.setdefault(crop["key"], []).append(crop)
+            buffered += 1
+            if buffered >= self.buffer_size:
+                yield self._take(by_tile, round_order, recent, rng)
+                buffered -= 1
+        for _ in range(buffered):
+            yield self._take(by_tile, round_order, recent, rng)
+
+    @staticmethod
+    def _take(by_tile: dict[str, list[dict]], round_order: list[str], recent: collections.deque,
+              rng: random.Random) -> dict:
+        """One random crop of the next tile of the current round (a new round when it is used up)."""
+        while True:
+            if not round_order:
+                fresh = [key for key in by_tile if key not in recent]
+                rng.shuffle(fresh)
+                round_order.extend([key for key in reversed(recent) if key in by_tile] + fresh)
+            waiting = by_tile.get(round_order.pop())
+            if waiting:  # tiles emptied during the round are skipped
+                index = rng.randrange(len(waiting))
+                waiting[index], waiting[-1] = waiting[-1], waiting[index]
+                crop = waiting.pop()
+                if not waiting:
+                    del by_tile[crop["key"]]
+                recent.append(crop["key"])
+                return crop
 
 
 class TakeQuota:
@@ -263,7 +293,7 @@ def make_pipeline(plan: EpochPlan, rank: int, options: StreamOptions,
         EpochTiles(plan, rank, options, done_keys),
         CutCrops(options, plan.epoch, rank),
         TakeQuota(plan, rank),  # before the shuffle: the buffer must not pull repeats ahead of first-pass crops
-        ShuffleCrops(options.shuffle_buffer, options.seed, plan.epoch, rank),
+        ShuffleCrops(options.shuffle_buffer, options.seed, plan.epoch, rank, spread=options.batch_size),
         wds.batched(options.batch_size, collation_fn=collate_crops, partial=False),
     )
 

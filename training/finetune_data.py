@@ -76,7 +76,7 @@ def train_loader(plan: EpochPlan, rank: int, task: str, options: StreamOptions,
         EpochTiles(plan, rank, options),
         PatchTargets(task),
         TakeQuota(plan, rank),
-        ShuffleCrops(options.shuffle_buffer, options.seed, plan.epoch, rank),
+        ShuffleCrops(options.shuffle_buffer, options.seed, plan.epoch, rank, spread=options.batch_size),
         wds.batched(options.batch_size, collation_fn=collate_patches, partial=False),
     )
     return _loader(pipeline, num_workers)
