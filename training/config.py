@@ -25,6 +25,14 @@ def _positive(flag: str, value: float | None, allow_none: bool = False) -> None:
         raise ConfigError(f"{flag} {value}: expected a positive number")
 
 
+def _check_loader(num_workers: int, max_bad_fraction: float) -> None:
+    """The loader flags shared by pretraining and fine-tuning."""
+    if num_workers < 0:
+        raise ConfigError(f"--num-workers {num_workers}: expected 0 or more")
+    if not 0 <= max_bad_fraction <= 1:
+        raise ConfigError(f"--max-bad-fraction {max_bad_fraction}: expected a fraction in 0..1")
+
+
 @dataclass
 class DataConfig:
     shards: str = ""
@@ -45,10 +53,7 @@ class DataConfig:
             _positive(flag, value)
         if self.crop_size % 2:
             raise ConfigError(f"--crop-size {self.crop_size}: expected an even number (20 m grid alignment)")
-        if self.num_workers < 0:
-            raise ConfigError(f"--num-workers {self.num_workers}: expected 0 or more")
-        if not 0 <= self.max_bad_fraction <= 1:
-            raise ConfigError(f"--max-bad-fraction {self.max_bad_fraction}: expected a fraction in 0..1")
+        _check_loader(self.num_workers, self.max_bad_fraction)
 
 
 @dataclass
@@ -160,10 +165,7 @@ class FinetuneDataConfig:
             raise ConfigError("--shards and --val-shards: both required (train and validation datasets)")
         _positive("--batch-size", self.batch_size)
         _positive("--shuffle-buffer", self.shuffle_buffer)
-        if self.num_workers < 0:
-            raise ConfigError(f"--num-workers {self.num_workers}: expected 0 or more")
-        if not 0 <= self.max_bad_fraction <= 1:
-            raise ConfigError(f"--max-bad-fraction {self.max_bad_fraction}: expected a fraction in 0..1")
+        _check_loader(self.num_workers, self.max_bad_fraction)
 
 
 @dataclass
