@@ -305,9 +305,13 @@ def _init_loader_worker(_: int) -> None:
     torch.set_num_threads(1)
 
 
-def make_loader(plan: EpochPlan, rank: int, options: StreamOptions, num_workers: int,
-                done_keys: frozenset = frozenset()) -> torch.utils.data.DataLoader:
-    pipeline = make_pipeline(plan, rank, options, done_keys)
+def pipeline_loader(pipeline: wds.DataPipeline, num_workers: int) -> torch.utils.data.DataLoader:
+    """A DataLoader over a pipeline that batches itself, its workers on one thread each."""
     return torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=num_workers,
                                        persistent_workers=False, prefetch_factor=2 if num_workers else None,
                                        worker_init_fn=_init_loader_worker if num_workers else None)
+
+
+def make_loader(plan: EpochPlan, rank: int, options: StreamOptions, num_workers: int,
+                done_keys: frozenset = frozenset()) -> torch.utils.data.DataLoader:
+    return pipeline_loader(make_pipeline(plan, rank, options, done_keys), num_workers)

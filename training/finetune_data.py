@@ -23,7 +23,7 @@ from training.data import (
     ShuffleCrops,
     StreamOptions,
     TakeQuota,
-    _init_loader_worker,
+    pipeline_loader,
     read_tiles,
     worker_position,
 )
@@ -79,7 +79,7 @@ def train_loader(plan: EpochPlan, rank: int, task: str, options: StreamOptions,
         ShuffleCrops(options.shuffle_buffer, options.seed, plan.epoch, rank, spread=options.batch_size),
         wds.batched(options.batch_size, collation_fn=collate_patches, partial=False),
     )
-    return _loader(pipeline, num_workers)
+    return pipeline_loader(pipeline, num_workers)
 
 
 class EvalPatches(torch.utils.data.IterableDataset):
@@ -109,10 +109,5 @@ def eval_loader(shards: list[ShardInfo], rank: int, world_size: int, task: str, 
         PatchTargets(task),
         wds.batched(batch_size, collation_fn=collate_patches, partial=True),
     )
-    return _loader(pipeline, workers)
+    return pipeline_loader(pipeline, workers)
 
-
-def _loader(pipeline: wds.DataPipeline, num_workers: int) -> torch.utils.data.DataLoader:
-    return torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=num_workers,
-                                       prefetch_factor=2 if num_workers else None,
-                                       worker_init_fn=_init_loader_worker if num_workers else None)
