@@ -42,9 +42,10 @@ from sharding.nshot import (
     scan_label_file,
     selected_rows,
 )
+from sharding.output_dir import claim_output_dir, refuse_other_arguments
 from sharding.sources.phileo_bench import TileFiles, group_tiles, scan_inputs
 from sharding.unit import unit_stats_path
-from sharding.writer import TMP_SUFFIX, atomic_write
+from sharding.writer import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -126,17 +127,7 @@ class BenchSummary:
 def prepare_output(args: BenchArgs, overwrite: bool) -> dict | None:
     """Create/clean the output; return the saved build info when resuming, else None."""
     output = Path(args.output)
-    if output.exists() and not output.is_dir():
-        raise InputError(f"--output {output}: exists and is not a directory")
-    output.mkdir(parents=True, exist_ok=True)
-
-    def owned(name: str) -> bool:
-        return name in (BUILD_INFO, PLAN, *SPLITS) or bool(_NSHOT_DIR.match(name)) or name.endswith(TMP_SUFFIX)
-
-    foreign = sorted(p.name for p in output.iterdir() if not owned(p.name))
-    if foreign:
-        raise InputError(f"--output {output}: holds {foreign[0]!r}, which is not part of a phileo-shard build; "
-                         "choose an empty or new directory")
+    claim_output_dir(output, lambda name: name in (BUILD_INFO, PLAN, *SPLITS) or bool(_NSHOT_DIR.match(name)))
     if overwrite:
         for path in output.iterdir():
             shutil.rmtree(path) if path.is_dir() else path.unlink()
@@ -144,12 +135,7 @@ def prepare_output(args: BenchArgs, overwrite: bool) -> dict | None:
     if not info_path.is_file():
         return None
     info = json.loads(info_path.read_text())
-    defining = args.defining()
-    if info.get("source") != SOURCE or info["args"] != defining:
-        old = info.get("args", {})
-        changed = sorted(k for k in old.keys() | defining.keys() if old.get(k) != defining.get(k)) or ["--source"]
-        raise InputError(f"--output {output} holds a build made with other arguments ({', '.join(changed)} "
-                         "differ); rerun with the same arguments to resume, or add --overwrite to start over")
+    refuse_other_arguments(output, info.get("args", {}), args.defining(), source_differs=info.get("source") != SOURCE)
     return info
 
 

@@ -28,13 +28,14 @@ from sharding.fasttom import FastTomRules
 from sharding.labels import LabelSpec, check_label_rasters, validate_label_specs
 from sharding.manifest import INDEX, MANIFEST, REJECTED, finalize
 from sharding.nodes import NODES_DIR, NodeShare, finish_node, publish_shared
+from sharding.output_dir import claim_output_dir, refuse_other_arguments
 from sharding.plan import Filters, assign_units, select_rows
 from sharding.ray_executor import run_ray
 from sharding.sources.geotiff_catalog import list_geotiff_folders
 from sharding.sources.remote import is_remote, set_footer_cache
 from sharding.sources.remote_catalog import list_source
 from sharding.unit import UnitOptions, unit_stats_path
-from sharding.writer import TMP_SUFFIX, atomic_write
+from sharding.writer import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -117,13 +118,7 @@ class BuildSummary:
 def prepare_output(args: BuildArgs, overwrite: bool) -> dict | None:
     """Create/clean the output; return the saved build info when resuming, else None."""
     output = Path(args.output)
-    if output.exists() and not output.is_dir():
-        raise InputError(f"--output {output}: exists and is not a directory")
-    output.mkdir(parents=True, exist_ok=True)
-    foreign = sorted(p.name for p in output.iterdir() if p.name not in OWNED and not p.name.endswith(TMP_SUFFIX))
-    if foreign:
-        raise InputError(f"--output {output}: holds {foreign[0]!r}, which is not part of a phileo-shard build; "
-                         "choose an empty or new directory")
+    claim_output_dir(output, lambda name: name in OWNED)
     if overwrite:
         for name in OWNED:
             path = output / name
@@ -134,11 +129,7 @@ def prepare_output(args: BuildArgs, overwrite: bool) -> dict | None:
     if not info_path.is_file():
         return None
     info = json.loads(info_path.read_text())
-    defining = args.defining()
-    if info["args"] != defining:
-        changed = sorted(k for k in info["args"].keys() | defining.keys() if info["args"].get(k) != defining.get(k))
-        raise InputError(f"--output {output} holds a build made with other arguments ({', '.join(changed)} "
-                         "differ); rerun with the same arguments to resume, or add --overwrite to start over")
+    refuse_other_arguments(output, info["args"], args.defining())
     return info
 
 

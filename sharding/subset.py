@@ -32,6 +32,7 @@ from phileo import __version__
 from phileo.schema import SCHEMA_VERSION
 from sharding.errors import InputError
 from sharding.manifest import INDEX, MANIFEST, REJECTED
+from sharding.output_dir import claim_output_dir
 from sharding.query import build_query, select
 from sharding.tarread import split_member_name
 from sharding.verify import load_manifest
@@ -138,15 +139,9 @@ def _add_to_summary(summary: ShardSummary, meta: dict) -> None:
 
 def prepare_output(output: Path, source: Path, overwrite: bool, flag: str = "--output") -> None:
     """An empty or new directory, or a previous output of this command (replaced only with --overwrite)."""
-    if output.exists() and not output.is_dir():
-        raise InputError(f"{flag} {output}: exists and is not a directory")
     if output.resolve() == source.resolve():
         raise InputError(f"{flag} {output}: is the source dataset; choose another directory")
-    output.mkdir(parents=True, exist_ok=True)
-    foreign = sorted(p.name for p in output.iterdir() if p.name not in OWNED and not p.name.endswith(TMP_SUFFIX))
-    if foreign:
-        raise InputError(f"{flag} {output}: holds {foreign[0]!r}, which is not part of a dataset; "
-                         "choose an empty or new directory")
+    claim_output_dir(output, lambda name: name in OWNED, flag, what="a dataset")
     if (output / MANIFEST).is_file() and not overwrite:
         raise InputError(f"{flag} {output}: already holds a dataset; add --overwrite to replace it")
     for name in (MANIFEST, INDEX, REJECTED, "shards"):  # manifest first: never a stale 'complete' dataset
