@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 from phileo.bands import ALL_BANDS, CLOUD_MASK
 from phileo.geo import grid_cell_centre, parse_grid_cell
 from sharding.errors import InputError
+from sharding.sources.remote import column_spans, open_parquet
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +66,10 @@ def make_row(source_file: str, source_group: str, source_row: int, product_id: s
             "centre_lat": centre_lat, "centre_lon": centre_lon, "est_bytes": est_bytes}
 
 
-def list_parquet_file(path: Path, catalog: Catalog) -> None:
-    """Add the rows of one Core-S2L2A parquet file (footer + id columns only)."""
+def list_parquet_file(path: Path | str, catalog: Catalog) -> None:
+    """Add the rows of one Core-S2L2A parquet file, local or remote (footer + id column chunks only)."""
     try:
-        parquet = pq.ParquetFile(path)
+        parquet, remote = open_parquet(str(path))
         names = set(parquet.schema_arrow.names)
     except (OSError, ValueError) as error:
         catalog.rejected.append(reject(path, None, f"unreadable parquet file: {error}"))
@@ -79,6 +80,9 @@ def list_parquet_file(path: Path, catalog: Catalog) -> None:
         reason = f"missing column(s) {', '.join(missing)}"
         catalog.rejected.extend(reject(path, row, reason) for row in range(num_rows))
         return
+    if remote is not None:  # one ranged GET per row group for the id columns, not one per page
+        for group in range(parquet.metadata.num_row_groups):
+            remote.fetch_spans(column_spans(parquet, group, ID_COLUMNS))
     ids = parquet.read(columns=ID_COLUMNS).to_pydict()
     row_bytes = _row_bytes(parquet)
     for row in range(num_rows):

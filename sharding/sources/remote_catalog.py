@@ -25,16 +25,16 @@ import pyarrow.parquet as pq
 from sharding.errors import InputError
 from sharding.plan import Filters, select_rows
 from sharding.sources.majortom_catalog import (
-    ID_COLUMNS,
     REQUIRED_COLUMNS,
     Catalog,
     _row_bytes,
     apply_metadata,
     list_majortom,
+    list_parquet_file,
     make_row,
     reject,
 )
-from sharding.sources.remote import RemoteUnavailable, column_spans, filesystem, is_remote, open_parquet, read_bytes
+from sharding.sources.remote import RemoteUnavailable, filesystem, is_remote, open_parquet, read_bytes
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def list_source(input_path: str | None, metadata: str | None, filters: Filters) 
     files, metadata_url = remote_files(input_path)
     catalog = Catalog()
     for url in files:
-        list_remote_file(url, catalog)
+        list_parquet_file(url, catalog)
     if metadata_url:
         table_source = pa.BufferReader(read_bytes(metadata_url))
         apply_metadata(table_source, {os.path.basename(url): url for url in files}, catalog)
@@ -95,30 +95,6 @@ def remote_files(input_url: str) -> tuple[list[str], str | None]:
             metadata = f"{base}/metadata.parquet"
             return found, metadata if fs.exists(metadata) else None
     raise InputError(f"--input {input_url}: no images/*.parquet or *.parquet found")
-
-
-def list_remote_file(url: str, catalog: Catalog) -> None:
-    """Add the rows of one remote Core-S2L2A parquet file: footer + id column chunks only."""
-    try:
-        parquet, source = open_parquet(url)
-        names = set(parquet.schema_arrow.names)
-    except (OSError, ValueError) as error:
-        catalog.rejected.append(reject(url, None, f"unreadable parquet file: {error}"))
-        return
-    num_rows = parquet.metadata.num_rows
-    missing = [name for name in REQUIRED_COLUMNS if name not in names]
-    if missing:
-        catalog.rejected.extend(reject(url, row, f"missing column(s) {', '.join(missing)}") for row in range(num_rows))
-        return
-    for group in range(parquet.metadata.num_row_groups):
-        source.fetch_spans(column_spans(parquet, group, ID_COLUMNS))
-    ids = parquet.read(columns=ID_COLUMNS).to_pydict()
-    row_bytes = _row_bytes(parquet)
-    for row in range(num_rows):
-        try:
-            catalog.rows.append(make_row(url, url, row, *(ids[name][row] for name in ID_COLUMNS), row_bytes[row]))
-        except ValueError as error:
-            catalog.rejected.append(reject(url, row, str(error)))
 
 
 def rebase(parquet_url: str, root: str | None) -> str:
