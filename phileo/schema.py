@@ -25,6 +25,10 @@ THUMB_MEMBER = "thumb.jpg"
 CLOUD = "cloud"
 LABEL_PREFIX = "label_"
 DEFAULT_CLEVEL = 1  # zstd level 1: 4x faster to encode than 5 for <2% more bytes (docs/benchmarks.md)
+# Blosc2 blocks span all bands and 640 m x 640 m of ground (64 px at 10 m, 32 px at 20 m), so a
+# 128 px crop decodes a few blocks instead of whole rows of the tile (docs/benchmarks.md, loader).
+BLOCK_SIDE_10M = 64
+_MEMBER_FACTOR = {member: factor for member, (_, factor) in RESOLUTION_GROUPS.items()}
 
 _KEY_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
 _LABEL_DTYPES = (np.uint8, np.uint16, np.float32)
@@ -55,15 +59,24 @@ class Sample:
     extra: dict[str, bytes] = field(default_factory=dict)
 
 
-def encode_array(array: np.ndarray, clevel: int = DEFAULT_CLEVEL) -> bytes:
-    """Blosc2 NDArray cframe, ZSTD + byte shuffle (lossless).
+def block_shape(member: str, shape: tuple[int, ...]) -> tuple[int, ...] | None:
+    """Blocks of a member: every band, BLOCK_SIDE_10M of ground per side; None (Blosc2's choice) for 60 m."""
+    side = BLOCK_SIDE_10M // _MEMBER_FACTOR.get(member, 1)
+    if side < 16 or len(shape) not in (2, 3):  # 60 m bands: never decoded by the loader
+        return None
+    return tuple(shape[:-2]) + (min(side, shape[-2]), min(side, shape[-1]))
+
+
+def encode_array(array: np.ndarray, clevel: int = DEFAULT_CLEVEL, blocks: tuple[int, ...] | None = None) -> bytes:
+    """Blosc2 NDArray cframe, ZSTD + byte shuffle (lossless); `blocks`: one chunk split in these blocks.
 
     One compression thread: multi-threaded Blosc2 writes the same data as different bytes
     run to run, and reruns/resumes must reproduce shards byte for byte (sha256 in the
     manifest). Parallelism comes from build workers instead.
     """
     cparams = blosc2.CParams(codec=blosc2.Codec.ZSTD, clevel=clevel, filters=[blosc2.Filter.SHUFFLE], nthreads=1)
-    return blosc2.asarray(np.ascontiguousarray(array), cparams=cparams).to_cframe()
+    layout = {} if blocks is None else {"chunks": array.shape, "blocks": blocks}
+    return blosc2.asarray(np.ascontiguousarray(array), cparams=cparams, **layout).to_cframe()
 
 
 def decode_array(data: bytes, window: tuple[int, int, int, int] | None = None) -> np.ndarray:
@@ -134,18 +147,21 @@ def encode_sample(sample: Sample, clevel: int = DEFAULT_CLEVEL) -> dict[str, byt
     validate_sample(sample)
     members = {META_MEMBER: json.dumps(sample.meta, sort_keys=True).encode("utf-8")}
     for member in sorted(sample.arrays):
-        members[f"{member}.{ARRAY_EXT}"] = encode_array(sample.arrays[member], clevel)
+        array = sample.arrays[member]
+        members[f"{member}.{ARRAY_EXT}"] = encode_array(array, clevel, block_shape(member, array.shape))
     if sample.thumb_jpg is not None:
         members[THUMB_MEMBER] = sample.thumb_jpg
     return members
 
 
 def decode_sample(key: str, members: dict[str, bytes], validate: bool = True,
-                  skip: frozenset[str] = frozenset()) -> Sample:
+                  skip: frozenset[str] = frozenset(), lazy: bool = False) -> Sample:
     """Inverse of `encode_sample`; `members` maps extensions ("meta.json", "cloud.b2nd") to bytes.
 
     Array members named in `skip` (e.g. "s2_60m", unused by the models) must be present but are
-    not decompressed, which saves the reader their decode time.
+    not decompressed, which saves the reader their decode time. `lazy`: arrays are
+    `blosc2.NDArray`s with only their headers read (shape and dtype validated), for readers
+    that decode just the windows they need.
     """
     if META_MEMBER not in members:
         raise SchemaError(f"{key}: no {META_MEMBER} member")
@@ -160,7 +176,7 @@ def decode_sample(key: str, members: dict[str, bytes], validate: bool = True,
             if member in skip:
                 continue
             try:
-                arrays[member] = decode_array(data)
+                arrays[member] = blosc2.ndarray_from_cframe(data) if lazy else decode_array(data)
             except Exception as error:  # blosc2 raises bare RuntimeError/ValueError on bad frames
                 raise SchemaError(f"{key}.{name}: not a valid Blosc2 frame ({error})") from error
         elif name not in (META_MEMBER, THUMB_MEMBER):

@@ -26,6 +26,7 @@ from training.epoch import EpochPlan, WorkerPlan
 from training.labels import crop_labels
 from training.shards import open_shard
 from training.tarstream import TarFormatError, iter_samples
+from training.windows import BlockDecodeError, decode_windows
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,11 @@ class BadDataPolicy:
             log.warning("skipping bad data in %s (%d so far): %s", url, self.bad, error)
         return True
 
+    def record_undecodable(self, url: str, error: Exception) -> None:
+        """A tile whose headers passed (counted good) but whose blocks failed to decode when cropped."""
+        self.good -= 1
+        self.record(url, error)
+
     def check(self, planned: int) -> None:
         lost = max(self.bad, planned - self.good)
         if planned and lost / planned > self.max_bad_fraction:
@@ -74,10 +80,14 @@ class BadDataPolicy:
 
 
 class EpochTiles(torch.utils.data.IterableDataset):
-    """Decoded tiles of this rank/worker's shards: one pass, then repeated passes (marked) forever."""
+    """Tiles of this rank/worker's shards: one pass, then repeated passes (marked) forever.
 
-    def __init__(self, plan: EpochPlan, rank: int, options: StreamOptions, done_keys: frozenset = frozenset()):
-        self.plan, self.rank, self.options, self.done_keys = plan, rank, options, done_keys
+    `lazy`: arrays stay compressed (headers validated) for CutCrops to decode only what it crops.
+    """
+
+    def __init__(self, plan: EpochPlan, rank: int, options: StreamOptions, done_keys: frozenset = frozenset(),
+                 lazy: bool = False):
+        self.plan, self.rank, self.options, self.done_keys, self.lazy = plan, rank, options, done_keys, lazy
 
     def __iter__(self) -> Iterator[dict]:
         worker, _ = worker_position()
@@ -110,11 +120,12 @@ class EpochTiles(torch.utils.data.IterableDataset):
                     yield tile
 
     def _read_shard(self, url: str, policy: BadDataPolicy) -> Iterator[dict]:
-        yield from read_tiles(url, policy, self.done_keys)
+        yield from read_tiles(url, policy, self.done_keys, self.lazy)
 
 
-def read_tiles(url: str, policy: BadDataPolicy, skip_keys: frozenset = frozenset()) -> Iterator[dict]:
-    """Decoded tiles of one shard, in order; unreadable shards and samples go to `policy`.
+def read_tiles(url: str, policy: BadDataPolicy, skip_keys: frozenset = frozenset(),
+               lazy: bool = False) -> Iterator[dict]:
+    """Decoded (or `lazy`: still compressed) tiles of one shard, in order; bad shards/samples go to `policy`.
 
     A damaged tar, or a remote stream that gave up (RemoteReadError: retry budget spent), ends
     the shard: it is recorded once, and the partial sample it was reading is dropped.
@@ -127,7 +138,7 @@ def read_tiles(url: str, policy: BadDataPolicy, skip_keys: frozenset = frozenset
     try:
         for raw in iter_samples(stream, url):
             if raw["__key__"] not in skip_keys:
-                tile = _decode(raw, url, policy)
+                tile = _decode(raw, url, policy, lazy)
                 if tile is not None:
                     yield tile
     except (TarFormatError, OSError, UnicodeDecodeError) as error:
@@ -136,19 +147,24 @@ def read_tiles(url: str, policy: BadDataPolicy, skip_keys: frozenset = frozenset
         stream.close()
 
 
-def _decode(raw: dict, url: str, policy: BadDataPolicy) -> dict | None:
+def _decode(raw: dict, url: str, policy: BadDataPolicy, lazy: bool) -> dict | None:
     key = raw["__key__"]
+    members = {k: v for k, v in raw.items() if not k.startswith("__")}
     try:
-        sample = decode_sample(key, {k: v for k, v in raw.items() if not k.startswith("__")}, skip=UNUSED_MEMBERS)
+        sample = decode_sample(key, members, skip=UNUSED_MEMBERS, lazy=lazy)
     except SchemaError as error:
         policy.record(url, error)
         return None
     policy.good += 1
-    return {"key": key, "url": url, "meta": sample.meta, "arrays": sample.arrays}
+    return {"key": key, "url": url, "meta": sample.meta, "arrays": sample.arrays, "policy": policy}
 
 
 class CutCrops:
-    """K random crops per tile (offsets even so the 20 m grid stays aligned), with labels."""
+    """K random crops per tile (offsets even so the 20 m grid stays aligned), with labels.
+
+    The K origins are drawn first, so a lazy tile decodes only the blocks under its crops; a
+    tile whose blocks fail to decode yields no crop at all (counted by the shard's policy).
+    """
 
     def __init__(self, options: StreamOptions, epoch: int, rank: int):
         self.options, self.epoch, self.rank = options, epoch, rank
@@ -162,31 +178,53 @@ class CutCrops:
             if height < size or width < size:
                 log.warning("skipping %s: %dx%d is smaller than a %d crop", tile["key"], height, width, size)
                 continue
-            padded_20m = self.pad_20m(tile["arrays"])  # once per tile, not per crop
-            for _ in range(self.options.crops_per_tile):
-                y = 2 * int(rng.integers(0, (height - size) // 2 + 1))
-                x = 2 * int(rng.integers(0, (width - size) // 2 + 1))
-                yield self._crop(tile, y, x, size, padded_20m)
+            origins = [(2 * int(rng.integers(0, (height - size) // 2 + 1)),
+                        2 * int(rng.integers(0, (width - size) // 2 + 1))) for _ in range(self.options.crops_per_tile)]
+            try:
+                arrays = decode_crop_windows(tile["arrays"], origins, size)
+            except BlockDecodeError as error:
+                tile["policy"].record_undecodable(tile["url"], SchemaError(f"{tile['key']}: {error}"))
+                continue
+            for y, x in origins:
+                yield cut_crop(tile | {"arrays": arrays}, y, x, size)
 
-    @staticmethod
-    def pad_20m(arrays: dict) -> np.ndarray | None:
-        """The 20 m bands with an edge-replicated halo, so border crops upsample like the full tile."""
-        if "s2_20m" not in arrays:
-            return None
-        return np.pad(arrays["s2_20m"], ((0, 0), (HALO_20M, HALO_20M), (HALO_20M, HALO_20M)), mode="edge")
 
-    @staticmethod
-    def _crop(tile: dict, y: int, x: int, size: int, padded: np.ndarray | None) -> dict:
-        arrays = tile["arrays"]
-        if padded is None:  # s2_stack sources: already 10 bands on the 10 m grid
-            bands_10m, bands_20m = arrays["s2_stack"][:, y : y + size, x : x + size], None
-        else:
-            bands_10m = arrays["s2_10m"][:, y : y + size, x : x + size]
-            half = size // 2
-            bands_20m = padded[:, y // 2 : y // 2 + half + 2 * HALO_20M, x // 2 : x // 2 + half + 2 * HALO_20M]
-        labels = crop_labels(tile["meta"], arrays, y, x, size)
-        return {"key": tile["key"], "url": tile["url"], "repeat": tile["repeat"], "s2_10m": bands_10m.copy(),
-                "s2_20m": None if bands_20m is None else bands_20m.copy(), **labels}
+def decode_crop_windows(arrays: dict, origins: list[tuple[int, int]], size: int) -> dict[str, np.ndarray]:
+    """numpy arrays holding at least the crops at `origins` (and the 20 m halo); decoded arrays pass through."""
+    decoded = {}
+    for member, array in arrays.items():
+        if isinstance(array, np.ndarray):
+            decoded[member] = array
+            continue
+        factor = 2 if member == "s2_20m" else 1
+        halo = HALO_20M if factor == 2 else 0
+        windows = [(y // factor - halo, x // factor - halo, size // factor + 2 * halo, size // factor + 2 * halo)
+                   for y, x in origins]
+        decoded[member] = decode_windows(array, windows)
+    return decoded
+
+
+def cut_crop(tile: dict, y: int, x: int, size: int) -> dict:
+    """One crop of a decoded tile: uint16 bands (20 m with an edge-replicated halo) and labels."""
+    arrays = tile["arrays"]
+    if "s2_stack" in arrays:  # already 10 bands on the 10 m grid
+        bands_10m, bands_20m = arrays["s2_stack"][:, y : y + size, x : x + size], None
+    else:
+        bands_10m = arrays["s2_10m"][:, y : y + size, x : x + size]
+        bands_20m = _window_20m(arrays["s2_20m"], y // 2, x // 2, size // 2)
+    labels = crop_labels(tile["meta"], arrays, y, x, size)
+    return {"key": tile["key"], "url": tile["url"], "repeat": tile["repeat"], "s2_10m": bands_10m.copy(),
+            "s2_20m": None if bands_20m is None else bands_20m.copy(), **labels}
+
+
+def _window_20m(bands: np.ndarray, y: int, x: int, size: int) -> np.ndarray:
+    """20 m window with a HALO_20M border, edge-replicated outside the tile (as full-tile upsampling)."""
+    height, width = bands.shape[-2:]
+    top, left = y - HALO_20M, x - HALO_20M
+    bottom, right = y + size + HALO_20M, x + size + HALO_20M
+    window = bands[:, max(top, 0) : min(bottom, height), max(left, 0) : min(right, width)]
+    pads = ((0, 0), (max(-top, 0), max(bottom - height, 0)), (max(-left, 0), max(right - width, 0)))
+    return np.pad(window, pads, mode="edge") if any(any(p) for p in pads) else window
 
 
 class ShuffleCrops:
@@ -290,7 +328,7 @@ def model_input(batch: dict, device: torch.device) -> torch.Tensor:
 def make_pipeline(plan: EpochPlan, rank: int, options: StreamOptions,
                   done_keys: frozenset = frozenset()) -> wds.DataPipeline:
     return wds.DataPipeline(
-        EpochTiles(plan, rank, options, done_keys),
+        EpochTiles(plan, rank, options, done_keys, lazy=True),
         CutCrops(options, plan.epoch, rank),
         TakeQuota(plan, rank),  # before the shuffle: the buffer must not pull repeats ahead of first-pass crops
         ShuffleCrops(options.shuffle_buffer, options.seed, plan.epoch, rank, spread=options.batch_size),
