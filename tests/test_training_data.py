@@ -145,3 +145,39 @@ def test_shuffle_spreads_tiles_over_batches_and_keeps_every_crop_once():
     assert out != list(ShuffleCrops(16 * 20, seed=3, epoch=1, rank=0)(iter(crops)))
     full = [len({c["key"] for c in out[i : i + 16]}) for i in range(0, len(out) - 16 * 16, 16)]
     assert sum(full) / len(full) > 15.5  # a reservoir shuffle gives about 10 of 16 on this stream
+
+
+def test_redeal_mixes_workers_and_keeps_every_crop_once():
+    from training.data import redeal
+
+    def batch(worker: int, size: int) -> dict:
+        keys = [f"w{worker}-{j}" for j in range(size)]
+        return {"keys": keys, "urls": [f"u{worker}"] * size, "s2_10m": torch.arange(size) + 100 * worker,
+                "repeated": torch.tensor([j % 2 == 0 for j in range(size)])}
+
+    group = [batch(0, 4), batch(1, 4), batch(2, 3)]
+    out = redeal(group)
+    assert [len(b["keys"]) for b in out] == [4, 4, 3]
+    assert out[0]["keys"] == ["w0-0", "w1-0", "w2-0", "w0-1"]  # position by position over the workers
+    for b in out:  # tensors and lists are re-dealt together, crop by crop
+        assert b["s2_10m"].tolist() == [100 * int(k[1]) + int(k.split("-")[1]) for k in b["keys"]]
+        assert b["repeated"].tolist() == [int(k.split("-")[1]) % 2 == 0 for k in b["keys"]]
+        assert b["urls"] == [f"u{k[1]}" for k in b["keys"]]
+    assert sorted(k for b in out for k in b["keys"]) == sorted(k for b in group for k in b["keys"])
+
+
+def test_batches_of_two_workers_hold_tiles_of_both(built):
+    shards = resolve_shards(str(built))
+    options = StreamOptions(crops_per_tile=2, crop_size=32, batch_size=4, shuffle_buffer=8)
+    plan = plan_epoch(shards, 1, 2, options.batch_size, options.crops_per_tile, 0, 0)
+    tiles_of = [{key for url in worker.shards for key in read_shard_keys(url)} for worker in plan.workers[0]]
+    batches = list(make_loader(plan, 0, options, 2))
+    assert len(batches) == plan.steps
+    mixed = [all(set(b["keys"]) & tiles for tiles in tiles_of) for b in batches]
+    assert sum(mixed) >= len(batches) - 1  # every batch but possibly the last, once one worker has run out
+
+
+def read_shard_keys(url: str) -> list[str]:
+    from sharding.tarread import iter_tar_samples
+
+    return [raw.key for raw in iter_tar_samples(url)]

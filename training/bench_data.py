@@ -180,7 +180,7 @@ def _run_epoch(config: BenchConfig, shards: list[ShardInfo], epoch: int, result:
         now = time.perf_counter()
         if result.batches == 0:
             result.first_batch_s = now - started
-        _count_batch(result, batch["keys"], batch["repeats"])
+        _count_batch(result, batch["keys"], int(batch["repeated"].sum()))
         monitor.sample()
         if now - started >= config.seconds:
             monitor.sample(force=True)  # workers are still alive here

@@ -9,9 +9,10 @@ rank yields exactly `plan.steps` batches.
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
 import random
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import blosc2
@@ -304,7 +305,8 @@ def collate_crops(crops: list[dict]) -> dict:
     them into reflectance on the training device, where upsampling is cheap.
     """
     batch = {"s2_10m": torch.from_numpy(np.stack([c["s2_10m"] for c in crops])), "keys": [c["key"] for c in crops],
-             "urls": [c["url"] for c in crops], "repeats": sum(c["repeat"] for c in crops)}
+             "urls": [c["url"] for c in crops],
+             "repeated": torch.tensor([c["repeat"] for c in crops], dtype=torch.bool)}
     if crops[0]["s2_20m"] is not None:  # absent for s2_stack sources: already 10 bands on the 10 m grid
         batch["s2_20m"] = torch.from_numpy(np.stack([c["s2_20m"] for c in crops]))
     for name in LABEL_KEYS:
@@ -351,5 +353,44 @@ def pipeline_loader(pipeline: wds.DataPipeline, num_workers: int) -> torch.utils
 
 
 def make_loader(plan: EpochPlan, rank: int, options: StreamOptions, num_workers: int,
-                done_keys: frozenset = frozenset()) -> torch.utils.data.DataLoader:
-    return pipeline_loader(make_pipeline(plan, rank, options, done_keys), num_workers)
+                done_keys: frozenset = frozenset()) -> Iterable[dict]:
+    return WorkerMixedBatches(pipeline_loader(make_pipeline(plan, rank, options, done_keys), num_workers),
+                              num_workers)
+
+
+class WorkerMixedBatches:
+    """Batches that mix the crops of every DataLoader worker.
+
+    Each worker reads its own shards, so its batches hold only its tiles: on a small dataset
+    a batch could show at most 1/N of the tiles. The DataLoader hands out the workers'
+    batches in turn, so every N consecutive batches hold one per worker; they are re-dealt
+    (worker by worker, position by position) into N batches of the same sizes. Same crops,
+    same number of batches, so step counts and the exactly-once accounting do not change.
+    """
+
+    def __init__(self, loader: Iterable[dict], num_workers: int):
+        self.loader, self.num_workers = loader, num_workers
+
+    def __iter__(self) -> Iterator[dict]:
+        batches = iter(self.loader)
+        if self.num_workers < 2:
+            yield from batches
+            return
+        while group := list(itertools.islice(batches, self.num_workers)):
+            yield from redeal(group)
+
+
+def redeal(group: list[dict]) -> list[dict]:
+    """Interleave the crops of `group` (position 0 of every batch, then 1, ...) and cut the same batch sizes."""
+    sizes = [len(batch["keys"]) for batch in group]
+    offsets = np.cumsum([0, *sizes[:-1]])
+    order = [int(offsets[b]) + j for j in range(max(sizes)) for b in range(len(group)) if j < sizes[b]]
+    merged = {name: torch.cat([batch[name] for batch in group]) if torch.is_tensor(group[0][name])
+              else [item for batch in group for item in batch[name]] for name in group[0]}
+    out, start = [], 0
+    for size in sizes:
+        picked = order[start : start + size]
+        start += size
+        out.append({name: value[torch.tensor(picked)] if torch.is_tensor(value) else [value[i] for i in picked]
+                    for name, value in merged.items()})
+    return out
