@@ -25,7 +25,7 @@ from pathlib import Path
 
 import blosc2
 
-from phileo.schema import DEFAULT_CLEVEL, decode_array, encode_array
+from phileo.schema import DEFAULT_CLEVEL, block_shape, decode_array, encode_array
 from sharding.errors import RowError
 from sharding.sources.majortom import BAND_COLUMNS, decode_bands, iter_parquet_rows
 
@@ -203,8 +203,9 @@ def clevel_sweep(kept: list[tuple[dict, int]], repeats: int = 2) -> list[dict]:
         enc_s, dec_s = [], []
         while len(enc_s) < repeats and sum(enc_s) < 3.0:  # one repeat only for the slow high levels
             started = time.perf_counter()
-            frames = [blosc2.asarray(a, cparams=cparams).to_cframe() if filters else encode_array(a, clevel)
-                      for arrays, _ in kept for a in arrays.values()]
+            frames = [encode_array(a, clevel, block_shape(member, a.shape)) if not filters else
+                      blosc2.asarray(a, cparams=cparams, **_layout(member, a)).to_cframe()
+                      for arrays, _ in kept for member, a in arrays.items()]
             enc_s.append(time.perf_counter() - started)
         for _ in range(repeats):
             started = time.perf_counter()
@@ -217,6 +218,12 @@ def clevel_sweep(kept: list[tuple[dict, int]], repeats: int = 2) -> list[dict]:
                      "vs_raw": size / raw})
     blosc2.set_nthreads(threads)
     return rows
+
+
+def _layout(member: str, array) -> dict:
+    """The build's chunk/block layout for a member (phileo/schema.py `block_shape`)."""
+    blocks = block_shape(member, array.shape)
+    return {} if blocks is None else {"chunks": array.shape, "blocks": blocks}
 
 
 # (label, file suffix, function): cumulative profile time of the build's main costs.

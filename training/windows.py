@@ -69,13 +69,21 @@ def _decode_blocks(array: blosc2.NDArray, grid: np.ndarray) -> np.ndarray:
             start = (row * columns + first) * block_items
             array.schunk.get_slice(start, start + count * block_items, out=buffer[: count * block_items])
             blocks = buffer[: count * block_items].reshape((count, *lead, block_h, block_w))
-            # (blocks, ..., h, w) -> (..., h, blocks * w): the run side by side on the pixel grid
-            strip = np.moveaxis(blocks, 0, -2).reshape((*lead, block_h, count * block_w))
-            out[..., row * block_h : (row + 1) * block_h, first * block_w : stop * block_w] = strip
+            strip = out[..., row * block_h : (row + 1) * block_h, first * block_w : stop * block_w]
+            # the run side by side on the pixel grid: (blocks, ..., h, w) into (..., h, blocks, w), one copy
+            strip.reshape((*lead, block_h, count, block_w))[...] = np.moveaxis(blocks, 0, -2)
     return out[..., : array.shape[-2], : array.shape[-1]]
 
 
-def _runs(flags: np.ndarray) -> list[tuple[int, int]]:
-    """[start, stop) of every run of True in a 1-D boolean array."""
-    edges = np.flatnonzero(np.diff(np.concatenate(([0], flags.astype(np.int8), [0]))))
-    return list(zip(edges[::2].tolist(), edges[1::2].tolist()))
+def _runs(flags: np.ndarray, max_gap: int = 1) -> list[tuple[int, int]]:
+    """[start, stop) of the runs of True in a 1-D boolean array, bridging gaps of up to `max_gap` blocks.
+
+    Decoding one unneeded block costs about as much as one more call, so short gaps are decoded.
+    """
+    runs: list[list[int]] = []
+    for index in np.flatnonzero(flags).tolist():
+        if runs and index - runs[-1][1] <= max_gap:
+            runs[-1][1] = index + 1
+        else:
+            runs.append([index, index + 1])
+    return [(first, stop) for first, stop in runs]
