@@ -111,11 +111,11 @@ def test_crop_20m_upsampling_equals_full_tile_bilinear(built, y, x):
     import torch
     import torch.nn.functional as F
 
-    from training.data import collate_crops, cut_crop, model_input
+    from training.data import as_tensors, collate_crops, cut_crop, model_input
 
     sample = next(iter(read_dataset(built).values()))
     tile = {"key": sample.key, "url": "u", "repeat": False, "meta": sample.meta, "arrays": sample.arrays}
-    batch = collate_crops([cut_crop(tile, y, x, 64)])
+    batch = as_tensors(collate_crops([cut_crop(tile, y, x, 64)]))
     image = model_input(batch, torch.device("cpu"))
     full = F.interpolate(torch.from_numpy(sample.arrays["s2_20m"].astype(np.float32))[None], scale_factor=2,
                          mode="bilinear", align_corners=False)[0]

@@ -174,6 +174,7 @@ class CutCrops:
         worker, _ = worker_position()
         rng = np.random.default_rng([self.options.seed, self.epoch, self.rank, worker])
         size = self.options.crop_size
+        scratch: dict = {}  # decode buffers reused tile after tile: crops are copies, cut before the next decode
         for tile in tiles:
             height, width = tile["meta"]["shape"]
             if height < size or width < size:
@@ -182,7 +183,7 @@ class CutCrops:
             origins = [(2 * int(rng.integers(0, (height - size) // 2 + 1)),
                         2 * int(rng.integers(0, (width - size) // 2 + 1))) for _ in range(self.options.crops_per_tile)]
             try:
-                arrays = decode_crop_windows(tile["arrays"], origins, size)
+                arrays = decode_crop_windows(tile["arrays"], origins, size, scratch)
             except BlockDecodeError as error:
                 tile["policy"].record_undecodable(tile["url"], SchemaError(f"{tile['key']}: {error}"))
                 continue
@@ -190,8 +191,12 @@ class CutCrops:
                 yield cut_crop(tile | {"arrays": arrays}, y, x, size)
 
 
-def decode_crop_windows(arrays: dict, origins: list[tuple[int, int]], size: int) -> dict[str, np.ndarray]:
-    """numpy arrays holding at least the crops at `origins` (and the 20 m halo); decoded arrays pass through."""
+def decode_crop_windows(arrays: dict, origins: list[tuple[int, int]], size: int,
+                        scratch: dict | None = None) -> dict[str, np.ndarray]:
+    """numpy arrays holding at least the crops at `origins` (and the 20 m halo); decoded arrays pass through.
+
+    With `scratch` (see training/windows.py) the arrays are valid until the next call with it.
+    """
     decoded = {}
     for member, array in arrays.items():
         if isinstance(array, np.ndarray):
@@ -201,7 +206,7 @@ def decode_crop_windows(arrays: dict, origins: list[tuple[int, int]], size: int)
         halo = HALO_20M if factor == 2 else 0
         windows = [(y // factor - halo, x // factor - halo, size // factor + 2 * halo, size // factor + 2 * halo)
                    for y, x in origins]
-        decoded[member] = decode_windows(array, windows)
+        decoded[member] = decode_windows(array, windows, None if scratch is None else scratch.setdefault(member, {}))
     return decoded
 
 
@@ -299,20 +304,27 @@ LABEL_KEYS = ("coords", "clouds", "landcover", "buildings", "water")
 
 
 def collate_crops(crops: list[dict]) -> dict:
-    """Stack crops into a batch of raw uint16 bands, labels, weights and keys.
+    """Stack crops into a batch of raw uint16 bands, labels, weights and keys, as numpy arrays.
 
     Bands stay uint16 (4x less to copy between processes than float32); `model_input` turns
-    them into reflectance on the training device, where upsampling is cheap.
+    them into reflectance on the training device, where upsampling is cheap. numpy, not torch:
+    a worker sends each tensor through its own shared-memory file and descriptor handshake,
+    which cost more than the whole crop pipeline; numpy arrays travel pickled in one message.
+    `as_tensors` (in the main process) wraps them without copying.
     """
-    batch = {"s2_10m": torch.from_numpy(np.stack([c["s2_10m"] for c in crops])), "keys": [c["key"] for c in crops],
-             "urls": [c["url"] for c in crops],
-             "repeated": torch.tensor([c["repeat"] for c in crops], dtype=torch.bool)}
+    batch = {"s2_10m": np.stack([c["s2_10m"] for c in crops]), "keys": [c["key"] for c in crops],
+             "urls": [c["url"] for c in crops], "repeated": np.array([c["repeat"] for c in crops], dtype=bool)}
     if crops[0]["s2_20m"] is not None:  # absent for s2_stack sources: already 10 bands on the 10 m grid
-        batch["s2_20m"] = torch.from_numpy(np.stack([c["s2_20m"] for c in crops]))
+        batch["s2_20m"] = np.stack([c["s2_20m"] for c in crops])
     for name in LABEL_KEYS:
-        batch[name] = torch.from_numpy(np.stack([c[name] for c in crops]))
-        batch[f"{name}_weight"] = torch.tensor([c[f"{name}_weight"] for c in crops], dtype=torch.float32)
+        batch[name] = np.stack([c[name] for c in crops])
+        batch[f"{name}_weight"] = np.array([c[f"{name}_weight"] for c in crops], dtype=np.float32)
     return batch
+
+
+def as_tensors(batch: dict) -> dict:
+    """The batch with its numpy arrays as torch tensors (shared memory, no copy)."""
+    return {name: torch.from_numpy(value) if isinstance(value, np.ndarray) else value for name, value in batch.items()}
 
 
 def model_input(batch: dict, device: torch.device) -> torch.Tensor:
@@ -372,7 +384,7 @@ class WorkerMixedBatches:
         self.loader, self.num_workers = loader, num_workers
 
     def __iter__(self) -> Iterator[dict]:
-        batches = iter(self.loader)
+        batches = map(as_tensors, self.loader)
         if self.num_workers < 2:
             yield from batches
             return
