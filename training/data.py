@@ -307,19 +307,28 @@ def collate_crops(crops: list[dict]) -> dict:
     """Stack crops into a batch of raw uint16 bands, labels, weights and keys, as numpy arrays.
 
     Bands stay uint16 (4x less to copy between processes than float32); `model_input` turns
-    them into reflectance on the training device, where upsampling is cheap. numpy, not torch:
-    a worker sends each tensor through its own shared-memory file and descriptor handshake,
-    which cost more than the whole crop pipeline; numpy arrays travel pickled in one message.
-    `as_tensors` (in the main process) wraps them without copying.
+    them into reflectance on the training device, where upsampling is cheap. In a DataLoader
+    worker the bands are stacked straight into shared memory (one descriptor each to pass);
+    the small label arrays stay numpy and travel pickled, instead of one shared-memory file and
+    handshake per tensor. `as_tensors` (in the main process) wraps them without copying.
     """
-    batch = {"s2_10m": np.stack([c["s2_10m"] for c in crops]), "keys": [c["key"] for c in crops],
+    batch = {"s2_10m": _stack_bands([c["s2_10m"] for c in crops]), "keys": [c["key"] for c in crops],
              "urls": [c["url"] for c in crops], "repeated": np.array([c["repeat"] for c in crops], dtype=bool)}
     if crops[0]["s2_20m"] is not None:  # absent for s2_stack sources: already 10 bands on the 10 m grid
-        batch["s2_20m"] = np.stack([c["s2_20m"] for c in crops])
+        batch["s2_20m"] = _stack_bands([c["s2_20m"] for c in crops])
     for name in LABEL_KEYS:
         batch[name] = np.stack([c[name] for c in crops])
         batch[f"{name}_weight"] = np.array([c[f"{name}_weight"] for c in crops], dtype=np.float32)
     return batch
+
+
+def _stack_bands(arrays: list[np.ndarray]) -> np.ndarray | torch.Tensor:
+    """np.stack, or in a DataLoader worker a shared-memory tensor (sent as a descriptor, not as pickled bytes)."""
+    if torch.utils.data.get_worker_info() is None:
+        return np.stack(arrays)
+    out = torch.empty((len(arrays), *arrays[0].shape), dtype=torch.from_numpy(arrays[0][:0]).dtype).share_memory_()
+    np.stack(arrays, out=out.numpy())
+    return out
 
 
 def as_tensors(batch: dict) -> dict:
@@ -357,9 +366,17 @@ def _init_loader_worker(_: int) -> None:
     torch.set_num_threads(1)
 
 
+def _as_is(batch: dict) -> dict:
+    return batch
+
+
 def pipeline_loader(pipeline: wds.DataPipeline, num_workers: int) -> torch.utils.data.DataLoader:
-    """A DataLoader over a pipeline that batches itself, its workers on one thread each."""
-    return torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=num_workers,
+    """A DataLoader over a pipeline that batches itself, its workers on one thread each.
+
+    `collate_fn=_as_is`: the default would turn numpy batches into tensors inside the worker,
+    and each tensor then crosses to the main process as its own shared-memory file.
+    """
+    return torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=num_workers, collate_fn=_as_is,
                                        persistent_workers=False, prefetch_factor=2 if num_workers else None,
                                        worker_init_fn=_init_loader_worker if num_workers else None)
 
