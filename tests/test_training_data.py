@@ -111,7 +111,8 @@ def test_crop_20m_upsampling_equals_full_tile_bilinear(built, y, x):
     import torch
     import torch.nn.functional as F
 
-    from training.data import as_tensors, collate_crops, cut_crop, model_input
+    from training.batches import as_tensors, collate_crops
+    from training.data import cut_crop, model_input
 
     sample = next(iter(read_dataset(built).values()))
     tile = {"key": sample.key, "url": "u", "repeat": False, "meta": sample.meta, "arrays": sample.arrays}
@@ -148,7 +149,7 @@ def test_shuffle_spreads_tiles_over_batches_and_keeps_every_crop_once():
 
 
 def test_redeal_mixes_workers_and_keeps_every_crop_once():
-    from training.data import redeal
+    from training.batches import redeal
 
     def batch(worker: int, size: int) -> dict:
         keys = [f"w{worker}-{j}" for j in range(size)]
