@@ -63,25 +63,29 @@ class WorkerMixedBatches:
         self.loader, self.num_workers = loader, num_workers
 
     def __iter__(self) -> Iterator[dict]:
-        batches = map(as_tensors, self.loader)
+        batches = iter(self.loader)
         if self.num_workers < 2:
-            yield from batches
+            yield from map(as_tensors, batches)
             return
         while group := list(itertools.islice(batches, self.num_workers)):
-            yield from redeal(group)
+            yield from map(as_tensors, redeal(group))
 
 
 def redeal(group: list[dict]) -> list[dict]:
-    """Interleave the crops of `group` (position 0 of every batch, then 1, ...) and cut the same batch sizes."""
+    """Interleave the crops of `group` (position 0 of every batch, then 1, ...) and cut the same batch sizes.
+
+    Arrays (numpy, or CPU tensors viewed as numpy) are gathered row by row with numpy: one copy,
+    single-threaded, where torch's cat + index would wake its intra-op threads in the main
+    process and take CPU from the workers.
+    """
     sizes = [len(batch["keys"]) for batch in group]
-    offsets = np.cumsum([0, *sizes[:-1]])
-    order = [int(offsets[b]) + j for j in range(max(sizes)) for b in range(len(group)) if j < sizes[b]]
-    merged = {name: torch.cat([batch[name] for batch in group]) if torch.is_tensor(group[0][name])
-              else [item for batch in group for item in batch[name]] for name in group[0]}
+    slots = [(b, j) for j in range(max(sizes)) for b in range(len(group)) if j < sizes[b]]
+    columns = {name: [np.asarray(batch[name]) if not isinstance(batch[name], list) else batch[name]
+                      for batch in group] for name in group[0]}
     out, start = [], 0
     for size in sizes:
-        picked = order[start : start + size]
+        picked = slots[start : start + size]
         start += size
-        out.append({name: value[torch.tensor(picked)] if torch.is_tensor(value) else [value[i] for i in picked]
-                    for name, value in merged.items()})
+        out.append({name: [parts[b][j] for b, j in picked] if isinstance(parts[0], list)
+                    else np.stack([parts[b][j] for b, j in picked]) for name, parts in columns.items()})
     return out
