@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
             "s2_10m, s2_20m and cloud. Crops/s = the loader's block decoding (training/windows.py) of K random "
             "128 px crops per tile, ratios against Blosc2's default layout in this run. Whole-array decode is "
             "what `verify`/`inspect` pay.", "", *lines, "",
-            "Choice: all-band blocks of 64 px at 10 m (32 px at 20 m) - a 128 px crop touches 9 of them. "
+            "Choice: all-band blocks of 64 px at 10 m (32 px at 20 m) - a 128 px crop touches at most 9 of them. "
             "Synthetic pixels compress differently from real Sentinel-2, so the byte column must be rechecked "
             "on real rows (`--input`); the crop-decoding gain comes from the geometry and transfers.", ""])
         write_docs_section(SECTION, section, DOCS)
