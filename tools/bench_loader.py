@@ -51,7 +51,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tools/ is not in
 from tools.docs_section import write_docs_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # `tools` is not an installed package: import it from this checkout
 DOCS = ROOT / "docs" / "benchmarks.md"
 SECTION = "## Data loader (tools/bench_loader.py)"
 KS = (1, 4, 16)

@@ -32,7 +32,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tools/ is not in
 from tools.docs_section import write_docs_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # `tools` is not an installed package: import it from this checkout
 
 from tools.s3_server import SeaweedS3  # noqa: E402
 from training import remote  # noqa: E402
