@@ -187,8 +187,9 @@ class CutCrops:
             except BlockDecodeError as error:
                 tile["policy"].record_undecodable(tile["url"], SchemaError(f"{tile['key']}: {error}"))
                 continue
+            decoded = tile | {"arrays": arrays}  # once per tile, not per crop
             for y, x in origins:
-                yield cut_crop(tile | {"arrays": arrays}, y, x, size)
+                yield cut_crop(decoded, y, x, size)
 
 
 def decode_crop_windows(arrays: dict, origins: list[tuple[int, int]], size: int,
