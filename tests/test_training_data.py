@@ -148,7 +148,8 @@ def test_shuffle_spreads_tiles_over_batches_and_keeps_every_crop_once():
     assert sum(full) / len(full) > 15.5  # a reservoir shuffle gives about 10 of 16 on this stream
 
 
-def test_redeal_mixes_workers_and_keeps_every_crop_once():
+@pytest.mark.parametrize("sizes", [(4, 4, 3), (3, 3, 3)])  # the epoch's last group; every other (one np.stack)
+def test_redeal_mixes_workers_and_keeps_every_crop_once(sizes):
     from training.batches import redeal
 
     def batch(worker: int, size: int) -> dict:
@@ -156,10 +157,12 @@ def test_redeal_mixes_workers_and_keeps_every_crop_once():
         return {"keys": keys, "urls": [f"u{worker}"] * size, "s2_10m": torch.arange(size) + 100 * worker,
                 "repeated": torch.tensor([j % 2 == 0 for j in range(size)])}
 
-    group = [batch(0, 4), batch(1, 4), batch(2, 3)]
+    group = [batch(worker, size) for worker, size in enumerate(sizes)]
     out = redeal(group)
-    assert [len(b["keys"]) for b in out] == [4, 4, 3]
-    assert out[0]["keys"] == ["w0-0", "w1-0", "w2-0", "w0-1"]  # position by position over the workers
+    assert [len(b["keys"]) for b in out] == list(sizes)
+    assert out[0]["keys"] == ["w0-0", "w1-0", "w2-0", "w0-1"][: sizes[0]]  # position by position over the workers
+    dealt = [f"w{b}-{j}" for j in range(max(sizes)) for b in range(len(sizes)) if j < sizes[b]]
+    assert [k for b in out for k in b["keys"]] == dealt
     for b in out:  # tensors and lists are re-dealt together, crop by crop
         assert b["s2_10m"].tolist() == [100 * int(k[1]) + int(k.split("-")[1]) for k in b["keys"]]
         assert b["repeated"].tolist() == [int(k.split("-")[1]) % 2 == 0 for k in b["keys"]]

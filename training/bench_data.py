@@ -2,8 +2,10 @@
 
 Runs exactly what pretraining runs for one rank (plan_epoch -> make_loader, epoch after
 epoch, new workers every epoch as in training) for a fixed wall time and reports crops/s,
-tiles/s, MB/s of shard bytes, batch diversity and the loader's peak RSS. The timer starts
-before the first plan, so worker start-up and per-epoch restarts are paid as in training.
+tiles/s, MB/s of shard bytes, batch diversity and the loader's peak RSS. The rates count from
+the first batch on, the steady state that an epoch of a real dataset (hours) runs in; the
+start-up before it (workers, shuffle-buffer fill) is reported apart, and later epoch restarts
+within the run are paid as in training.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ class BenchResult:
     repeats: int = 0  # crops cut from tiles read a second time to fill a quota
     epochs: int = 0  # epochs started
     seconds: float = 0.0
-    first_batch_s: float = 0.0
+    first_batch_s: float | None = None  # start-up: from the first plan to the first batch (not counted)
     peak_rss: int | None = None  # bytes, main process + DataLoader workers
     steady_distinct: float = 0.0  # distinct tiles per batch of the shuffle stage on a dataset >> its buffer
 
@@ -146,17 +148,20 @@ class RssMonitor:
         else:
             self.process, self._errors = psutil.Process(), (psutil.NoSuchProcess, psutil.AccessDenied)
         self.interval, self.last, self.peak = interval, 0.0, None
+        self.children: list | None = None
 
     def sample(self, force: bool = False) -> None:
         now = time.perf_counter()
         if self.process is None or (not force and now - self.last < self.interval):
             return
+        if self.children is None:  # listing children scans all of /proc: only when the workers changed
+            self.children = self.process.children(recursive=True)
         self.last, total = now, self.process.memory_info().rss
-        for child in self.process.children(recursive=True):
+        for child in self.children:
             try:
                 total += child.memory_info().rss
-            except self._errors:  # a worker that exited between listing and reading
-                continue
+            except self._errors:  # a worker that exited (a new epoch): list the children again next time
+                self.children = None
         self.peak = max(self.peak or 0, total)
 
 
@@ -170,7 +175,7 @@ def _count_batch(result: BenchResult, keys: Iterable[str], repeats: int) -> None
 
 def _run_epoch(config: BenchConfig, shards: list[ShardInfo], epoch: int, result: BenchResult,
                monitor: RssMonitor, started: float) -> bool:
-    """Stream one epoch; True when the time is up (checked after every batch, so >= 1 batch counts)."""
+    """Stream one epoch; True when the time is up (checked after every batch, so >= 1 batch after the first counts)."""
     data = config.data
     plan = plan_epoch(shards, world_size=1, num_workers=data.num_workers, batch_size=data.batch_size,
                       crops_per_tile=data.crops_per_tile, seed=config.seed, epoch=epoch)
@@ -178,13 +183,14 @@ def _run_epoch(config: BenchConfig, shards: list[ShardInfo], epoch: int, result:
     loader = make_loader(plan, 0, config.stream_options(), data.num_workers)
     for batch in loader:
         now = time.perf_counter()
-        if result.batches == 0:
+        if result.first_batch_s is None:  # start-up ends here, and the clock of the rates starts
             result.first_batch_s = now - started
+            continue
         _count_batch(result, batch["keys"], int(batch["repeated"].sum()))
         monitor.sample()
-        if now - started >= config.seconds:
+        result.seconds = now - started - result.first_batch_s
+        if result.seconds >= config.seconds:
             monitor.sample(force=True)  # workers are still alive here
-            result.seconds = now - started
             return True
     return False
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 import collections
 import logging
 import random
-from collections.abc import Iterable, Iterator
+import sys
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import blosc2
@@ -22,7 +23,7 @@ import webdataset as wds
 
 from phileo.bands import REFLECTANCE_SCALE
 from phileo.schema import SchemaError, decode_sample
-from training.batches import WorkerMixedBatches, collate_crops
+from training.batches import CollateCrops, WorkerMixedBatches, collate_crops
 from training.epoch import EpochPlan, WorkerPlan
 from training.labels import crop_labels
 from training.shards import open_shard
@@ -313,14 +314,14 @@ def model_input(batch: dict, device: torch.device) -> torch.Tensor:
     return image.mul_(1.0 / REFLECTANCE_SCALE)
 
 
-def make_pipeline(plan: EpochPlan, rank: int, options: StreamOptions,
-                  done_keys: frozenset = frozenset()) -> wds.DataPipeline:
+def make_pipeline(plan: EpochPlan, rank: int, options: StreamOptions, done_keys: frozenset = frozenset(),
+                  collate: Callable[[list[dict]], dict] = collate_crops) -> wds.DataPipeline:
     return wds.DataPipeline(
         EpochTiles(plan, rank, options, done_keys, lazy=True),
         CutCrops(options, plan.epoch, rank),
         TakeQuota(plan, rank),  # before the shuffle: the buffer must not pull repeats ahead of first-pass crops
         ShuffleCrops(options.shuffle_buffer, options.seed, plan.epoch, rank, spread=options.batch_size),
-        wds.batched(options.batch_size, collation_fn=collate_crops, partial=False),
+        wds.batched(options.batch_size, collation_fn=collate, partial=False),
     )
 
 
@@ -339,15 +340,22 @@ def pipeline_loader(pipeline: wds.DataPipeline, num_workers: int) -> torch.utils
     """A DataLoader over a pipeline that batches itself, its workers on one thread each.
 
     `collate_fn=_as_is`: the default would turn numpy batches into tensors inside the worker,
-    and each tensor then crosses to the main process as its own shared-memory file.
+    and each tensor then crosses to the main process as its own shared-memory file. Workers
+    are forked where the platform can (Linux): they then share the batch ring mapped before
+    they start (training/ring.py); Python 3.14 no longer forks by default.
     """
+    context = "fork" if num_workers and sys.platform == "linux" else None
     return torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=num_workers, collate_fn=_as_is,
                                        persistent_workers=False, prefetch_factor=2 if num_workers else None,
-                                       worker_init_fn=_init_loader_worker if num_workers else None)
+                                       worker_init_fn=_init_loader_worker if num_workers else None,
+                                       multiprocessing_context=context)
 
 
 def make_loader(plan: EpochPlan, rank: int, options: StreamOptions, num_workers: int,
                 done_keys: frozenset = frozenset()) -> Iterable[dict]:
     """Batches of this rank for the epoch (numpy arrays already wrapped as tensors)."""
-    return WorkerMixedBatches(pipeline_loader(make_pipeline(plan, rank, options, done_keys), num_workers),
-                              num_workers)
+    collate = CollateCrops()
+    loader = pipeline_loader(make_pipeline(plan, rank, options, done_keys, collate), num_workers)
+    # room for 10 uint16 bands per crop on the 10 m grid plus halos; a batch that does not fit goes without the ring
+    slot_bytes = options.batch_size * 10 * (options.crop_size + 4) ** 2 * np.dtype(np.uint16).itemsize
+    return WorkerMixedBatches(loader, num_workers, collate, slot_bytes)

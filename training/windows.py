@@ -9,6 +9,7 @@ blocks in a block row, into a zero-filled array of the full shape. Arrays laid o
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import blosc2
@@ -71,33 +72,34 @@ def _buffer(scratch: dict | None, name: str, shape: tuple[int, ...], dtype: np.d
 
 
 def _decode_blocks(array: blosc2.NDArray, grid: np.ndarray, scratch: dict | None) -> np.ndarray:
-    lead = tuple(array.shape[:-2])
-    block_h, block_w = array.blocks[-2:]
-    block_items = int(np.prod(array.blocks))
+    shape, dtype, schunk = tuple(array.shape), array.dtype, array.schunk  # blosc2 properties: read once
+    lead, (block_h, block_w) = shape[:-2], tuple(array.blocks[-2:])
+    block_items = math.prod(lead) * block_h * block_w
     rows, columns = grid.shape
-    out = _buffer(scratch, "out", lead + (rows * block_h, columns * block_w), array.dtype)
-    buffer = _buffer(scratch, "run", (columns * block_items,), array.dtype)
-    for row in range(rows):
-        for first, stop in _runs(grid[row]):
-            count = stop - first
-            start = (row * columns + first) * block_items
-            array.schunk.get_slice(start, start + count * block_items, out=buffer[: count * block_items])
-            blocks = buffer[: count * block_items].reshape((count, *lead, block_h, block_w))
-            strip = out[..., row * block_h : (row + 1) * block_h, first * block_w : stop * block_w]
-            # the run side by side on the pixel grid: (blocks, ..., h, w) into (..., h, blocks, w), one copy
-            strip.reshape((*lead, block_h, count, block_w))[...] = np.moveaxis(blocks, 0, -2)
-    return out[..., : array.shape[-2], : array.shape[-1]]
+    out = _buffer(scratch, "out", lead + (rows * block_h, columns * block_w), dtype)
+    buffer = _buffer(scratch, "run", (columns * block_items,), dtype)
+    # a run of blocks (count, *lead, h, w) side by side on the pixel grid is (*lead, h, count, w)
+    side_by_side = (*range(1, len(lead) + 2), 0, len(lead) + 2)
+    for row, first, stop in _runs(grid):
+        count = stop - first
+        start = (row * columns + first) * block_items
+        run = buffer[: count * block_items]
+        schunk.get_slice(start, start + count * block_items, out=run)
+        strip = out[..., row * block_h : (row + 1) * block_h, first * block_w : stop * block_w]
+        strip.reshape((*lead, block_h, count, block_w))[...] = run.reshape((count, *lead, block_h, block_w)).transpose(
+            side_by_side)
+    return out[..., : shape[-2], : shape[-1]]
 
 
-def _runs(flags: np.ndarray, max_gap: int = 1) -> list[tuple[int, int]]:
-    """[start, stop) of the runs of True in a 1-D boolean array, bridging gaps of up to `max_gap` blocks.
+def _runs(grid: np.ndarray, max_gap: int = 1) -> list[tuple[int, int, int]]:
+    """(row, start, stop) of the runs of True in each row of a boolean grid, bridging gaps of up to `max_gap`.
 
     Decoding one unneeded block costs about as much as one more call, so short gaps are decoded.
     """
     runs: list[list[int]] = []
-    for index in np.flatnonzero(flags).tolist():
-        if runs and index - runs[-1][1] <= max_gap:
-            runs[-1][1] = index + 1
+    for row, column in zip(*(axis.tolist() for axis in np.nonzero(grid))):  # row-major order
+        if runs and runs[-1][0] == row and column - runs[-1][2] <= max_gap:
+            runs[-1][2] = column + 1
         else:
-            runs.append([index, index + 1])
-    return [(first, stop) for first, stop in runs]
+            runs.append([row, column, column + 1])
+    return [(row, first, stop) for row, first, stop in runs]
