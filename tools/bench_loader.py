@@ -285,7 +285,8 @@ def measure(args: argparse.Namespace, products: list[Path], dataset: Path, urls:
             print(f"round {round_ + 1}, {workers} workers: " + ", ".join(
                 f"{'/'.join(map(str, name[:-1]))}={rate:.1f}" for name, rate in rates.items()), flush=True)
     spread = max(max(rates) / max(min(rates), 1e-9) for rates in seen.values())  # noise: worst max/min over rounds
-    return {name: value for name, (value, _) in best.items()} | {"spread": spread}
+    per_round = {w: [a / b for a, b in zip(seen[("a", 16, w)], seen[("b", w)])] for w in (0, args.workers)}
+    return {name: value for name, (value, _) in best.items()} | {"spread": spread, "per_round": per_round}
 
 
 DECODE = "Blosc2 decode of the blocks under the crops (training/windows.py)"
@@ -313,11 +314,12 @@ def profile_ours(dataset: Path, args: argparse.Namespace) -> list[str]:
     raw = {label: sum(v[3] for (file, _, name), v in stats.items() if name == func and file.endswith(suffix))
            for label, suffix, func, _ in PROFILED}
     cost = {label: raw[label] - sum(raw[n] for n in nested) for label, _, _, nested in PROFILED}
-    total = max(result.seconds, 1e-9)
+    total = max(result.seconds + result.first_batch_s, 1e-9)  # the profile covers the start-up too
     cost["everything else (shuffle, quota, epoch restarts, loop)"] = total - sum(cost.values())
-    per_tile = 16 / max(result.crops, 1)
-    return [f"cProfile of (a) K=16, 1 process, {result.seconds:.1f} s wall ({result.crops_per_s:.0f} crops/s under "
-            "the profiler; Blosc2 and torch threads run beside the profiled thread):", "",
+    per_tile = 16 / max(result.crops + args.batch_size, 1)  # tiles delivered, the first batch included
+    return [f"cProfile of (a) K=16, 1 process, {total:.1f} s wall including {result.first_batch_s:.1f} s of "
+            f"start-up ({result.crops_per_s:.0f} crops/s under the profiler; Blosc2 and torch threads run beside "
+            "the profiled thread; per tile = per 16 crops delivered, the shuffle buffer's fill included):", "",
             "| cost | ms per tile (16 crops) | share of wall time |", "|---|---|---|",
             *(f"| {label} | {1e3 * sec * per_tile:.1f} | {sec / total:.0%} |" for label, sec in
               sorted(cost.items(), key=lambda kv: (kv[0].startswith("everything"), -kv[1])))]
@@ -370,6 +372,8 @@ def target_table(best: dict, n: int) -> list[str]:
     steady = [r.steady_distinct / r.batch_size for r in a16]
     return [f"| target (issue) | 1 process | {n} workers | met |", "|---|---|---|---|",
             "| (a, K=16) >= 20x (b) | " + check(speed, 20, "{:.1f}x"),
+            "| same, the lowest of the rounds' own ratios | " + check([min(best["per_round"][w]) for w in (0, n)], 20,
+                                                                     "{:.1f}x"),
             "| (a, K=16) >= 50% of the decode bound (d) | " + check(bound, 0.5, "{:.0%}"),
             "| batch diversity (a, K=16) >= 80% of min(B, tiles), this data | " + check(diversity, 0.8, "{:.0%}"),
             "| same, at scale (shuffle stage, dataset >> buffer) | " + check(steady, 0.8, "{:.0%}")]
