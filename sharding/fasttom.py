@@ -9,6 +9,7 @@ corners: offsets 0 and H - 516 = 552 are multiples of 6, so the 20 m and 60 m gr
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,8 +56,14 @@ def water_fraction(water: np.ndarray) -> float | None:
     return float(np.count_nonzero(water == WATER) / covered) if covered else None
 
 
-def fasttom_quadrant(sample: Sample, rules: FastTomRules) -> Sample | str:
-    """The tile's FastTOM sample, or the reason it is dropped."""
+def fasttom_quadrant(sample: Sample, rules: FastTomRules,
+                     add_labels: Callable[[Sample], None] | None = None) -> Sample | str:
+    """The tile's FastTOM sample, or the reason it is dropped.
+
+    `add_labels` (the build's co-registration of its label rasters) runs on the kept quadrant
+    alone, before the water rule reads its `water` layer: a quarter of the tile's pixels, so
+    about 4x less label work than co-registering the whole tile and cropping.
+    """
     height, width = sample.meta["shape"]
     size = rules.quadrant_size
     if height < size or width < size or height % 6 or width % 6:
@@ -67,6 +74,8 @@ def fasttom_quadrant(sample: Sample, rules: FastTomRules) -> Sample | str:
     if clear[best] < rules.min_clear:
         return f"clear fraction {clear[best]:.3f} of the best quadrant < --min-clear {rules.min_clear}"
     quadrant = crop_sample(sample, *offsets[best], size)
+    if add_labels is not None:
+        add_labels(quadrant)
     water_member = LABEL_PREFIX + WATER_LABEL
     water = water_fraction(quadrant.arrays[water_member]) if water_member in quadrant.arrays else None
     if water is not None and water > rules.max_water:

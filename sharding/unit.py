@@ -23,7 +23,7 @@ from phileo.bands import ALL_BANDS, RESOLUTION_GROUPS
 from phileo.schema import DEFAULT_CLEVEL, Sample
 from sharding.errors import RowError
 from sharding.fasttom import FastTomRules, fasttom_quadrant
-from sharding.labels import LabelSpec, add_labels, close_label_rasters, open_label_rasters
+from sharding.labels import LabelRaster, LabelSpec, add_labels, close_label_rasters, open_label_rasters
 from sharding.plan import Filters
 from sharding.sources.majortom import BAND_COLUMNS, decode_majortom_row, iter_parquet_rows, read_extracted_product
 from sharding.sources.majortom_catalog import reject
@@ -107,9 +107,8 @@ def build_unit(unit: int, rows: list[dict], options: UnitOptions, progress: Prog
             bytes_in = counts["bytes_in"]
             sample = _convert(row, columns, options, rejected, counts)
             entry = {"bytes": 0}
-            if sample is not None:
-                add_labels(sample, rasters)  # a raster read error fails the unit: a rerun retries it
-                sample = _fasttom(sample, options, counts)
+            if sample is not None:  # a raster read error fails the unit: a rerun retries it
+                sample = _labelled_sample(sample, options, counts, rasters)
             if sample is not None:
                 sample_band_histogram(sample, histogram)
                 entry = writer.write(sample)
@@ -152,11 +151,12 @@ def _convert(row: dict, columns: dict | str, options: UnitOptions, rejected: lis
     return sample
 
 
-def _fasttom(sample: Sample, options: UnitOptions, counts: dict) -> Sample | None:
-    """The tile's FastTOM quadrant (labels co-registered on the whole tile first), or None when dropped."""
+def _labelled_sample(sample: Sample, options: UnitOptions, counts: dict, rasters: list[LabelRaster]) -> Sample | None:
+    """The sample with its labels: the tile, or its FastTOM quadrant (labels on the quadrant only) or None."""
     if options.fasttom is None:
+        add_labels(sample, rasters)
         return sample
-    quadrant = fasttom_quadrant(sample, options.fasttom)
+    quadrant = fasttom_quadrant(sample, options.fasttom, lambda kept: add_labels(kept, rasters))
     if isinstance(quadrant, str):
         counts["filtered"] += 1
         log.debug("%s: dropped by the FastTOM rules: %s", sample.key, quadrant)

@@ -120,3 +120,46 @@ def test_fasttom_water_rule_with_a_co_registered_water_raster(tmp_path):
     assert sorted(every) == sorted(row["key"] for row in rows)
     assert set(kept) == {key for key, fraction in every.items() if fraction <= 0.5}
     assert read_manifest(tmp_path / "rule")["totals"]["filtered"] == len(every) - len(kept)
+
+
+def test_quadrant_labels_are_co_registered_on_the_quadrant_grid(tmp_path):
+    """Labels are co-registered on the kept quadrant only (1/4 of the work): they equal an independent
+    reprojection onto the quadrant's grid, and the whole tile's layers (a majortom build) cut at the
+    quadrant's window up to GDAL's approximate transformer (0.125 px), which picks a few boundary
+    pixels differently for different destination extents."""
+    from tests.test_labels import EXPECTED, blocks, reference_layer
+    from tools.label_fixture import make_label_rasters
+
+    rows = make_majortom_dataset(tmp_path / "in", num_files=1, rows_per_file=3, tile_size=SIZE)
+    rasters = make_label_rasters(tmp_path / "rasters", sorted({row["grid_cell"] for row in rows}))
+    labels = [flag for name, path in rasters.items() for flag in ("--label", f"{name}={path}")]
+    common = ["build", "--input", str(tmp_path / "in"), *labels]
+    assert run_shard(*common, "--source", "fasttom", "--output", str(tmp_path / "q"), "--max-water", "1",
+                     "--min-clear", "0").exit_code == 0
+    assert run_shard(*common, "--source", "majortom", "--output", str(tmp_path / "t")).exit_code == 0
+
+    def samples(dataset):
+        return {sample.meta.get("majortom_key", sample.key): sample for shard in read_manifest(dataset)["shards"]
+                for sample in (decode_sample(raw.key, raw.members)
+                               for raw in iter_tar_samples(dataset / shard["url"]))}
+
+    quadrants, tiles = samples(tmp_path / "q"), samples(tmp_path / "t")
+    assert sorted(quadrants) == sorted(tiles) == sorted(row["key"] for row in rows)
+    for key, quadrant in quadrants.items():
+        (y, x), meta = quadrant.meta["window"], quadrant.meta
+        for name, (nodata, low, high) in EXPECTED.items():
+            layer = quadrant.arrays[f"label_{name}"]
+            values, valid = reference_layer(rasters[name], meta, meta["labels"][name]["resampling"])
+            if name == "buildings":  # averaged on the 20 m grid, as in test_labels
+                np.testing.assert_allclose(blocks(layer.astype(float)), blocks(values), atol=0.6)
+            else:
+                expected = np.full(values.shape, nodata, np.uint8)
+                expected[valid] = np.clip(np.rint(values[valid]), low, high)
+                np.testing.assert_array_equal(layer, expected, err_msg=f"{key} {name}")
+            assert meta["labels"][name]["coverage"] == pytest.approx(np.mean(layer != nodata), abs=1e-6)
+            whole = tiles[key].arrays[f"label_{name}"][y : y + Q, x : x + Q]
+            if name == "buildings":  # means over slightly other source footprints, rounded: a little apart
+                difference = np.abs(layer.astype(int) - whole)
+                assert difference.max() <= 2 and difference.mean() < 0.1, key
+            else:
+                assert np.mean(layer == whole) > 0.99, (key, name)
