@@ -54,9 +54,10 @@ def test_full_ring_makes_the_worker_fall_back_instead_of_overwriting():
     assert again[0]["s2_10m"].offset == first[0]["s2_10m"].offset and again[1] is None  # slot 1 is still held
 
 
-def test_batch_too_large_for_a_slot_is_not_placed():
+def test_batch_too_large_or_empty_is_not_placed():
     ring = BatchRing(num_workers=1, slots=1, slot_bytes=64)
     assert ring.put(0, {"s2_10m": [np.zeros(64, np.uint16)]}) is None
+    assert ring.put(0, {}) is None
     assert ring.free[0].acquire(timeout=0)  # the slot was not taken
 
 

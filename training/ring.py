@@ -52,6 +52,8 @@ class BatchRing:
 
     def put(self, worker: int, parts: dict[str, list[np.ndarray]]) -> dict[str, SlotArray] | None:
         """Stack each list of equal-shape arrays into `worker`'s next slot; None when it does not fit or stays busy."""
+        if not parts:  # nothing to place: a slot taken for it would never be released
+            return None
         shapes = {name: (len(rows), *rows[0].shape) for name, rows in parts.items()}
         sizes = {name: _aligned(math.prod(shape) * parts[name][0].itemsize) for name, shape in shapes.items()}
         if sum(sizes.values()) > self.slot_bytes or not self.free[worker].acquire(timeout=self.wait_s):
