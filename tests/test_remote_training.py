@@ -266,3 +266,13 @@ def test_s3_harness_failure_reports_the_log_tail(tmp_path, monkeypatch):
         with pytest.raises(harness.S3ServerError, match=r"(?s)exited with code .*log tail:\n.*address already in use"):
             with SeaweedS3(tmp_path, timeout=15):
                 pass
+
+
+def test_unknown_host_is_not_retried_but_a_dns_failure_is():
+    import urllib.error
+
+    from training.remote import is_transient
+
+    assert not is_transient(urllib.error.URLError(socket.gaierror(socket.EAI_NONAME, "Name or service not known")))
+    assert is_transient(urllib.error.URLError(socket.gaierror(socket.EAI_AGAIN, "Temporary failure")))
+    assert is_transient(urllib.error.URLError(ConnectionRefusedError()))

@@ -27,6 +27,7 @@ import logging
 import os
 import random
 import re
+import socket
 import threading
 import time
 import urllib.error
@@ -96,9 +97,18 @@ def is_transient(error: BaseException) -> bool:
         return error.code in RETRY_STATUS or error.code >= 500
     if isinstance(error, PERMANENT_ERRORS) or (isinstance(error, OSError) and error.errno == errno.EINVAL):
         return False
+    if _unknown_host(error):  # a name that does not exist (a typo): fail now, not after minutes of retries
+        return False
     if isinstance(error, (OSError, http.client.HTTPException, TimeoutError)):
         return True
     return _is_transient_library_error(error)
+
+
+def _unknown_host(error: BaseException) -> bool:
+    """DNS answered that the host does not exist (EAI_NONAME); a DNS failure (EAI_AGAIN) is still retried."""
+    reason = getattr(error, "reason", None)  # urllib's URLError wraps the socket error
+    return any(isinstance(candidate, socket.gaierror) and candidate.errno == socket.EAI_NONAME
+               for candidate in (error, reason))
 
 
 def _is_transient_library_error(error: BaseException) -> bool:
