@@ -88,7 +88,8 @@ def pretrain(**flags) -> None:
 
 @main.command("bench-data")
 @_data_options
-@click.option("--seconds", type=float, default=30.0, show_default=True, help="Wall time to stream, looping epochs.")
+@click.option("--seconds", type=float, default=30.0, show_default=True,
+              help="Wall time to stream after the first batch (start-up is timed apart), looping epochs.")
 @click.option("--seed", default=0, show_default=True)
 def bench_data(seconds: float, seed: int, **flags) -> None:
     """Time the training data pipeline alone (no model): crops/s, tiles/s, MB/s, batch diversity, peak RSS."""
