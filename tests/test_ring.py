@@ -87,3 +87,19 @@ def test_loader_batches_are_the_same_with_and_without_the_ring(built, workers):
         assert a["keys"] == b["keys"]
         for name in ("s2_10m", "s2_20m", "coords", "clouds"):
             assert torch.equal(a[name], b[name]), name
+
+
+def test_loader_goes_without_the_ring_when_it_cannot_be_mapped(built, monkeypatch):
+    import training.ring
+    from training.data import StreamOptions, make_loader
+    from training.epoch import plan_epoch
+    from training.shards import resolve_shards
+
+    def refuse(*args, **kwargs):
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(training.ring.mmap, "mmap", refuse)  # as a kernel refusing a huge shared mapping
+    options = StreamOptions(crops_per_tile=3, crop_size=64, batch_size=2, shuffle_buffer=7)
+    plan = plan_epoch(resolve_shards(str(built)), 1, 2, options.batch_size, options.crops_per_tile, 0, 0)
+    loader = make_loader(plan, 0, options, 2)
+    assert len(list(loader)) == plan.steps and loader.ring_batches == 0

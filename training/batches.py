@@ -8,12 +8,15 @@ the main process.
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Iterator
 
 import numpy as np
 import torch
 
 from training.ring import BatchRing, shared_empty, uses_fork
+
+log = logging.getLogger(__name__)
 
 LABEL_KEYS = ("coords", "clouds", "landcover", "buildings", "water")
 BAND_NAMES = ("s2_10m", "s2_20m")  # s2_20m is None for s2_stack sources: 10 bands on the 10 m grid already
@@ -88,7 +91,10 @@ class WorkerMixedBatches:
     def __iter__(self) -> Iterator[dict]:
         ring = None
         if self.num_workers and self.collate is not None and uses_fork(self.loader):
-            ring = BatchRing(self.num_workers, self.loader.prefetch_factor + RING_SPARE_SLOTS, self.slot_bytes)
+            try:
+                ring = BatchRing(self.num_workers, self.loader.prefetch_factor + RING_SPARE_SLOTS, self.slot_bytes)
+            except OSError as error:  # a mapping larger than the kernel will promise (strict overcommit)
+                log.warning("no shared-memory batch ring (%s): each batch goes as fresh shared tensors", error)
             self.collate.ring = ring
         batches = iter(self.loader)  # forks the workers, each with its copy of the collate stage
         if self.collate is not None:

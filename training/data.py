@@ -26,6 +26,7 @@ from phileo.schema import SchemaError, decode_sample
 from training.batches import CollateCrops, WorkerMixedBatches, collate_crops
 from training.epoch import EpochPlan, WorkerPlan
 from training.labels import crop_labels
+from training.ring import ALIGN
 from training.shards import open_shard
 from training.tarstream import TarFormatError, iter_samples
 from training.windows import BlockDecodeError, decode_windows
@@ -356,6 +357,7 @@ def make_loader(plan: EpochPlan, rank: int, options: StreamOptions, num_workers:
     """Batches of this rank for the epoch (numpy arrays already wrapped as tensors)."""
     collate = CollateCrops()
     loader = pipeline_loader(make_pipeline(plan, rank, options, done_keys, collate), num_workers)
-    # room for 10 uint16 bands per crop on the 10 m grid plus halos; a batch that does not fit goes without the ring
-    slot_bytes = options.batch_size * 10 * (options.crop_size + 4) ** 2 * np.dtype(np.uint16).itemsize
+    # room for 10 uint16 bands per crop on the 10 m grid (s2_stack; 4 at 10 m + 6 at 20 m with halos take less),
+    # plus the alignment of two arrays; a batch that does not fit goes without the ring
+    slot_bytes = options.batch_size * 10 * options.crop_size**2 * np.dtype(np.uint16).itemsize + 2 * ALIGN
     return WorkerMixedBatches(loader, num_workers, collate, slot_bytes)
