@@ -97,7 +97,7 @@ def is_transient(error: BaseException) -> bool:
         return error.code in RETRY_STATUS or error.code >= 500
     if isinstance(error, PERMANENT_ERRORS) or (isinstance(error, OSError) and error.errno == errno.EINVAL):
         return False
-    if _unknown_host(error):  # a name that does not exist (a typo): fail now, not after minutes of retries
+    if _unknown_host(error):  # a name that does not exist (a typo): fail now, not after ~20 s of retries
         return False
     if isinstance(error, (OSError, http.client.HTTPException, TimeoutError)):
         return True
