@@ -26,10 +26,10 @@ import pyarrow.parquet as pq
 from phileo.schema import DEFAULT_CLEVEL, block_shape, encode_array
 from sharding.errors import RowError
 from sharding.sources.majortom import BAND_COLUMNS, decode_bands, iter_parquet_rows
-from training.data import HALO_20M
-from training.windows import decode_windows
+from training.data import decode_crop_windows
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tools/ is not installed
+from tools.bench_shard import source_files  # noqa: E402
 from tools.docs_section import write_docs_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,7 +54,7 @@ def layout_blocks(member: str, shape: tuple[int, ...], side: int | None) -> tupl
 def load_tiles(input_dir: Path, limit: int) -> list[tuple[dict, int]]:
     """(arrays by member, GeoTIFF bytes of the tile's bands) of the first `limit` good rows."""
     tiles = []
-    for file in sorted((input_dir / "images").glob("*.parquet")) or sorted(input_dir.glob("*.parquet")):
+    for file in source_files(input_dir):  # images/*.parquet, *.parquet or one file; never metadata.parquet
         rows = list(range(pq.ParquetFile(file).metadata.num_rows))
         for _, columns in iter_parquet_rows(str(file), rows, False):
             try:
@@ -66,13 +66,6 @@ def load_tiles(input_dir: Path, limit: int) -> list[tuple[dict, int]]:
             if len(tiles) == limit:
                 return tiles
     return tiles
-
-
-def crop_windows(member: str, origins: list[tuple[int, int]]) -> list[tuple[int, int, int, int]]:
-    if member == "s2_20m":
-        side = CROP // 2 + 2 * HALO_20M
-        return [(y // 2 - HALO_20M, x // 2 - HALO_20M, side, side) for y, x in origins]
-    return [(y, x, CROP, CROP) for y, x in origins]
 
 
 def measure_layout(tiles: list[tuple[dict, int]], side: int | None, seconds: float) -> dict:
@@ -95,8 +88,7 @@ def measure_layout(tiles: list[tuple[dict, int]], side: int | None, seconds: flo
                 height, width = tile["s2_10m"].shape[-2:]
                 origins = [(2 * int(rng.integers(0, (height - CROP) // 2 + 1)),
                             2 * int(rng.integers(0, (width - CROP) // 2 + 1))) for _ in range(k)]
-                for member, array in tile.items():
-                    decode_windows(array, crop_windows(member, origins))
+                decode_crop_windows(tile, origins, CROP)  # the loader's own call: windows + 20 m halo
                 crops += k
         rates[k] = crops / (time.perf_counter() - started)
     return {"bytes": sum(len(f) for tile in frames for f in tile.values()), "encode_mbs": raw / MB / encode_s,
