@@ -101,15 +101,14 @@ def _loss(out, downstream: bool):
 def _build(model_name: str, ac: bool):
     """The model on CPU (real weights: the registry's init needs data), float32, AC applied as the trainer."""
     import torch
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
 
     from phileo.models import build
-    from training.parallel import block_types
+    from training.parallel import checkpoint_blocks
 
     torch.manual_seed(0)
     model = build(model_name).float()
     if ac:
-        apply_activation_checkpointing(model, check_fn=lambda module: isinstance(module, block_types()))
+        checkpoint_blocks(model)
     return model.train()
 
 

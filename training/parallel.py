@@ -46,13 +46,18 @@ def apply_fsdp(model: nn.Module, world: World, mixed_precision: bool) -> nn.Modu
     return model
 
 
+def checkpoint_blocks(model: nn.Module) -> None:
+    """Activation checkpointing on every block of `block_types()` (recomputed in backward), in place."""
+    apply_activation_checkpointing(model, check_fn=lambda module: isinstance(module, block_types()))
+
+
 def parallelize(model: nn.Module, world: World, strategy: str, mixed_precision: bool,
                 activation_checkpointing: bool) -> nn.Module:
     """Return the module to call in the training step (the same object as `model` for FSDP)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"--strategy {strategy}: expected one of {', '.join(STRATEGIES)}")
     if activation_checkpointing:
-        apply_activation_checkpointing(model, check_fn=lambda module: isinstance(module, block_types()))
+        checkpoint_blocks(model)
     if strategy == "fsdp":
         if not world.distributed:
             log.info("--strategy fsdp on a single process: nothing to shard, running plain")
