@@ -117,11 +117,7 @@ def s3_env(s3, monkeypatch, tmp_path):
 
 
 def s3_objects(s3: SeaweedS3, prefix: str) -> dict[str, bytes]:
-    client = s3.client()
-    keys = [item["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=s3.bucket,
-                                                                                      Prefix=prefix + "/")
-            for item in page.get("Contents", [])]
-    return {key[len(prefix) + 1:]: client.get_object(Bucket=s3.bucket, Key=key)["Body"].read() for key in keys}
+    return s3.objects(prefix)
 
 
 def assert_same_dataset_on_s3(s3: SeaweedS3, prefix: str, local: Path) -> dict[str, bytes]:
@@ -195,7 +191,7 @@ def test_s3_input_build_into_s3_is_byte_identical(majortom, built, s3_env):
 
 
 def test_s3_output_refuses_foreign_objects_and_overwrite_starts_over(majortom, s3_env):
-    s3_env.client().put_object(Bucket=s3_env.bucket, Key="mixed/notes.txt", Body=b"mine")
+    s3_env.client().pipe_file(f"{s3_env.bucket}/mixed/notes.txt", b"mine")
     foreign = run_shard("build", "--input", str(majortom[0]), "--output", s3_env.url("mixed"))
     assert foreign.exit_code == 2 and "notes.txt" in foreign.output and "s3://" in foreign.output
     args = ("build", "--input", str(majortom[0]), "--output", s3_env.url("ow"), "--shard-size", "1")
@@ -353,8 +349,9 @@ def test_build_into_s3_killed_mid_way_resumes_with_every_key_exactly_once(majort
                                start_new_session=True)
     client, deadline = s3_env.client(), time.monotonic() + 120
     while time.monotonic() < deadline and process.poll() is None:
-        listed = client.list_objects_v2(Bucket=s3_env.bucket, Prefix=f"{prefix}/units/")
-        if any(re.search(r"/units/\d{6}\.json$", item["Key"]) for item in listed.get("Contents", [])):
+        client.invalidate_cache()
+        listed = client.find(f"{s3_env.bucket}/{prefix}/units/")
+        if any(re.search(r"/units/\d{6}\.json$", path) for path in listed):
             break
         time.sleep(0.02)
     assert process.poll() is None, "the build finished before it could be killed"

