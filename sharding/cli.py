@@ -163,12 +163,12 @@ def _split_list(value: str | None, flag: str, convert=str) -> tuple:
 
 def _run_majortom_build(input_path: str | None, output: str, shard_size: str, grid_cells_file: str | None,
                         mix_files: int, workers: int, overwrite: bool, options: dict, source: str = "majortom"):
-    from sharding.build import BuildArgs
-    from sharding.build import build as run_build
-    from sharding.fasttom import WATER_LABEL, FastTomRules
-    from sharding.labels import parse_label_spec
-    from sharding.nodes import distributed_kwargs
-    from sharding.plan import Filters, read_grid_cells_file
+    from sharding.build.driver import BuildArgs
+    from sharding.build.driver import build as run_build
+    from sharding.build.fasttom import WATER_LABEL, FastTomRules
+    from sharding.build.labels import parse_label_spec
+    from sharding.build.nodes import distributed_kwargs
+    from sharding.build.plan import Filters, read_grid_cells_file
 
     grid_cells = read_grid_cells_file(grid_cells_file) if grid_cells_file else None
     filters = Filters(options["max_cloud"], options["max_nodata"], _parse_bbox(options["bbox"]),
@@ -181,8 +181,8 @@ def _run_majortom_build(input_path: str | None, output: str, shard_size: str, gr
     args = BuildArgs(input_path, output, filters, _parse_size(shard_size), mix_files, seed,
                      options["clevel"], options["thumbnails"], labels, rules, metadata=options["metadata"],
                      tile_source="geotiff" if source == "geotiff" else "majortom")
-    if output.startswith("s3://"):  # staged locally, published as units complete (sharding/remote_output.py)
-        from sharding.remote_output import build_to_remote
+    if output.startswith("s3://"):  # staged locally, published as units complete (sharding/build/remote_output.py)
+        from sharding.build.remote_output import build_to_remote
 
         if options.get("num_nodes"):
             raise InputError(f"--output {output}: --num-nodes with an s3:// output is not supported yet")
@@ -192,8 +192,8 @@ def _run_majortom_build(input_path: str | None, output: str, shard_size: str, gr
 
 def _run_bench_build(inputs: tuple[str, ...], output: str, shard_size: str, workers: int, overwrite: bool,
                      options: dict):
-    from sharding.bench_build import BenchArgs, build_bench
-    from sharding.nshot import DEFAULT_SEED
+    from sharding.phileo_bench.driver import BenchArgs, build_bench
+    from sharding.phileo_bench.nshot import DEFAULT_SEED
 
     args = BenchArgs(inputs, output, _split_list(options["task"], "--task"),
                      _split_list(options["n_shot"], "--n-shot", int),
@@ -206,7 +206,7 @@ def _run_bench_build(inputs: tuple[str, ...], output: str, shard_size: str, work
 @click.argument("dataset")
 def verify(dataset: str) -> None:
     """Re-read every shard: checksums, counts, decodable members, index rows."""
-    from sharding.verify import verify_dataset
+    from sharding.dataset.verify import verify_dataset
 
     problems, samples = run_or_exit(verify_dataset, dataset)
     if problems:
@@ -222,7 +222,7 @@ def verify(dataset: str) -> None:
 @click.option("--preview", help="Write an RGB preview PNG with cloud mask outlines here.")
 def inspect(path: str, max_samples: int, preview: str | None) -> None:
     """Per-sample summary (key, time, location, cloud, band min/max/mean) of a dataset or shard."""
-    from sharding.inspect_cmd import iter_samples, save_preview, summarize
+    from sharding.dataset.inspect_cmd import iter_samples, save_preview, summarize
 
     def run():
         samples = []
@@ -250,8 +250,8 @@ def inspect(path: str, max_samples: int, preview: str | None) -> None:
 def subset(source: str, output: str, where: str | None, bbox: str | None, start: str | None, end: str | None,
            shard_size: str, overwrite: bool) -> None:
     """Copy the samples of SOURCE that match a query into a new dataset (tar bytes unchanged)."""
-    from sharding.subset import SubsetArgs
-    from sharding.subset import subset as run_subset
+    from sharding.dataset.subset import SubsetArgs
+    from sharding.dataset.subset import subset as run_subset
 
     def run():
         args = SubsetArgs(source, output, where, _parse_bbox(bbox), start, end, _parse_size(shard_size))
@@ -275,8 +275,8 @@ def subset(source: str, output: str, where: str | None, bbox: str | None, start:
 def split(dataset: str, output_train: str, output_val: str, val_fraction: float, block_km: float, buffer_km: float,
           seed: int, shard_size: str, overwrite: bool) -> None:
     """Spatial train/val hold-out of whole blocks, with a buffer at train/val block boundaries."""
-    from sharding.split import SplitArgs
-    from sharding.split import split as run_split
+    from sharding.dataset.split import SplitArgs
+    from sharding.dataset.split import split as run_split
 
     def run():
         args = SplitArgs(dataset, output_train, output_val, val_fraction, block_km, buffer_km, seed,
@@ -291,7 +291,7 @@ def split(dataset: str, output_train: str, output_val: str, val_fraction: float,
 @click.option("--out", required=True, help="PNG to write; the counts go to the same name with .json.")
 def coverage(dataset: str, out: str) -> None:
     """World map of sample centres, counts per latitude band, acquisition months and cloud cover."""
-    from sharding.coverage import coverage_map
+    from sharding.dataset.coverage import coverage_map
 
     counts, png, json_path = run_or_exit(coverage_map, dataset, out)
     click.echo(counts.line(png, json_path))
@@ -301,7 +301,7 @@ def coverage(dataset: str, out: str) -> None:
 @click.argument("output")
 def merge(output: str) -> None:
     """Finish a --num-nodes build: check every node's units are complete, then write index and manifest."""
-    from sharding.merge import merge as run_merge
+    from sharding.build.merge import merge as run_merge
 
     click.echo(run_or_exit(run_merge, output).line())
 

@@ -10,7 +10,6 @@ bytes, decoded array bytes) is compared always. Regenerate only for a deliberate
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import sys
 import tarfile

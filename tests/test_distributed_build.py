@@ -9,10 +9,10 @@ import sys
 import pyarrow.parquet as pq
 import pytest
 
+from sharding.build.nodes import publish_shared
+from sharding.build.ray_executor import DIE_ONCE_ENV
+from sharding.dataset.tarread import iter_tar_samples
 from sharding.errors import InputError
-from sharding.nodes import publish_shared
-from sharding.ray_executor import DIE_ONCE_ENV
-from sharding.tarread import iter_tar_samples
 from tests.conftest import read_manifest, run_shard
 
 BUILT_ARGS = ("--shard-size", "300KB", "--mix-files", "2")  # as the `built` fixture
@@ -150,9 +150,9 @@ def test_plan_files_from_concurrent_nodes_must_be_identical(tmp_path):
 
 @pytest.mark.slow
 def test_ray_unit_failure_is_reported_not_raised(ray_cluster, tmp_path):
-    from sharding.plan import Filters
-    from sharding.ray_executor import run_ray
-    from sharding.unit import UnitOptions
+    from sharding.build.plan import Filters
+    from sharding.build.ray_executor import run_ray
+    from sharding.build.unit import UnitOptions
 
     (tmp_path / "shards").mkdir()
     (tmp_path / "units").mkdir()

@@ -8,8 +8,8 @@ from rasterio.transform import Affine, array_bounds
 
 from phileo.bands import RESOLUTION_GROUPS
 from phileo.schema import SCHEMA_VERSION, Sample, decode_sample
-from sharding.fasttom import FastTomRules, fasttom_quadrant, quadrant_offsets
-from sharding.tarread import iter_tar_samples
+from sharding.build.fasttom import FastTomRules, fasttom_quadrant, quadrant_offsets
+from sharding.dataset.tarread import iter_tar_samples
 from tests.conftest import read_manifest, run_shard
 from tools.majortom_fixture import make_majortom_dataset
 

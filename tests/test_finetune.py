@@ -18,7 +18,7 @@ from phileo.models import build
 from tools.phileo_bench_fixture import make_phileo_bench_dataset
 from training.config import ConfigError, FinetuneConfig, FinetuneDataConfig, FinetuneOptimConfig, FinetuneRunConfig
 from training.distributed import World
-from training.finetune import FinetuneTrainer, LRSchedule, run_finetune
+from training.finetune.trainer import FinetuneTrainer, LRSchedule, run_finetune
 
 CPU = World(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 MODEL = "geoaware-unet-tiny"

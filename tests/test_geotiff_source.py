@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 
 from phileo.schema import decode_sample
-from sharding.tarread import iter_tar_samples
+from sharding.dataset.tarread import iter_tar_samples
 from tests.conftest import read_manifest, run_shard
 from tools.majortom_fixture import make_majortom_dataset
 

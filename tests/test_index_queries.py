@@ -9,14 +9,14 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from sharding.coverage import latitude_band_counts
+from sharding.dataset.coverage import latitude_band_counts
+from sharding.dataset.query import parse_where
+from sharding.dataset.split import SplitArgs, _assign, block_of
+from sharding.dataset.tarread import iter_tar_samples
 from sharding.errors import InputError
-from sharding.query import parse_where
-from sharding.split import SplitArgs, _assign, block_of
-from sharding.tarread import iter_tar_samples
 from tests.conftest import read_manifest, run_shard
 from tools.majortom_fixture import make_majortom_dataset
-from training.shards import count_tar_samples, resolve_shards
+from training.data.shards import count_tar_samples, resolve_shards
 
 KM_PER_DEGREE = 111.32  # of the equator; the tests' own footprint maths
 HALF_TILE_KM = 5.4  # half of a real MajorTOM tile (10.68 km): fixture tiles are smaller, footprints are not
@@ -324,7 +324,7 @@ def test_coverage_bad_out_is_one_line_error(built, tmp_path):
 
 
 def test_input_error_is_raised_not_printed_by_the_library(built):
-    from sharding.subset import SubsetArgs, subset
+    from sharding.dataset.subset import SubsetArgs, subset
 
     with pytest.raises(InputError, match="unknown column 'nope'"):
         subset(SubsetArgs(str(built), "/nonexistent/never-created", where="nope > 1"))

@@ -10,10 +10,10 @@ from rasterio.transform import Affine, from_origin
 from rasterio.warp import Resampling, reproject, transform_geom
 from rasterio.warp import transform as warp
 
-import sharding.labels as labels_module
+import sharding.build.labels as labels_module
 from phileo.geo import ROW_HEIGHT_DEG, GridCell, column_width_deg, parse_grid_cell
+from sharding.build.labels import LabelRaster, parse_label_spec
 from sharding.errors import InputError
-from sharding.labels import LabelRaster, parse_label_spec
 from tests.conftest import read_manifest, run_shard
 from tests.test_build import read_dataset
 from tools.label_fixture import LAYERS, make_label_rasters, pattern
@@ -93,7 +93,7 @@ def test_layers_match_an_independent_reprojection(labelled, rasters):
 
 
 def test_training_crop_labels_agree_with_a_direct_clip(labelled, rasters):
-    from training.labels import WORLDCOVER_CODES, crop_labels
+    from training.data.crop_labels import WORLDCOVER_CODES, crop_labels
 
     size = 48
     for sample in list(labelled.values())[:4]:

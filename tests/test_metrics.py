@@ -1,4 +1,4 @@
-"""Tests of training/metrics.py (hand-worked numbers, masks, exact DDP reduction) and training/plots.py."""
+"""Tests of training/finetune/metrics.py (hand-worked numbers, masks, exact DDP reduction) and plots.py."""
 
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from PIL import Image
 
-from phileo.bench import IGNORE_CLASS, NUM_LANDCOVER_CLASSES, WORLDCOVER_NAMES
+from phileo.phileo_bench import IGNORE_CLASS, NUM_LANDCOVER_CLASSES, WORLDCOVER_NAMES
 from training.distributed import World
-from training.metrics import ConfusionMatrix, RegressionMetrics
-from training.plots import (
+from training.finetune.metrics import ConfusionMatrix, RegressionMetrics
+from training.finetune.plots import (
     LANDCOVER_COLOURS,
     landcover_colours,
     markdown_table,
@@ -238,7 +238,7 @@ def _count(pixels: np.ndarray, colour) -> int:
 
 
 def test_import_plots_does_not_import_matplotlib():
-    code = "import sys, training.plots; sys.exit('matplotlib' in sys.modules)"
+    code = "import sys, training.finetune.plots; sys.exit('matplotlib' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1]).returncode == 0
 
 

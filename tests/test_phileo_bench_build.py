@@ -16,10 +16,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from phileo.bands import MODEL_BANDS
-from phileo.bench import REGION_BUCKETS, bucket_of
+from phileo.phileo_bench import REGION_BUCKETS, bucket_of
 from phileo.schema import decode_sample
+from sharding.dataset.tarread import iter_tar_samples
 from sharding.sources.phileo_bench import MultiPartFile
-from sharding.tarread import iter_tar_samples
 from tests.conftest import read_manifest, run_shard
 from tools.phileo_bench_fixture import make_phileo_bench_dataset
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from sharding.tarread import iter_tar_samples
+from sharding.dataset.tarread import iter_tar_samples
 from tests.conftest import read_manifest, run_shard
 from tools.majortom_fixture import make_majortom_dataset
 

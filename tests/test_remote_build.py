@@ -287,7 +287,7 @@ def test_retries_are_bounded_and_permanent_errors_are_not_retried(monkeypatch):
 def test_label_raster_over_http_equals_the_local_raster(majortom, tmp_path):
     """`--label water=http://...` is read by windows through GDAL's /vsicurl/ (Range requests)."""
     from phileo.schema import decode_sample
-    from sharding.tarread import iter_tar_samples
+    from sharding.dataset.tarread import iter_tar_samples
     from tools.label_fixture import make_label_rasters
 
     water = make_label_rasters(tmp_path / "rasters", layers=("water",))["water"]

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from sharding.tarread import iter_tar_samples
+from sharding.dataset.tarread import iter_tar_samples
 from tests.s3_server import SeaweedS3
 from tests.test_pretrain import all_keys, audit, pretrain_command, train_in_process, uneven  # noqa: F401 (fixture)
-from training import remote
-from training.data import BadDataPolicy, read_tiles
-from training.shards import ShardSpecError, open_shard, resolve_shards
+from training.data import remote
+from training.data.loader import BadDataPolicy, read_tiles
+from training.data.shards import ShardSpecError, open_shard, resolve_shards
 
 FAST_RETRIES = {"PHILEO_REMOTE_BACKOFF_S": "0.01"}
 
@@ -206,7 +206,7 @@ def test_http_faults_are_retried_and_every_tile_streams_exactly_once(faulty_http
     state.update(fail_every=3, drop_once="/shards/part-05.tar")
     for name, value in FAST_RETRIES.items():
         monkeypatch.setenv(name, value)
-    caplog.set_level("INFO", logger="training.remote")
+    caplog.set_level("INFO", logger="training.data.remote")
     run = tmp_path / "run"
     result = train_in_process("--shards", f"{base}/manifest.json", "--out", str(run), "--model", "geoaware-unet-tiny",
                               "--crops-per-tile", "1", "--batch-size", "4", "--num-workers", "0", "--no-amp",
@@ -271,7 +271,7 @@ def test_s3_harness_failure_reports_the_log_tail(tmp_path, monkeypatch):
 def test_unknown_host_is_not_retried_but_a_dns_failure_is():
     import urllib.error
 
-    from training.remote import is_transient
+    from training.data.remote import is_transient
 
     assert not is_transient(urllib.error.URLError(socket.gaierror(socket.EAI_NONAME, "Name or service not known")))
     assert is_transient(urllib.error.URLError(socket.gaierror(socket.EAI_AGAIN, "Temporary failure")))

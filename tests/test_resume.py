@@ -137,9 +137,9 @@ def test_inspect_prints_summaries_and_writes_preview(built, tmp_path):
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_progress_is_reported_once_per_tile_from_workers(majortom, tmp_path, workers):
-    from sharding.build import BuildArgs, load_units, make_plan, prepare_output
-    from sharding.distributor import run_local
-    from sharding.unit import UnitOptions
+    from sharding.build.distributor import run_local
+    from sharding.build.driver import BuildArgs, load_units, make_plan, prepare_output
+    from sharding.build.unit import UnitOptions
 
     args = BuildArgs(str(majortom[0]), str(tmp_path / "ds"), shard_size=300_000)
     prepare_output(args, overwrite=False)

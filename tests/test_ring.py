@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from training.ring import BatchRing, SlotArray, shared_empty
+from training.data.ring import BatchRing, SlotArray, shared_empty
 
 
 def _fill(ring: BatchRing, worker: int, batches: int, results) -> None:
@@ -70,10 +70,10 @@ def test_shared_empty_is_shared_and_writable():
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_loader_batches_are_the_same_with_and_without_the_ring(built, workers):
-    from training.batches import WorkerMixedBatches
-    from training.data import StreamOptions, make_loader
-    from training.epoch import plan_epoch
-    from training.shards import resolve_shards
+    from training.data.batches import WorkerMixedBatches
+    from training.data.epoch import plan_epoch
+    from training.data.loader import StreamOptions, make_loader
+    from training.data.shards import resolve_shards
 
     shards = resolve_shards(str(built))
     options = StreamOptions(crops_per_tile=3, crop_size=64, batch_size=2, shuffle_buffer=7)
@@ -90,15 +90,15 @@ def test_loader_batches_are_the_same_with_and_without_the_ring(built, workers):
 
 
 def test_loader_goes_without_the_ring_when_it_cannot_be_mapped(built, monkeypatch):
-    import training.ring
-    from training.data import StreamOptions, make_loader
-    from training.epoch import plan_epoch
-    from training.shards import resolve_shards
+    import training.data.ring
+    from training.data.epoch import plan_epoch
+    from training.data.loader import StreamOptions, make_loader
+    from training.data.shards import resolve_shards
 
     def refuse(*args, **kwargs):
         raise OSError(12, "Cannot allocate memory")
 
-    monkeypatch.setattr(training.ring.mmap, "mmap", refuse)  # as a kernel refusing a huge shared mapping
+    monkeypatch.setattr(training.data.ring.mmap, "mmap", refuse)  # as a kernel refusing a huge shared mapping
     options = StreamOptions(crops_per_tile=3, crop_size=64, batch_size=2, shuffle_buffer=7)
     plan = plan_epoch(resolve_shards(str(built)), 1, 2, options.batch_size, options.crops_per_tile, 0, 0)
     loader = make_loader(plan, 0, options, 2)

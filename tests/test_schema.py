@@ -9,7 +9,7 @@ import pytest
 import webdataset as wds
 
 from phileo.schema import SCHEMA_VERSION, Sample, SchemaError, decode_array, decode_sample, encode_array, encode_sample
-from sharding.writer import UnitShardWriter
+from sharding.build.writer import UnitShardWriter
 
 
 def make_sample(key="454U_120R_20200612T104021", size=60, stack=False, seed=0) -> Sample:

@@ -1,4 +1,4 @@
-"""training/tarstream.py: the shard reader against tarfile-written archives and WebDataset's grouping."""
+"""training/data/tarstream.py: the shard reader against tarfile-written archives and WebDataset's grouping."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import tarfile
 import pytest
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from training.tarstream import TarFormatError, iter_members, iter_samples
+from training.data.tarstream import TarFormatError, iter_members, iter_samples
 
 MEMBERS = [("a_1.meta.json", b"{}"), ("a_1.s2_10m.b2nd", bytes(range(256)) * 5), ("a_1.txt", b""),
            ("b-2.meta.json", b'{"k": 1}'), ("b-2.cloud.b2nd", b"x" * 513),

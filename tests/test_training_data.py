@@ -10,10 +10,10 @@ from rasterio.warp import transform as warp
 
 from phileo.geo import encode_latlon
 from tests.test_build import read_dataset
-from training.data import StreamOptions, make_loader, model_input
-from training.epoch import PlanError, plan_epoch
-from training.labels import cloud_fractions, crop_labels, landcover_fractions
-from training.shards import ShardInfo, ShardSpecError, resolve_shards
+from training.data.crop_labels import cloud_fractions, crop_labels, landcover_fractions
+from training.data.epoch import PlanError, plan_epoch
+from training.data.loader import StreamOptions, make_loader, model_input
+from training.data.shards import ShardInfo, ShardSpecError, resolve_shards
 
 
 def test_label_coords_match_rasterio_in_all_quadrants(built):
@@ -112,8 +112,8 @@ def test_crop_20m_upsampling_equals_full_tile_bilinear(built, y, x):
     import torch
     import torch.nn.functional as F
 
-    from training.batches import as_tensors, collate_crops
-    from training.data import cut_crop, model_input
+    from training.data.batches import as_tensors, collate_crops
+    from training.data.loader import cut_crop, model_input
 
     sample = next(iter(read_dataset(built).values()))
     tile = {"key": sample.key, "url": "u", "repeat": False, "meta": sample.meta, "arrays": sample.arrays}
@@ -138,7 +138,7 @@ def test_water_and_buildings_exclude_nodata_pixels():
 
 
 def test_shuffle_spreads_tiles_over_batches_and_keeps_every_crop_once():
-    from training.data import ShuffleCrops
+    from training.data.loader import ShuffleCrops
 
     crops = [{"key": f"t{tile:02d}", "n": n} for tile in range(40) for n in range(16)]  # tile by tile, K=16
     out = list(ShuffleCrops(16 * 20, seed=3, epoch=0, rank=0)(iter(crops)))
@@ -151,7 +151,7 @@ def test_shuffle_spreads_tiles_over_batches_and_keeps_every_crop_once():
 
 @pytest.mark.parametrize("sizes", [(4, 4, 3), (3, 3, 3)])  # the epoch's last group; every other (one np.stack)
 def test_redeal_mixes_workers_and_keeps_every_crop_once(sizes):
-    from training.batches import redeal
+    from training.data.batches import redeal
 
     def batch(worker: int, size: int) -> dict:
         keys = [f"w{worker}-{j}" for j in range(size)]
@@ -183,6 +183,6 @@ def test_batches_of_two_workers_hold_tiles_of_both(built):
 
 
 def read_shard_keys(url: str) -> list[str]:
-    from sharding.tarread import iter_tar_samples
+    from sharding.dataset.tarread import iter_tar_samples
 
     return [raw.key for raw in iter_tar_samples(url)]

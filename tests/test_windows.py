@@ -4,12 +4,12 @@ import blosc2
 import numpy as np
 import pytest
 
-import training.windows as windows_module
+import training.data.windows as windows_module
 from phileo.schema import block_shape, encode_array
-from sharding.tarread import iter_tar_samples
+from sharding.dataset.tarread import iter_tar_samples
 from tests.conftest import read_manifest
-from training.data import BadDataPolicy, CutCrops, StreamOptions, decode_crop_windows, read_tiles
-from training.windows import BlockDecodeError, block_addressable, decode_windows, needed_blocks
+from training.data.loader import BadDataPolicy, CutCrops, StreamOptions, decode_crop_windows, read_tiles
+from training.data.windows import BlockDecodeError, block_addressable, decode_windows, needed_blocks
 
 
 def smooth_array(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:

@@ -3,7 +3,7 @@
 On the same MajorTOM-format tiles (generated, or --input parquet of real rows), every layout encodes
 s2_10m / s2_20m / cloud at the schema's ZSTD level, one Blosc2 thread, and is measured on:
 compressed bytes vs the source GeoTIFF band bytes; encode and whole-array decode in MB/s of raw
-pixels; and the loader's decode of K random 128 px crops per tile (training/windows.py: only the
+pixels; and the loader's decode of K random 128 px crops per tile (training/data/windows.py: only the
 blocks under the crops) as crops/s. Ratios are against Blosc2's own layout (row blocks), the layout
 shards had before `phileo/schema.py block_shape`. Prints Markdown; --write-docs updates docs/benchmarks.md.
 
@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 from phileo.schema import DEFAULT_CLEVEL, block_shape, encode_array
 from sharding.errors import RowError
 from sharding.sources.majortom import BAND_COLUMNS, decode_bands, iter_parquet_rows
-from training.data import decode_crop_windows
+from training.data.loader import decode_crop_windows
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tools/ is not installed
 from tools.bench_shard import source_files  # noqa: E402
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
             SECTION, "", f"Command: `python tools/bench_blocks.py {' '.join(sys.argv[1:])}` "
             f"({datetime.date.today().isoformat()}, 2-core machine, 1 Blosc2 thread).", "",
             f"Data: {len(tiles)} tiles of {args.tile_size} px, {data}; ZSTD level {DEFAULT_CLEVEL} + SHUFFLE, arrays "
-            "s2_10m, s2_20m and cloud. Crops/s = the loader's block decoding (training/windows.py) of K random "
+            "s2_10m, s2_20m and cloud. Crops/s = the loader's block decoding (training/data/windows.py) of K random "
             "128 px crops per tile, ratios against Blosc2's default layout in this run. Whole-array decode is "
             "what `verify`/`inspect` pay.", "", *lines, "",
             "Choice: all-band blocks of 64 px at 10 m (32 px at 20 m) - a 128 px crop touches at most 9 of them. "

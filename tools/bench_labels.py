@@ -26,11 +26,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from phileo.schema import decode_sample  # noqa: E402
-from sharding.build import BuildArgs, build  # noqa: E402
-from sharding.fasttom import FastTomRules  # noqa: E402
-from sharding.labels import LabelRaster, add_labels, parse_label_spec  # noqa: E402
-from sharding.plan import Filters  # noqa: E402
-from sharding.tarread import iter_tar_samples  # noqa: E402
+from sharding.build.driver import BuildArgs, build  # noqa: E402
+from sharding.build.fasttom import FastTomRules  # noqa: E402
+from sharding.build.labels import LabelRaster, add_labels, parse_label_spec  # noqa: E402
+from sharding.build.plan import Filters  # noqa: E402
+from sharding.dataset.tarread import iter_tar_samples  # noqa: E402
 from tools.label_fixture import make_label_rasters  # noqa: E402
 from tools.majortom_fixture import make_majortom_dataset  # noqa: E402
 

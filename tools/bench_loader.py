@@ -45,7 +45,7 @@ from phileo.bands import BANDS_10M, BANDS_20M, CLOUD_MASK, REFLECTANCE_SCALE
 from phileo.schema import decode_array
 from training.bench_data import BenchConfig, BenchResult, run_bench
 from training.config import DataConfig
-from training.labels import cloud_fractions
+from training.data.crop_labels import cloud_fractions
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tools/ is not installed
 from tools.docs_section import write_docs_section  # noqa: E402
@@ -78,7 +78,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def make_data(work: Path, tiles: int, tile_size: int, workers: int) -> tuple[list[Path], Path]:
     """(product dirs of the extracted layout, built dataset); the two layouts are generated in parallel."""
-    from sharding.build import BuildArgs, build
+    from sharding.build.driver import BuildArgs, build
     from tools.majortom_fixture import make_majortom_dataset
 
     started, options = time.perf_counter(), {"num_files": max(1, tiles // 4), "rows_per_file": 4,
@@ -104,7 +104,7 @@ def replicate(dataset: Path, copies: int) -> Path:
     buffer fill, a flush and a worker restart. Copies make epochs as long as a real shard list's
     without generating more GeoTIFFs: same pixels, same bytes per tile.
     """
-    from sharding.tarread import iter_tar_samples
+    from sharding.dataset.tarread import iter_tar_samples
 
     out, entries = dataset.parent / f"{dataset.name}-x{copies}", []
     (out / "shards").mkdir(parents=True, exist_ok=True)
@@ -289,7 +289,7 @@ def measure(args: argparse.Namespace, products: list[Path], dataset: Path, urls:
     return {name: value for name, (value, _) in best.items()} | {"spread": spread, "per_round": per_round}
 
 
-DECODE = "Blosc2 decode of the blocks under the crops (training/windows.py)"
+DECODE = "Blosc2 decode of the blocks under the crops (training/data/windows.py)"
 PAD = "np.pad of 20 m halos at tile edges"
 # (row, file suffix, function, rows called inside it: their time is subtracted so rows do not overlap)
 PROFILED = ((DECODE, "windows.py", "decode_windows", ()),
@@ -297,7 +297,7 @@ PROFILED = ((DECODE, "windows.py", "decode_windows", ()),
             ("schema validation", "schema.py", "validate_sample", ()),
             ("json + rest of decode_sample", "schema.py", "decode_sample",
              ("Blosc2 frame headers (lazy decode_sample)", "schema validation")),
-            ("tar read (training/tarstream.py)", "data.py", "read_tiles", ("json + rest of decode_sample",)),
+            ("tar read (training/data/tarstream.py)", "data.py", "read_tiles", ("json + rest of decode_sample",)),
             (PAD, "_arraypad_impl.py", "pad", ()),
             ("crop labels", "labels.py", "crop_labels", ()),
             ("crop slicing + copies", "data.py", "cut_crop", (PAD, "crop labels")),
@@ -395,7 +395,7 @@ def docs_section(args: argparse.Namespace, best: dict, tables: list[str], loads:
         f"Machine: {machine()}. Load average before / after: {loads[0]} / {loads[1]}. "
         f"Date: {datetime.date.today().isoformat()}.", "",
         f"Data: {args.tiles} synthetic MajorTOM-format tiles of {args.tile_size} px (tools/majortom_fixture.py, "
-        "parquet and extracted layouts, same seed), built with `sharding.build.build` (default clevel). "
+        "parquet and extracted layouts, same seed), built with `sharding.build.driver.build` (default clevel). "
         f"(a) streams these shards {args.copies} times under new keys ({args.tiles * args.copies} tiles, same pixels "
         "and bytes per tile; `replicate`), so that an epoch outlasts the shuffle buffer and a measurement, as "
         f"on a real shard list; on {args.tiles} tiles alone every epoch is a buffer fill, a flush and a worker "
@@ -416,8 +416,8 @@ def docs_section(args: argparse.Namespace, best: dict, tables: list[str], loads:
         "with the main process and with Blosc2's own threads, so N workers are not N times faster here. "
         "The 'uniform shuffle' column is what a perfect shuffle of one epoch would give; with N workers each "
         "worker holds 1/N of the tiles, and every N consecutive worker batches are re-dealt so each batch "
-        "mixes all workers' crops (training/batches.py WorkerMixedBatches); the workers hand over bands "
-        "through slots of one shared mapping reused for every batch (training/ring.py). The 'at scale' column "
+        "mixes all workers' crops (training/data/batches.py WorkerMixedBatches); the workers hand over bands "
+        "through slots of one shared mapping reused for every batch (training/data/ring.py). The 'at scale' column "
         "runs the "
         "loader's own shuffle stage on tile keys fed as from a dataset much larger than --shuffle-buffer (no "
         "pixels). The RSS sum counts pages shared after fork once per process (an upper bound). (b) mirrors "
@@ -426,7 +426,7 @@ def docs_section(args: argparse.Namespace, best: dict, tables: list[str], loads:
         "reference raster, so the real original is slower than (b) and these ratios are conservative. In 1 "
         "process, (d) still uses Blosc2's threads while GDAL decodes (b) and (c) on one thread. (a) decodes only "
         "the Blosc2 blocks under its K crops (blocks span all bands and 64 px at 10 m, phileo/schema.py "
-        "`block_shape`; training/windows.py) while (d) decompresses whole arrays, so (a) can pass (d): at K=16 "
+        "`block_shape`; training/data/windows.py) while (d) decompresses whole arrays, so (a) can pass (d): at K=16 "
         "the crops touch about 40% of a 1068 px tile's blocks. The profile shows where (a) spends its time.", ""])
 
 

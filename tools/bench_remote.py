@@ -2,7 +2,7 @@
 
 Generates MajorTOM-format tiles, builds a dataset, starts SeaweedFS on loopback
 (tools/s3_server.py), uploads the dataset, then measures on the same shards, local vs s3://:
-(r) raw stream: every shard read end to end through `training.shards.open_shard` (the
+(r) raw stream: every shard read end to end through `training.data.shards.open_shard` (the
     training loader's opener: resumable, read-ahead), one stream at a time, MB/s;
 (l) the training loader (`phileo-train bench-data` machinery, training.bench_data.run_bench)
     with 0 and N DataLoader workers: crops/s, tiles/s and MB/s of shard bytes.
@@ -34,10 +34,10 @@ from tools.docs_section import write_docs_section  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 from tools.s3_server import SeaweedS3  # noqa: E402
-from training import remote  # noqa: E402
 from training.bench_data import BenchConfig, BenchResult, run_bench  # noqa: E402
 from training.config import DataConfig  # noqa: E402
-from training.shards import open_shard, resolve_shards  # noqa: E402
+from training.data import remote  # noqa: E402
+from training.data.shards import open_shard, resolve_shards  # noqa: E402
 
 DOCS = ROOT / "docs" / "benchmarks.md"
 SECTION = "## Remote streaming (tools/bench_remote.py)"
@@ -60,7 +60,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def make_dataset(work: Path, tiles: int, tile_size: int, workers: int) -> Path:
-    from sharding.build import BuildArgs, build
+    from sharding.build.driver import BuildArgs, build
     from tools.majortom_fixture import make_majortom_dataset
 
     started = time.perf_counter()
@@ -146,7 +146,7 @@ def docs_section(args: argparse.Namespace, rows: list[str], loads: list[str], in
         f"`--shards` is the local manifest.json vs `s3://.../manifest.json`. Loader: K={args.crops_per_tile} "
         f"crops of 128 px per tile, batch {args.batch_size}, {args.seconds:g} s per measurement (worker start-up "
         f"and epoch restarts included), best of {args.repeat} interleaved rounds. S3 reads: s3fs, "
-        f"{args.block_mb:g} MB read-ahead (one ranged GET per block), retry + resume layer of training/remote.py "
+        f"{args.block_mb:g} MB read-ahead (one ranged GET per block), retry + resume layer of training/data/remote.py "
         f"({info['retries']} retries during the run). Loader MB/s = tiles/s x local shard bytes per tile.", "",
         *rows, "",
         "Notes: loopback only (no network latency or bandwidth limit), and the S3 server shares the cores "
@@ -165,7 +165,7 @@ def docs_section(args: argparse.Namespace, rows: list[str], loads: list[str], in
 
 def remote_build_bytes(parquet_prefix: str, tmp: Path, tiles: int) -> dict:
     """Build from s3:// parquet in this process, counting every byte fetched (footers, row groups, listing)."""
-    from sharding import build as build_module
+    from sharding.build import driver as build_module
     from sharding.sources import remote as remote_source
     from sharding.sources import remote_catalog
 

@@ -41,8 +41,8 @@ MB = 1e6
 # would inherit the benchmark's RSS at fork time, so it is not used.
 CHILD = r"""
 import json, resource, sys
-from sharding.build import BuildArgs, build
-from sharding.plan import Filters
+from sharding.build.driver import BuildArgs, build
+from sharding.build.plan import Filters
 spec = json.loads(sys.argv[1])
 args = BuildArgs(spec["input"], spec["output"], Filters(limit=spec["limit"]), spec["shard_size"],
                  clevel=spec["clevel"])
@@ -247,8 +247,8 @@ COSTS = (
 
 def profile_build(input_path: Path, output: Path, tiles: int, shard_size: int, clevel: int) -> list[str]:
     """cProfile an in-process --workers 1 build of `tiles` tiles; a Markdown table of where time goes."""
-    from sharding.build import BuildArgs, build
-    from sharding.plan import Filters
+    from sharding.build.driver import BuildArgs, build
+    from sharding.build.plan import Filters
 
     args = BuildArgs(str(input_path), str(output), Filters(limit=tiles), shard_size, clevel=clevel)
     profiler = cProfile.Profile()
@@ -344,7 +344,7 @@ def docs_section(args: argparse.Namespace, base: dict, tables: list[str], synthe
         note, "",
         "Baseline (the floor) = the same rows read with pyarrow (one row group at a time) and every band "
         f"decoded with rasterio (`decode_bands`), one process, no writing. Best of {args.repeat} runs each. "
-        "Build rates use the time `sharding.build.build` reports (plan + convert + finalize), in a fresh "
+        "Build rates use the time `sharding.build.driver.build` reports (plan + convert + finalize), in a fresh "
         "subprocess; the CPU-time row counts every thread of the build (the strict per-core figure). "
         f"Shard size {base['shard_size'] / MB:.0f} MB"
         + ("" if args.shard_size else " (a quarter of the source, so the build has several units)") + ".", "",

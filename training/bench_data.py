@@ -18,9 +18,9 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from training.config import ConfigError, DataConfig
-from training.data import ShuffleCrops, StreamOptions, make_loader
-from training.epoch import plan_epoch
-from training.shards import ShardInfo, is_remote, resolve_shards
+from training.data.epoch import plan_epoch
+from training.data.loader import ShuffleCrops, StreamOptions, make_loader
+from training.data.shards import ShardInfo, is_remote, resolve_shards
 
 log = logging.getLogger(__name__)
 

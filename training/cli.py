@@ -67,9 +67,9 @@ def main() -> None:
 def pretrain(**flags) -> None:
     """Pretrain a model by streaming shards (launch with torchrun for several ranks)."""
     from phileo.models import list_models
-    from training.epoch import PlanError
+    from training.data.epoch import PlanError
+    from training.data.shards import ShardSpecError
     from training.pretrain import pretrain as run_pretrain
-    from training.shards import ShardSpecError
 
     _setup_logging()
     try:
@@ -94,8 +94,8 @@ def pretrain(**flags) -> None:
 def bench_data(seconds: float, seed: int, **flags) -> None:
     """Time the training data pipeline alone (no model): crops/s, tiles/s, MB/s, batch diversity, peak RSS."""
     from training.bench_data import BenchConfig, format_report, run_bench
-    from training.epoch import PlanError
-    from training.shards import ShardSpecError
+    from training.data.epoch import PlanError
+    from training.data.shards import ShardSpecError
 
     _setup_logging()
     try:
@@ -162,9 +162,9 @@ def _check_model(name: str) -> None:
 @click.option("--init", help="Pretraining checkpoint (file or sharded dir); default: random init.")
 def finetune(shards: str, val_shards: str, test_shards: str | None, init: str | None, **flags) -> None:
     """Fine-tune on a PhilEO Bench task (launch with torchrun for several ranks)."""
-    from training.epoch import PlanError
-    from training.finetune import finetune as run
-    from training.shards import ShardSpecError
+    from training.data.epoch import PlanError
+    from training.data.shards import ShardSpecError
+    from training.finetune.trainer import finetune as run
 
     _setup_logging()
     try:
@@ -181,10 +181,10 @@ def finetune(shards: str, val_shards: str, test_shards: str | None, init: str | 
 @click.option("--init", "inits", multiple=True, help="Repeatable: random, CKPT or NAME=CKPT [default: random].")
 def nshot_sweep(data: str, n_shot: str, inits: tuple[str, ...], **flags) -> None:
     """Fine-tune every (init, n) pair; write results.csv, results.md and the n-shot curve to --out."""
+    from training.data.epoch import PlanError
+    from training.data.shards import ShardSpecError
     from training.distributed import init_world, shutdown
-    from training.epoch import PlanError
-    from training.nshot_sweep import parse_inits, run_sweep
-    from training.shards import ShardSpecError
+    from training.finetune.sweep import parse_inits, run_sweep
 
     _setup_logging()
     try:

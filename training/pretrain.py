@@ -2,7 +2,7 @@
 
 Step order as nanoGPT: set lr, micro-steps (grad sync only on the last), clip, step,
 zero_grad(set_to_none=True). Every rank runs the same number of steps by construction
-(training/epoch.py), so no rank ever waits on a collective the others skip.
+(training/data/epoch.py), so no rank ever waits on a collective the others skip.
 """
 
 from __future__ import annotations
@@ -30,12 +30,12 @@ from training.checkpoint import (
     save_sharded_checkpoint,
 )
 from training.config import PretrainConfig
-from training.data import BAND_KEYS, StreamOptions, make_loader, model_input
+from training.data.epoch import PlanError, plan_epoch
+from training.data.loader import BAND_KEYS, StreamOptions, make_loader, model_input
+from training.data.shards import resolve_shards
 from training.distributed import World, all_reduce_mean, barrier, gather_objects, init_world, shutdown
-from training.epoch import PlanError, plan_epoch
 from training.objective import foundation_loss, make_views
 from training.parallel import parallelize
-from training.shards import resolve_shards
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from phileo.bench import REGIONS, SPLITS, TASKS, bucket_of
+from phileo.phileo_bench import REGIONS, SPLITS, TASKS, bucket_of
 from sharding.errors import InputError
 
 log = logging.getLogger(__name__)

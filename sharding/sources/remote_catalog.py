@@ -22,8 +22,8 @@ from datetime import datetime
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from sharding.build.plan import Filters, select_rows
 from sharding.errors import InputError
-from sharding.plan import Filters, select_rows
 from sharding.sources.majortom_catalog import (
     REQUIRED_COLUMNS,
     Catalog,

@@ -1,0 +1,228 @@
+"""`phileo-shard build`: plan (or load the saved plan), run pending units, finalize.
+
+Output layout: build.json (the arguments; written when the plan is complete), plan.parquet,
+plan_rejected.jsonl, units/ (per-unit stats, index rows, histograms), shards/*.tar and,
+once every unit is done, index.parquet, rejected.jsonl and manifest.json (last).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from phileo import __version__
+from phileo.schema import DEFAULT_CLEVEL
+from sharding.build.distributor import run_local
+from sharding.build.fasttom import FastTomRules
+from sharding.build.labels import LabelSpec, check_label_rasters, validate_label_specs
+from sharding.build.manifest import INDEX, MANIFEST, REJECTED, finalize
+from sharding.build.nodes import NODES_DIR, NodeShare, finish_node, publish_shared
+from sharding.build.output_dir import claim_output_dir, refuse_other_arguments
+from sharding.build.plan import Filters, assign_units, select_rows
+from sharding.build.ray_executor import run_ray
+from sharding.build.unit import UnitOptions, unit_stats_path
+from sharding.build.writer import atomic_write
+from sharding.errors import InputError
+from sharding.sources.geotiff_catalog import list_geotiff_folders
+from sharding.sources.remote import is_remote, set_footer_cache
+from sharding.sources.remote_catalog import list_source
+
+log = logging.getLogger(__name__)
+
+BUILD_INFO = "build.json"
+PLAN = "plan.parquet"
+PLAN_REJECTED = "plan_rejected.jsonl"
+FOOTERS = "footers"  # remote parquet footers fetched once per build, shared by the plan and every unit
+OWNED = {BUILD_INFO, PLAN, PLAN_REJECTED, MANIFEST, INDEX, REJECTED, "shards", "units", NODES_DIR, FOOTERS}
+
+
+@dataclass(frozen=True)
+class BuildArgs:
+    """The arguments that define a dataset: a rerun must repeat them exactly to resume."""
+
+    input: str
+    output: str
+    filters: Filters = field(default_factory=Filters)
+    shard_size: int = 1_000_000_000
+    mix_groups: int = 16
+    seed: int = 0
+    clevel: int = DEFAULT_CLEVEL
+    thumbnails: bool = False
+    labels: tuple[LabelSpec, ...] = ()
+    fasttom: FastTomRules | None = None  # --source fasttom: one quadrant per tile, FastTOM's rules
+    tile_source: str = "majortom"  # or "geotiff": per-sample folders of GeoTIFFs
+    metadata: str | None = None  # --metadata: plan from a metadata.parquet (path or URL)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "labels", tuple(self.labels))  # callers may pass a list; keep it hashable
+        validate_label_specs(self.labels)
+        if self.shard_size < 1:
+            raise InputError(f"--shard-size {self.shard_size}: expected a positive number of bytes")
+        if self.mix_groups < 1:
+            raise InputError(f"--mix-files {self.mix_groups}: expected at least 1")
+        if not 0 <= self.clevel <= 9:
+            raise InputError(f"--clevel {self.clevel}: expected 0..9")
+
+    def defining(self) -> dict:
+        """JSON of what the dataset depends on (not where it is written)."""
+        args = asdict(self)
+        args.pop("output")
+        args["input"] = self.input if not self.input or is_remote(self.input) else str(Path(self.input).resolve())
+        if args["metadata"] is None:  # absent without --metadata: build.json of earlier builds still match
+            args.pop("metadata")
+        filters = args["filters"]
+        if filters["grid_cells"] is not None:
+            filters["grid_cells"] = sorted(filters["grid_cells"])
+        if filters["bbox"] is not None:
+            filters["bbox"] = list(filters["bbox"])
+        args.pop("labels")
+        if args["fasttom"] is None:  # absent for majortom: build.json of earlier builds still match
+            args.pop("fasttom")
+        if args["tile_source"] == "majortom":
+            args.pop("tile_source")
+        if self.labels:  # absent without labels: build.json of builds before --label still match
+            args["labels"] = [spec.defining() for spec in sorted(self.labels, key=lambda spec: spec.name)]
+        return args
+
+
+@dataclass
+class BuildSummary:
+    written: int = 0
+    rejected: int = 0
+    filtered: int = 0
+    shards: int = 0
+    bytes_out: int = 0
+    bytes_in: int = 0
+    seconds: float = 0.0
+    failed_units: list[dict] = field(default_factory=list)
+    retries: int = 0  # remote reads retried in this run
+
+    def line(self) -> str:
+        rate = self.written / self.seconds if self.seconds else 0.0
+        return (f"wrote {self.written} tiles in {self.shards} shards ({self.bytes_out / 1e6:.1f} MB from "
+                f"{self.bytes_in / 1e6:.1f} MB of GeoTIFF), rejected {self.rejected}, filtered {self.filtered}, "
+                f"in {self.seconds:.1f} s ({rate:.2f} tiles/s)" + (f", {self.retries} remote retries"
+                                                                    if self.retries else ""))
+
+
+def prepare_output(args: BuildArgs, overwrite: bool) -> dict | None:
+    """Create/clean the output; return the saved build info when resuming, else None."""
+    output = Path(args.output)
+    claim_output_dir(output, lambda name: name in OWNED)
+    if overwrite:
+        for name in OWNED:
+            path = output / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    (output / "shards").mkdir(exist_ok=True)
+    (output / "units").mkdir(exist_ok=True)
+    info_path = output / BUILD_INFO
+    if not info_path.is_file():
+        return None
+    info = json.loads(info_path.read_text())
+    refuse_other_arguments(output, info["args"], args.defining())
+    return info
+
+
+def make_plan(args: BuildArgs, write: Callable = atomic_write) -> dict:
+    """List, filter and cut the input into units; saves the plan (with `write`), build.json last."""
+    output = Path(args.output)
+    set_footer_cache(output / FOOTERS)
+    if args.tile_source == "geotiff":
+        catalog = list_geotiff_folders(args.input)
+    else:
+        catalog = list_source(args.input, args.metadata, args.filters)
+    rows, duplicates, filtered = select_rows(catalog, args.filters)
+    units = assign_units(rows, args.shard_size, args.mix_groups, args.seed)
+    planned = [row | {"unit": unit} for unit, unit_rows in enumerate(units) for row in unit_rows]
+    table = pa.Table.from_pylist(planned) if planned else pa.table({"unit": pa.array([], pa.int64())})
+    write(output / PLAN, lambda p: pq.write_table(table, p))
+    rejected = catalog.rejected + duplicates
+    write(output / PLAN_REJECTED, lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in rejected)))
+    source = "fasttom" if args.fasttom else args.tile_source
+    info = {"schema": "phileo-shard/1", "source": source, "layout": catalog.layout, "tool_version": __version__,
+            "args": args.defining(), "units": len(units), "planned_tiles": len(planned),
+            "filtered_at_plan": filtered}
+    write(output / BUILD_INFO, lambda p: p.write_text(json.dumps(info, indent=1)))
+    log.info("planned %d tiles in %d units (%d rejected, %d filtered)", len(planned), len(units),
+             len(rejected), filtered)
+    return info
+
+
+def load_units(output: Path) -> list[list[dict]]:
+    table = pq.read_table(output / PLAN)
+    units: list[list[dict]] = []
+    for row in table.to_pylist():
+        unit = row.pop("unit")
+        while len(units) <= unit:
+            units.append([])
+        units[unit].append(row)
+    return units
+
+
+def build(args: BuildArgs, workers: int = 1, overwrite: bool = False, executor: str = "local",
+          ray_address: str | None = None, node: NodeShare | None = None, sink=None) -> BuildSummary:
+    """Build (or resume) a dataset, or only `node`'s share of it; returns the summary. Raises InputError."""
+    started = time.monotonic()
+    check_label_rasters(args.labels)
+    output = Path(args.output)
+    info = prepare_output(args, overwrite) or make_plan(args, publish_shared if node else atomic_write)
+    if sink is not None:  # --output s3://: output is its staging directory (sharding/build/remote_output.py)
+        sink.publish_plan()
+    units = load_units(output)
+    pending = [(unit, rows) for unit, rows in enumerate(units) if not unit_stats_path(output, unit).is_file()]
+    pending = node.select(pending, units) if node else pending
+    options = UnitOptions(str(output), info["layout"], args.shard_size, args.filters, args.clevel, args.thumbnails,
+                          args.labels, args.fasttom, sink=sink.url if sink is not None else None)
+    summary = BuildSummary()
+    log.info("%d of %d units to build (%d already complete)", len(pending), len(units), len(units) - len(pending))
+    runner = run_local if executor == "local" else partial(run_ray, address=ray_address)
+    _run_with_progress(pending, options, workers, summary, started, runner)
+    if node and not summary.failed_units:
+        totals = finish_node(output, node, units)["totals"]
+        summary.written, summary.shards, summary.bytes_out = totals["samples"], totals["shards"], totals["bytes"]
+        summary.rejected, summary.filtered = totals["rejected"], totals["filtered"]
+        summary.bytes_in = totals["bytes_in"]
+    elif not summary.failed_units:
+        plan_rejected = [json.loads(line) for line in (output / PLAN_REJECTED).read_text().splitlines()]
+        manifest = finalize(output, info, len(units), plan_rejected, info["filtered_at_plan"])
+        if sink is not None:
+            sink.publish_final()
+        totals = manifest["totals"]
+        summary.written, summary.shards, summary.bytes_out = totals["samples"], totals["shards"], totals["bytes"]
+        summary.rejected, summary.filtered = totals["rejected"], totals["filtered"]
+        summary.bytes_in = totals["bytes_in"]
+    summary.seconds = time.monotonic() - started
+    return summary
+
+
+def _run_with_progress(pending: list, options: UnitOptions, workers: int, summary: BuildSummary,
+                       started: float, runner: Callable = run_local) -> None:
+    total_tiles = sum(len(rows) for _, rows in pending)
+    moved = {"in": 0, "out": 0}
+    with tqdm(total=total_tiles, unit="tile", desc="build", dynamic_ncols=True) as bar:
+
+        def on_tile(bytes_in: int, bytes_out: int) -> None:
+            moved["in"] += bytes_in
+            moved["out"] += bytes_out
+            megabytes_per_s = 1e-6 / max(time.monotonic() - started, 1e-9)
+            bar.set_postfix_str(f"in {moved['in'] * megabytes_per_s:.1f} MB/s, "
+                                f"out {moved['out'] * megabytes_per_s:.1f} MB/s", refresh=False)
+            bar.update(1)
+
+        for result in runner(pending, options, workers, on_tile):
+            summary.retries += result.get("retries", 0)
+            if "error" in result:
+                log.error("unit %d failed: %s\n%s", result["unit"], result["error"], result["traceback"])
+                summary.failed_units.append(result)
+    if summary.failed_units:
+        log.error("%d unit(s) failed; rerun the same command to retry them", len(summary.failed_units))

@@ -1,0 +1,131 @@
+"""`--output s3://bucket/prefix`: the same dataset layout, on object storage.
+
+The build runs unchanged in a local staging directory ($PHILEO_STAGING_DIR, default the system
+temp dir, then `phileo-shard-staging/<hash of the URL>`); what it writes is published in an
+order that keeps object storage consistent:
+
+* after planning: plan.parquet, plan_rejected.jsonl, then build.json;
+* per unit (in the worker): every shard (a complete local file, one PUT or a multipart upload
+  that becomes visible only when completed; the local copy is then deleted), the unit's index
+  and histogram, and last its stats object `units/<unit>.json`;
+* at the end: index.parquet, rejected.jsonl, then manifest.json.
+
+Nothing is ever uploaded under a final name before it is complete. On start the staging
+directory is rebuilt from the objects under the prefix, so resume skips exactly the units whose
+stats object exists, on any machine. Credentials and endpoint come from the standard AWS
+environment (see sharding/sources/remote.py) and are never logged. One build per output at a
+time, as for a local directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+from sharding.errors import InputError
+from sharding.sources.remote import filesystem, with_retries
+
+log = logging.getLogger(__name__)
+
+PLAN_FILES = ("plan.parquet", "plan_rejected.jsonl", "build.json")  # build.json last
+FINAL_FILES = ("index.parquet", "rejected.jsonl", "manifest.json")  # manifest.json last
+SYNCED = ("build.json", "plan.parquet", "plan_rejected.jsonl")
+
+
+def staging_dir(url: str) -> Path:
+    root = Path(os.environ.get("PHILEO_STAGING_DIR") or tempfile.gettempdir())
+    return root / "phileo-shard-staging" / hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:16]
+
+
+class RemoteOutput:
+    """An output prefix on object storage (s3://) mirrored by a local staging directory."""
+
+    def __init__(self, url: str):
+        if not url.startswith("s3://"):
+            raise InputError(f"--output {url}: remote outputs must be s3://bucket/prefix")
+        self.url = url.rstrip("/")
+        self.staging = staging_dir(self.url)
+
+    @property
+    def fs(self):
+        return filesystem(self.url)
+
+    def remote(self, relative: str) -> str:
+        return f"{self.url}/{relative}"
+
+    def list_relative(self) -> list[str]:
+        bucket_path = self.url.split("://", 1)[1]
+        self.fs.invalidate_cache()  # another process (a killed run, another node) may have written since
+        found = with_retries(self.url, "LIST", lambda: self.fs.find(bucket_path))
+        return sorted(path[len(bucket_path) + 1:] for path in found)
+
+    def prepare(self, overwrite: bool, owned: set[str]) -> Path:
+        """Check/clean the prefix; rebuild the staging directory from it. Returns the staging path."""
+        existing = self.list_relative()
+        foreign = [name for name in existing if name.split("/", 1)[0] not in owned]
+        if foreign:
+            raise InputError(f"--output {self.url}: holds {foreign[0]!r}, which is not part of a phileo-shard "
+                             "build; choose an empty or new prefix")
+        if overwrite and existing:
+            log.info("--overwrite: deleting %d objects under %s", len(existing), self.url)
+            with_retries(self.url, "DELETE", lambda: self.fs.rm([self.remote(n) for n in existing]))
+            existing = []
+        shutil.rmtree(self.staging, ignore_errors=True)
+        (self.staging / "units").mkdir(parents=True)
+        (self.staging / "shards").mkdir()
+        wanted = [n for n in existing if n in SYNCED or n.startswith("units/")]
+        if wanted:
+            remote, local = [self.remote(n) for n in wanted], [str(self.staging / n) for n in wanted]
+            with_retries(self.url, "GET state", lambda: self.fs.get(remote, local))
+        log.info("staging %s in %s (%d state objects)", self.url, self.staging, len(wanted))
+        return self.staging
+
+    def put(self, local: Path, relative: str) -> None:
+        """Upload one complete local file under its final name (single PUT or completed multipart)."""
+        with_retries(self.url, f"PUT {relative}", lambda: self.fs.put_file(str(local), self.remote(relative)))
+
+    def publish_plan(self) -> None:
+        for name in PLAN_FILES:
+            self.put(self.staging / name, name)
+
+    def publish_unit(self, unit: int, stats: dict, stats_path: Path) -> None:
+        """Shards (local copies deleted once uploaded), index, histogram, then the stats object."""
+        for shard in stats["shards"]:
+            local = self.staging / shard["url"]
+            self.put(local, shard["url"])
+            local.unlink()
+        for suffix in ("index.parquet", "hist.npz"):
+            name = f"units/{unit:06d}.{suffix}"
+            self.put(self.staging / name, name)
+        self.put(stats_path, f"units/{stats_path.name}")
+
+    def publish_final(self) -> None:
+        for name in FINAL_FILES:
+            self.put(self.staging / name, name)
+
+
+def publish_unit(url: str, unit: int, stats: dict, stats_path: Path) -> None:
+    """Worker-side entry point (UnitOptions carries only the URL)."""
+    RemoteOutput(url).publish_unit(unit, stats, stats_path)
+
+
+def build_to_remote(args, workers: int = 1, overwrite: bool = False, **build_kwargs):
+    """`phileo-shard build` with --output s3://...: stage locally, publish as units complete."""
+    from sharding.build.driver import OWNED
+    from sharding.build.driver import build as run_build
+
+    output = RemoteOutput(args.output)
+    staging = output.prepare(overwrite, OWNED)
+    try:
+        summary = run_build(replace(args, output=str(staging)), workers=workers, overwrite=overwrite, sink=output,
+                            **build_kwargs)
+    except InputError as error:  # name the prefix the user gave, not the staging directory
+        raise InputError(str(error).replace(str(staging), output.url)) from error
+    if not summary.failed_units:  # everything is published; a rerun rebuilds the staging from the prefix
+        shutil.rmtree(staging, ignore_errors=True)
+    return summary

@@ -1,0 +1,1 @@
+"""Tools over a built dataset: query, subset, split, coverage, verify, inspect."""

@@ -1,0 +1,273 @@
+"""`phileo-shard subset`: select index rows, then copy those samples' tar bytes into a new dataset.
+
+Samples are never re-encoded: each selected sample's tar blocks (headers, data, padding) are
+read at the offset the source index gives and appended unchanged to size-capped output
+shards, one sample in memory at a time (array members are copied in chunks). Each header is
+checked to belong to the indexed key, so a stale index is an error, not a corrupt output.
+The output is a normal dataset (shards temp + rename, index.parquet with the offsets of the
+new tars, an empty rejected.jsonl, manifest.json last) whose manifest names the source dataset
+and the query under `derived_from`. `phileo-shard split` writes its two outputs with the
+same `write_selection`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tarfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from phileo import __version__
+from phileo.schema import SCHEMA_VERSION
+from sharding.build.manifest import INDEX, MANIFEST, REJECTED
+from sharding.build.output_dir import claim_output_dir
+from sharding.build.writer import TMP_SUFFIX, ShardSummary, atomic_write, sha256_file, shard_name
+from sharding.dataset.query import build_query, select
+from sharding.dataset.tarread import split_member_name
+from sharding.dataset.verify import load_manifest
+from sharding.errors import InputError
+
+log = logging.getLogger(__name__)
+
+BLOCK = tarfile.BLOCKSIZE
+CHUNK = 1 << 20
+OWNED = {MANIFEST, INDEX, REJECTED, "shards"}
+
+
+class RawShardWriter:
+    """Appends samples, as their raw tar blocks, to `shards/000000-{part}.tar` of about `shard_size` bytes."""
+
+    def __init__(self, shards_dir: Path, shard_size: int):
+        self.shards_dir, self.shard_size = shards_dir, shard_size
+        self.shards: list[ShardSummary] = []
+        self._file: BinaryIO | None = None
+        self._current: ShardSummary | None = None
+        self._digest = hashlib.sha256()
+        self._offset = 0
+
+    def _write(self, data: bytes) -> None:
+        self._file.write(data)
+        self._digest.update(data)
+        self._offset += len(data)
+
+    def copy_sample(self, source: BinaryIO, key: str, size: int, where: str) -> dict:
+        """Copy the `size` bytes of sample `key` at `source`'s position; returns its new index location."""
+        if self._file is None:
+            self._current = ShardSummary(shard_name(0, len(self.shards)))
+            self._file = open(self.shards_dir / f"{self._current.name}{TMP_SUFFIX}", "wb")
+            self._digest, self._offset = hashlib.sha256(), 0
+        offset, meta, remaining = self._offset, None, size
+        while remaining > 0:
+            header = source.read(BLOCK)
+            try:
+                info = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
+            except tarfile.TarError as error:
+                raise InputError(f"{where}: no tar header for {key} ({error}); run phileo-shard verify") from error
+            padded = -(-info.size // BLOCK) * BLOCK
+            if split_member_name(info.name)[0] != key or not info.isfile() or BLOCK + padded > remaining:
+                raise InputError(f"{where}: index entry {key} (+{size} bytes) does not match the member "
+                                 f"{info.name!r} found there; run phileo-shard verify on the source")
+            self._write(header)
+            if split_member_name(info.name)[1] == "meta.json":
+                data = source.read(padded)
+                try:
+                    meta = json.loads(data[: info.size])
+                except ValueError as error:
+                    raise InputError(f"{where}: {info.name} is not valid JSON ({error})") from error
+                self._write(data)
+            else:
+                self._copy(source, padded, where)
+            remaining -= BLOCK + padded
+        if meta is None:
+            raise InputError(f"{where}: sample {key} has no meta.json member")
+        _add_to_summary(self._current, meta)
+        entry = {"shard": f"shards/{self._current.name}", "offset": offset, "bytes": self._offset - offset}
+        if self._offset >= self.shard_size:
+            self._finish()
+        return entry
+
+    def _copy(self, source: BinaryIO, count: int, where: str) -> None:
+        while count > 0:
+            data = source.read(min(CHUNK, count))
+            if not data:
+                raise InputError(f"{where}: ends inside a member; run phileo-shard verify on the source")
+            self._write(data)
+            count -= len(data)
+
+    def _finish(self) -> None:
+        """End-of-archive blocks and record padding as tarfile writes them, fsync, rename."""
+        self._write(bytes(2 * BLOCK))
+        self._write(bytes(-self._offset % tarfile.RECORDSIZE))
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        self._current.bytes, self._current.sha256 = self._offset, self._digest.hexdigest()
+        os.replace(self.shards_dir / f"{self._current.name}{TMP_SUFFIX}", self.shards_dir / self._current.name)
+        self.shards.append(self._current)
+        self._file, self._current = None, None
+
+    def close(self) -> list[ShardSummary]:
+        if self._file is not None:
+            self._finish()
+        return self.shards
+
+    def abort(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            (self.shards_dir / f"{self._current.name}{TMP_SUFFIX}").unlink(missing_ok=True)
+            self._file, self._current = None, None
+
+
+def _add_to_summary(summary: ShardSummary, meta: dict) -> None:
+    """Manifest statistics of a copied sample; sources without geo fields (PhilEO Bench) are only counted."""
+    if meta.get("centre_lat") is not None and ("bounds_lonlat" in meta or "corners_lonlat" in meta):
+        summary.add(meta)
+    else:
+        summary.samples += 1
+
+
+def prepare_output(output: Path, source: Path, overwrite: bool, flag: str = "--output") -> None:
+    """An empty or new directory, or a previous output of this command (replaced only with --overwrite)."""
+    if output.resolve() == source.resolve():
+        raise InputError(f"{flag} {output}: is the source dataset; choose another directory")
+    claim_output_dir(output, lambda name: name in OWNED, flag, what="a dataset")
+    if (output / MANIFEST).is_file() and not overwrite:
+        raise InputError(f"{flag} {output}: already holds a dataset; add --overwrite to replace it")
+    for name in (MANIFEST, INDEX, REJECTED, "shards"):  # manifest first: never a stale 'complete' dataset
+        path = output / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    for leftover in output.glob(f"*{TMP_SUFFIX}"):
+        leftover.unlink()
+    (output / "shards").mkdir()
+
+
+def read_index(dataset: Path) -> tuple[dict, pa.Table]:
+    """(manifest, index table) of a finished dataset."""
+    manifest = load_manifest(dataset)
+    path = dataset / INDEX
+    if not path.is_file():
+        raise InputError(f"{dataset}: no {INDEX}")
+    return manifest, pq.read_table(path)
+
+
+def copy_rows(source: Path, rows: pa.Table, output: Path, shard_size: int, desc: str) -> tuple[pa.Table, list]:
+    """Copy the samples of `rows` (in source shard/offset order); returns (their new index, shard summaries)."""
+    rows = rows.sort_by([("shard", "ascending"), ("offset", "ascending")])
+    writer = RawShardWriter(output / "shards", shard_size)
+    located: dict[str, list] = {"shard": [], "offset": [], "bytes": []}
+    total = pc.sum(rows.column("bytes")).as_py() or 0
+    current, handle = None, None
+    try:
+        with tqdm(total=total, unit="B", unit_scale=True, desc=desc, dynamic_ncols=True) as bar:
+            for row in (r for batch in rows.select(["key", "shard", "offset", "bytes"]).to_batches()
+                        for r in batch.to_pylist()):
+                if row["shard"] != current:
+                    handle = _reopen(handle, source / row["shard"])
+                    current = row["shard"]
+                handle.seek(row["offset"])
+                entry = writer.copy_sample(handle, row["key"], row["bytes"], f"{source / current}@{row['offset']}")
+                for name in located:
+                    located[name].append(entry[name])
+                bar.update(row["bytes"])
+        shards = writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        if handle is not None:
+            handle.close()
+    for name, values in located.items():
+        position = rows.schema.get_field_index(name)
+        rows = rows.set_column(position, rows.schema.field(name), pa.array(values, rows.schema.field(name).type))
+    return rows, shards
+
+
+def _reopen(handle: BinaryIO | None, path: Path) -> BinaryIO:
+    if handle is not None:
+        handle.close()
+    if not path.is_file():
+        raise InputError(f"{path}: shard named in the source index is missing")
+    return open(path, "rb")
+
+
+def write_selection(source: Path, source_manifest: dict, rows: pa.Table, output: Path, shard_size: int,
+                    derived_from: dict, overwrite: bool, flag: str = "--output") -> dict:
+    """Write the samples of `rows` as a dataset in `output`; returns its manifest (written last)."""
+    if shard_size < 1:
+        raise InputError(f"--shard-size {shard_size}: expected a positive number of bytes")
+    prepare_output(output, source, overwrite, flag)
+    index, shards = copy_rows(source, rows, output, shard_size, desc=output.name)
+    atomic_write(output / INDEX, lambda p: pq.write_table(index, p))
+    atomic_write(output / REJECTED, lambda p: p.write_text(""))
+    origin = {"dataset": str(source.resolve()), "manifest_sha256": sha256_file(source / MANIFEST),
+              "samples": source_manifest.get("totals", {}).get("samples"), **derived_from}
+    manifest = {"schema": SCHEMA_VERSION, "source": source_manifest.get("source"), "tool_version": __version__,
+                "build_args": source_manifest.get("build_args")}
+    manifest |= {key: source_manifest[key] for key in ("dataset", "split") if key in source_manifest}
+    manifest |= {
+        "derived_from": origin, "shards": [shard.to_json() for shard in shards],
+        "totals": {"samples": index.num_rows, "shards": len(shards), "bytes": sum(s.bytes for s in shards),
+                   "bytes_in": sum(index.column("bytes").to_pylist()), "rejected": 0,
+                   "filtered": (origin["samples"] or index.num_rows) - index.num_rows},
+        "band_stats": source_manifest.get("band_stats", {}),
+        "band_stats_from": "the source dataset (copied, not recomputed for this selection)",
+    }
+    atomic_write(output / MANIFEST, lambda p: p.write_text(json.dumps(manifest, indent=1)))
+    return manifest
+
+
+@dataclass(frozen=True)
+class SubsetArgs:
+    source: str
+    output: str
+    where: str | None = None
+    bbox: tuple[float, float, float, float] | None = None
+    start: str | None = None
+    end: str | None = None
+    shard_size: int = 1_000_000_000
+
+
+@dataclass
+class SubsetSummary:
+    selected: int
+    total: int
+    shards: int
+    bytes: int
+    seconds: float
+    output: str
+
+    def line(self) -> str:
+        rate = self.selected / self.seconds if self.seconds else 0.0
+        return (f"selected {self.selected} of {self.total} samples, wrote {self.shards} shards "
+                f"({self.bytes / 1e6:.1f} MB) to {self.output} in {self.seconds:.1f} s ({rate:.1f} samples/s)")
+
+
+def subset(args: SubsetArgs, overwrite: bool = False) -> SubsetSummary:
+    """Run `phileo-shard subset`; InputError on bad input (unknown column, nothing selected, ...)."""
+    started = time.monotonic()
+    source = Path(args.source)
+    source_manifest, index = read_index(source)
+    query = build_query(index.schema, args.where, args.bbox, args.start, args.end)
+    rows = select(index, query, args.where)
+    criteria = {"where": args.where, "bbox": list(args.bbox) if args.bbox else None,
+                "start": args.start, "end": args.end}
+    if rows.num_rows == 0:
+        given = ", ".join(f"--{name} {value!r}" for name, value in criteria.items() if value is not None)
+        raise InputError(f"{given or 'the query'}: selects none of the {index.num_rows} samples of {source}")
+    log.info("selected %d of %d samples of %s", rows.num_rows, index.num_rows, source)
+    manifest = write_selection(source, source_manifest, rows, Path(args.output), args.shard_size,
+                               {"command": "subset", "query": criteria}, overwrite)
+    totals = manifest["totals"]
+    return SubsetSummary(totals["samples"], index.num_rows, totals["shards"], totals["bytes"],
+                         time.monotonic() - started, args.output)

@@ -1,0 +1,1 @@
+"""The streaming loader: shard lists, remote reads, tar stream, epoch plan, crops, labels, batches."""

@@ -1,0 +1,363 @@
+"""The streaming training dataset: one flat list of small picklable stages in a wds.DataPipeline.
+
+tiles of this worker's shards (several shards interleaved, then repeated passes to fill the
+quota) -> K random crops per tile with their labels -> exactly `quota` crops -> shuffle
+buffer -> batches. Rank and worker come from the epoch plan (training/data/epoch.py), so every
+rank yields exactly `plan.steps` batches.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import random
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+import blosc2
+import numpy as np
+import torch
+import torch.nn.functional as F
+import webdataset as wds
+
+from phileo.bands import REFLECTANCE_SCALE
+from phileo.schema import SchemaError, decode_sample
+from training.data.batches import CollateCrops, WorkerMixedBatches, collate_crops
+from training.data.crop_labels import crop_labels
+from training.data.epoch import EpochPlan, WorkerPlan
+from training.data.ring import ALIGN
+from training.data.shards import open_shard
+from training.data.tarstream import TarFormatError, iter_samples
+from training.data.windows import BlockDecodeError, decode_windows
+
+log = logging.getLogger(__name__)
+
+UNUSED_MEMBERS = frozenset({"s2_60m"})  # B01/B09: not model inputs, so never decompressed in training
+BAND_KEYS = ("s2_10m", "s2_20m")  # uint16 band tensors of a batch; model_input() makes the image
+HALO_20M = 1  # extra 20 m pixels around a crop so bilinear upsampling matches the full-tile result
+
+
+@dataclass(frozen=True)
+class StreamOptions:
+    crops_per_tile: int = 16
+    crop_size: int = 128
+    batch_size: int = 16
+    shuffle_buffer: int = 512
+    shards_in_parallel: int = 4
+    seed: int = 0
+    max_bad_fraction: float = 0.01
+
+
+def worker_position() -> tuple[int, int]:
+    info = torch.utils.data.get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)
+
+
+class BadDataPolicy:
+    """Counts corrupt shards/samples, logs them (rate-limited), fails past `max_bad_fraction`."""
+
+    def __init__(self, max_bad_fraction: float, log_every: int = 100):
+        self.max_bad_fraction, self.log_every, self.bad, self.good = max_bad_fraction, log_every, 0, 0
+        self.urls: dict[str, None] = {}  # shards with bad data, in order
+
+    def record(self, url: str, error: Exception) -> bool:
+        self.bad += 1
+        self.urls[url] = None
+        if self.bad <= 10 or self.bad % self.log_every == 0:
+            log.warning("skipping bad data in %s (%d so far): %s", url, self.bad, error)
+        return True
+
+    def record_undecodable(self, url: str, error: Exception) -> None:
+        """A tile whose headers passed (counted good) but whose blocks failed to decode when cropped."""
+        self.good -= 1
+        self.record(url, error)
+
+    def check(self, planned: int) -> None:
+        lost = max(self.bad, planned - self.good)
+        if planned and lost / planned > self.max_bad_fraction:
+            shards = ", ".join(list(self.urls)[:5]) + (" ..." if len(self.urls) > 5 else "")
+            raise RuntimeError(f"{lost} of {planned} planned tiles unreadable (> --max-bad-fraction "
+                               f"{self.max_bad_fraction}); bad shards: {shards or 'none recorded'}; see the "
+                               "warnings above")
+
+
+class EpochTiles(torch.utils.data.IterableDataset):
+    """Tiles of this rank/worker's shards: one pass, then repeated passes (marked) forever.
+
+    `lazy`: arrays stay compressed (headers validated) for CutCrops to decode only what it crops.
+    """
+
+    def __init__(self, plan: EpochPlan, rank: int, options: StreamOptions, done_keys: frozenset = frozenset(),
+                 lazy: bool = False):
+        self.plan, self.rank, self.options, self.done_keys, self.lazy = plan, rank, options, done_keys, lazy
+
+    def __iter__(self) -> Iterator[dict]:
+        worker, _ = worker_position()
+        assignment: WorkerPlan = self.plan.workers[self.rank][worker]
+        if assignment.quota == 0:
+            return
+        policy = BadDataPolicy(self.options.max_bad_fraction)
+        for repeat in range(1_000_000):
+            delivered = 0
+            for tile in self._one_pass(assignment.shards, policy):
+                delivered += 1
+                yield tile | {"repeat": repeat > 0}
+            if repeat == 0:
+                policy.check(assignment.tiles)
+            if delivered == 0:
+                raise RuntimeError(f"rank {self.rank} worker {worker}: no readable tile in {assignment.shards}")
+
+    def _one_pass(self, urls: list[str], policy: BadDataPolicy) -> Iterator[dict]:
+        """Interleave `shards_in_parallel` shards so consecutive tiles come from different shards."""
+        pending = list(urls)
+        active: list[Iterator[dict]] = []
+        while pending or active:
+            while pending and len(active) < self.options.shards_in_parallel:
+                active.append(self._read_shard(pending.pop(0), policy))
+            for stream in list(active):
+                tile = next(stream, None)
+                if tile is None:
+                    active.remove(stream)
+                else:
+                    yield tile
+
+    def _read_shard(self, url: str, policy: BadDataPolicy) -> Iterator[dict]:
+        yield from read_tiles(url, policy, self.done_keys, self.lazy)
+
+
+def read_tiles(url: str, policy: BadDataPolicy, skip_keys: frozenset = frozenset(),
+               lazy: bool = False) -> Iterator[dict]:
+    """Decoded (or `lazy`: still compressed) tiles of one shard, in order; bad shards/samples go to `policy`.
+
+    A damaged tar, or a remote stream that gave up (RemoteReadError: retry budget spent), ends
+    the shard: it is recorded once, and the partial sample it was reading is dropped.
+    """
+    try:
+        stream = open_shard(url)
+    except OSError as error:
+        policy.record(url, error)
+        return
+    try:
+        for raw in iter_samples(stream, url):
+            if raw["__key__"] not in skip_keys:
+                tile = _decode(raw, url, policy, lazy)
+                if tile is not None:
+                    yield tile
+    except (TarFormatError, OSError, UnicodeDecodeError) as error:
+        policy.record(url, error)
+    finally:
+        stream.close()
+
+
+def _decode(raw: dict, url: str, policy: BadDataPolicy, lazy: bool) -> dict | None:
+    key = raw["__key__"]
+    members = {k: v for k, v in raw.items() if not k.startswith("__")}
+    try:
+        sample = decode_sample(key, members, skip=UNUSED_MEMBERS, lazy=lazy)
+    except SchemaError as error:
+        policy.record(url, error)
+        return None
+    policy.good += 1
+    return {"key": key, "url": url, "meta": sample.meta, "arrays": sample.arrays, "policy": policy}
+
+
+class CutCrops:
+    """K random crops per tile (offsets even so the 20 m grid stays aligned), with labels.
+
+    The K origins are drawn first, so a lazy tile decodes only the blocks under its crops; a
+    tile whose blocks fail to decode yields no crop at all (counted by the shard's policy).
+    """
+
+    def __init__(self, options: StreamOptions, epoch: int, rank: int):
+        self.options, self.epoch, self.rank = options, epoch, rank
+
+    def __call__(self, tiles: Iterator[dict]) -> Iterator[dict]:
+        worker, _ = worker_position()
+        rng = np.random.default_rng([self.options.seed, self.epoch, self.rank, worker])
+        size = self.options.crop_size
+        scratch: dict = {}  # decode buffers reused tile after tile: crops are copies, cut before the next decode
+        for tile in tiles:
+            height, width = tile["meta"]["shape"]
+            if height < size or width < size:
+                log.warning("skipping %s: %dx%d is smaller than a %d crop", tile["key"], height, width, size)
+                continue
+            origins = [(2 * int(rng.integers(0, (height - size) // 2 + 1)),
+                        2 * int(rng.integers(0, (width - size) // 2 + 1))) for _ in range(self.options.crops_per_tile)]
+            try:
+                arrays = decode_crop_windows(tile["arrays"], origins, size, scratch)
+            except BlockDecodeError as error:
+                tile["policy"].record_undecodable(tile["url"], SchemaError(f"{tile['key']}: {error}"))
+                continue
+            decoded = tile | {"arrays": arrays}  # once per tile, not per crop
+            for y, x in origins:
+                yield cut_crop(decoded, y, x, size)
+
+
+def decode_crop_windows(arrays: dict, origins: list[tuple[int, int]], size: int,
+                        scratch: dict | None = None) -> dict[str, np.ndarray]:
+    """numpy arrays holding at least the crops at `origins` (and the 20 m halo); decoded arrays pass through.
+
+    With `scratch` (see training/data/windows.py) the arrays are valid until the next call with it.
+    """
+    decoded = {}
+    for member, array in arrays.items():
+        if isinstance(array, np.ndarray):
+            decoded[member] = array
+            continue
+        factor = 2 if member == "s2_20m" else 1
+        halo = HALO_20M if factor == 2 else 0
+        windows = [(y // factor - halo, x // factor - halo, size // factor + 2 * halo, size // factor + 2 * halo)
+                   for y, x in origins]
+        decoded[member] = decode_windows(array, windows, None if scratch is None else scratch.setdefault(member, {}))
+    return decoded
+
+
+def cut_crop(tile: dict, y: int, x: int, size: int) -> dict:
+    """One crop of a decoded tile: uint16 bands (20 m with an edge-replicated halo) and labels."""
+    arrays = tile["arrays"]
+    if "s2_stack" in arrays:  # already 10 bands on the 10 m grid
+        bands_10m, bands_20m = arrays["s2_stack"][:, y : y + size, x : x + size], None
+    else:
+        bands_10m = arrays["s2_10m"][:, y : y + size, x : x + size]
+        bands_20m = _window_20m(arrays["s2_20m"], y // 2, x // 2, size // 2)
+    labels = crop_labels(tile["meta"], arrays, y, x, size)
+    return {"key": tile["key"], "url": tile["url"], "repeat": tile["repeat"], "s2_10m": bands_10m.copy(),
+            "s2_20m": None if bands_20m is None else bands_20m.copy(), **labels}
+
+
+def _window_20m(bands: np.ndarray, y: int, x: int, size: int) -> np.ndarray:
+    """20 m window with a HALO_20M border, edge-replicated outside the tile (as full-tile upsampling)."""
+    height, width = bands.shape[-2:]
+    top, left = y - HALO_20M, x - HALO_20M
+    bottom, right = y + size + HALO_20M, x + size + HALO_20M
+    window = bands[:, max(top, 0) : min(bottom, height), max(left, 0) : min(right, width)]
+    pads = ((0, 0), (max(-top, 0), max(bottom - height, 0)), (max(-left, 0), max(right - width, 0)))
+    return np.pad(window, pads, mode="edge") if any(any(p) for p in pads) else window
+
+
+class ShuffleCrops:
+    """Seeded shuffle buffer that spreads tiles over batches (reproducible per rank/worker/epoch).
+
+    A plain reservoir over K crops per tile puts several crops of one tile in a batch, even when
+    the buffer holds many tiles. Here crops wait per tile, and leave in rounds: each round visits
+    the buffered tiles in a random order and takes one random crop of each, and a new round starts
+    with the tiles not among the last `spread` taken, so any `spread` consecutive crops (a batch)
+    come from different tiles whenever the buffer holds that many tiles.
+    """
+
+    def __init__(self, buffer_size: int, seed: int, epoch: int, rank: int, spread: int = 16):
+        self.buffer_size, self.seed, self.epoch, self.rank, self.spread = buffer_size, seed, epoch, rank, spread
+
+    def __call__(self, crops: Iterator[dict]) -> Iterator[dict]:
+        worker, _ = worker_position()
+        rng = random.Random(f"{self.seed}-{self.epoch}-{self.rank}-{worker}")
+        by_tile: dict[str, list[dict]] = {}
+        round_order: list[str] = []  # popped from the end
+        recent: collections.deque = collections.deque(maxlen=self.spread)
+        buffered = 0
+        for crop in crops:
+            by_tile.setdefault(crop["key"], []).append(crop)
+            buffered += 1
+            if buffered >= self.buffer_size:
+                yield self._take(by_tile, round_order, recent, rng)
+                buffered -= 1
+        for _ in range(buffered):
+            yield self._take(by_tile, round_order, recent, rng)
+
+    @staticmethod
+    def _take(by_tile: dict[str, list[dict]], round_order: list[str], recent: collections.deque,
+              rng: random.Random) -> dict:
+        """One random crop of the next tile of the current round (a new round when it is used up)."""
+        while True:
+            if not round_order:
+                fresh = [key for key in by_tile if key not in recent]
+                rng.shuffle(fresh)
+                round_order.extend([key for key in reversed(recent) if key in by_tile] + fresh)
+            waiting = by_tile.get(round_order.pop())
+            if waiting:  # tiles emptied during the round are skipped
+                index = rng.randrange(len(waiting))
+                waiting[index], waiting[-1] = waiting[-1], waiting[index]
+                crop = waiting.pop()
+                if not waiting:
+                    del by_tile[crop["key"]]
+                recent.append(crop["key"])
+                return crop
+
+
+class TakeQuota:
+    """Exactly this worker's quota of crops: the plan's promise that keeps ranks in step."""
+
+    def __init__(self, plan: EpochPlan, rank: int):
+        self.plan, self.rank = plan, rank
+
+    def __call__(self, crops: Iterator[dict]) -> Iterator[dict]:
+        worker, _ = worker_position()
+        quota = self.plan.workers[self.rank][worker].quota
+        taken = 0
+        for crop in crops:
+            if taken == quota:
+                return
+            taken += 1
+            yield crop
+        assert taken == quota, f"rank {self.rank} worker {worker}: stream ended after {taken} of {quota} crops"
+
+
+def model_input(batch: dict, device: torch.device) -> torch.Tensor:
+    """(B, 10, S, S) float32 reflectance (DN / 10000) on `device`: 20 m bands bilinearly upsampled."""
+    bands_10m = batch["s2_10m"].to(device, non_blocking=True).float()
+    if "s2_20m" not in batch:
+        return bands_10m.mul_(1.0 / REFLECTANCE_SCALE)
+    low = batch["s2_20m"].to(device, non_blocking=True).float()
+    up = F.interpolate(low, scale_factor=2, mode="bilinear", align_corners=False)
+    margin = 2 * HALO_20M
+    image = torch.cat([bands_10m, up[:, :, margin:-margin, margin:-margin]], dim=1)
+    return image.mul_(1.0 / REFLECTANCE_SCALE)
+
+
+def make_pipeline(plan: EpochPlan, rank: int, options: StreamOptions, done_keys: frozenset = frozenset(),
+                  collate: Callable[[list[dict]], dict] = collate_crops) -> wds.DataPipeline:
+    return wds.DataPipeline(
+        EpochTiles(plan, rank, options, done_keys, lazy=True),
+        CutCrops(options, plan.epoch, rank),
+        TakeQuota(plan, rank),  # before the shuffle: the buffer must not pull repeats ahead of first-pass crops
+        ShuffleCrops(options.shuffle_buffer, options.seed, plan.epoch, rank, spread=options.batch_size),
+        wds.batched(options.batch_size, collation_fn=collate, partial=False),
+    )
+
+
+def _init_loader_worker(_: int) -> None:
+    # Each worker is one of several processes per rank: one decode/compute thread each, instead
+    # of Blosc2's and torch's default of one thread per core in every worker.
+    blosc2.set_nthreads(1)
+    torch.set_num_threads(1)
+
+
+def _as_is(batch: dict) -> dict:
+    return batch
+
+
+def pipeline_loader(pipeline: wds.DataPipeline, num_workers: int) -> torch.utils.data.DataLoader:
+    """A DataLoader over a pipeline that batches itself, its workers on one thread each.
+
+    `collate_fn=_as_is`: the default would turn numpy batches into tensors inside the worker,
+    and each tensor then crosses to the main process as its own shared-memory file. Workers
+    are forked where the platform can (Linux): they then share the batch ring mapped before
+    they start (training/data/ring.py); Python 3.14 no longer forks by default.
+    """
+    context = "fork" if num_workers and sys.platform == "linux" else None
+    return torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=num_workers, collate_fn=_as_is,
+                                       persistent_workers=False, prefetch_factor=2 if num_workers else None,
+                                       worker_init_fn=_init_loader_worker if num_workers else None,
+                                       multiprocessing_context=context)
+
+
+def make_loader(plan: EpochPlan, rank: int, options: StreamOptions, num_workers: int,
+                done_keys: frozenset = frozenset()) -> Iterable[dict]:
+    """Batches of this rank for the epoch (numpy arrays already wrapped as tensors)."""
+    collate = CollateCrops()
+    loader = pipeline_loader(make_pipeline(plan, rank, options, done_keys, collate), num_workers)
+    # room for 10 uint16 bands per crop on the 10 m grid (s2_stack; 4 at 10 m + 6 at 20 m with halos take less),
+    # plus the alignment of two arrays; a batch that does not fit goes without the ring
+    slot_bytes = options.batch_size * 10 * options.crop_size**2 * np.dtype(np.uint16).itemsize + 2 * ALIGN
+    return WorkerMixedBatches(loader, num_workers, collate, slot_bytes)

@@ -1,0 +1,155 @@
+"""Resolve `--shards` into a list of shard URLs with their sample counts.
+
+Accepted: a manifest.json path or http(s)/s3 URL (preferred: it gives sample counts), a
+dataset directory (its manifest.json, else its *.tar files), a text file of URLs, or a
+brace pattern (`dir/shards/{000000..000039}-0000.tar`, also of s3:// or https:// URLs).
+Counts of local shards without a manifest are read from the tar headers (no pixel data is
+read); those of remote shards from the dataset's index.parquet (next to shards/).
+Remote reads go through training/data/remote.py: streamed, retried, resumed at the byte offset.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import posixpath
+import tarfile
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from webdataset.shardlists import expand_urls
+
+from training.data.remote import open_remote
+
+RESUMABLE_PREFIXES = ("http://", "https://", "s3://")
+REMOTE_PREFIXES = ("http://", "https://", "s3://", "pipe:")
+
+
+class ShardSpecError(ValueError):
+    """`--shards` cannot be resolved; the message names the spec and what is wrong."""
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    url: str
+    samples: int
+
+
+def open_shard(url: str):
+    """A readable byte stream: local file; http(s)/s3 streamed with retry + resume; else webdataset's gopen.
+
+    OSError (RemoteReadError for http(s)/s3) when the shard cannot be opened.
+    """
+    if url.startswith("file://"):
+        url = url[len("file://"):]
+    if url.startswith(RESUMABLE_PREFIXES):
+        return open_remote(url)
+    if not is_remote(url):
+        return open(url, "rb")
+    from webdataset import gopen
+
+    return gopen(url, "rb")
+
+
+def is_remote(url: str) -> bool:
+    return url.startswith(REMOTE_PREFIXES)
+
+
+def _read_text(url: str) -> str:
+    if is_remote(url):
+        with open_shard(url) as stream:
+            return stream.read().decode("utf-8")
+    return Path(url).read_text()
+
+
+def _join(base: str, relative: str) -> str:
+    if is_remote(relative) or relative.startswith("/"):
+        return relative
+    return posixpath.join(posixpath.dirname(base), relative)
+
+
+def from_manifest(url: str) -> list[ShardInfo]:
+    try:
+        manifest = json.loads(_read_text(url))
+        return [ShardInfo(_join(url, shard["url"]), int(shard["samples"])) for shard in manifest["shards"]]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ShardSpecError(f"--shards {url}: not a readable phileo-shard manifest ({error})") from error
+
+
+def count_tar_samples(path: str) -> int:
+    """Samples in a local shard = distinct keys, read from tar headers only."""
+    keys = set()
+    with tarfile.open(path, "r:") as tar:
+        for info in tar:
+            if info.isfile():
+                keys.add(info.name.rsplit("/", 1)[-1].split(".", 1)[0])
+    return len(keys)
+
+
+def index_counts(index_url: str) -> Counter:
+    """Samples per shard (relative URL, as in the manifest) from a dataset's index.parquet.
+
+    Reads the whole file (tens of MB for millions of samples); the manifest is the cheaper source.
+    """
+    import pyarrow.parquet as pq
+
+    with open_shard(index_url) as stream:
+        table = pq.read_table(io.BytesIO(stream.read()), columns=["shard"])
+    return Counter(table.column("shard").to_pylist())
+
+
+def _remote_counts(spec: str, urls: list[str]) -> list[ShardInfo]:
+    """Counts of remote shards `<root>/shards/<name>.tar` from `<root>/index.parquet`."""
+    indexes: dict[str, Counter] = {}
+    shards = []
+    for url in urls:
+        root = posixpath.dirname(posixpath.dirname(url))
+        if root not in indexes:
+            try:
+                indexes[root] = index_counts(f"{root}/index.parquet")
+            except (OSError, ValueError, KeyError) as error:
+                raise ShardSpecError(f"--shards {spec}: sample counts of remote shards are unknown ({error}); "
+                                     "pass the dataset's manifest.json URL instead") from error
+        samples = indexes[root].get(url[len(root) + 1:], 0)
+        if not samples:
+            raise ShardSpecError(f"--shards {spec}: {url} has no samples in {root}/index.parquet")
+        shards.append(ShardInfo(url, samples))
+    return shards
+
+
+def _with_counts(spec: str, urls: list[str]) -> list[ShardInfo]:
+    if any(is_remote(url) for url in urls):
+        if not all(url.startswith(RESUMABLE_PREFIXES) for url in urls):
+            raise ShardSpecError(f"--shards {spec}: sample counts of these remote shards are unknown; pass the "
+                                 "dataset's manifest.json URL instead")
+        return _remote_counts(spec, urls)
+    shards = []
+    for url in urls:
+        if not Path(url).is_file():
+            raise ShardSpecError(f"--shards {spec}: {url} does not exist")
+        try:
+            shards.append(ShardInfo(url, count_tar_samples(url)))
+        except tarfile.TarError as error:
+            raise ShardSpecError(f"--shards {spec}: {url} is not a readable tar ({error})") from error
+    return shards
+
+
+def resolve_shards(spec: str) -> list[ShardInfo]:
+    """The shards named by `spec`, in a stable order; ShardSpecError when none or unreadable."""
+    if spec.endswith(".json"):
+        shards = from_manifest(spec)
+    elif not is_remote(spec) and Path(spec).is_dir():
+        manifest = Path(spec) / "manifest.json"
+        if manifest.is_file():
+            shards = from_manifest(str(manifest))
+        else:
+            shards = _with_counts(spec, sorted(str(p) for p in Path(spec).rglob("*.tar")))
+    elif spec.endswith(".txt"):
+        lines = [line.split("#", 1)[0].strip() for line in _read_text(spec).splitlines()]
+        shards = _with_counts(spec, [_join(spec, line) for line in lines if line])
+    else:
+        shards = _with_counts(spec, expand_urls(spec))
+    if not shards:
+        raise ShardSpecError(f"--shards {spec}: no shards found")
+    return shards

@@ -1,0 +1,1 @@
+"""Fine-tuning on PhilEO Bench: trainer, data, metrics, plots, the n-shot sweep."""
