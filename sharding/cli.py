@@ -182,7 +182,7 @@ def _run_majortom_build(input_path: str | None, output: str, shard_size: str, gr
                      options["clevel"], options["thumbnails"], labels, rules, metadata=options["metadata"],
                      tile_source="geotiff" if source == "geotiff" else "majortom")
     if output.startswith("s3://"):  # staged locally, published as units complete (sharding/build/remote_output.py)
-        from sharding.build.remote_output import build_to_remote
+        from sharding.build.driver import build_to_remote
 
         if options.get("num_nodes"):
             raise InputError(f"--output {output}: --num-nodes with an s3:// output is not supported yet")

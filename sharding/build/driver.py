@@ -12,7 +12,7 @@ import logging
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -25,25 +25,31 @@ from phileo.schema import DEFAULT_CLEVEL
 from sharding.build.distributor import run_local
 from sharding.build.fasttom import FastTomRules
 from sharding.build.labels import LabelSpec, check_label_rasters, validate_label_specs
-from sharding.build.manifest import INDEX, MANIFEST, REJECTED, finalize
-from sharding.build.nodes import NODES_DIR, NodeShare, finish_node, publish_shared
-from sharding.build.output_dir import claim_output_dir, refuse_other_arguments
+from sharding.build.manifest import finalize
+from sharding.build.nodes import NodeShare, finish_node, publish_shared
+from sharding.build.output_dir import open_build_output
 from sharding.build.plan import Filters, assign_units, select_rows
 from sharding.build.ray_executor import run_ray
-from sharding.build.unit import UnitOptions, unit_stats_path
+from sharding.build.remote_output import RemoteOutput
+from sharding.build.unit import UnitOptions
 from sharding.build.writer import atomic_write
 from sharding.errors import InputError
+from sharding.layout import (
+    BUILD_INFO,
+    BUILD_OWNED,
+    FOOTERS,
+    PLAN,
+    PLAN_REJECTED,
+    SHARDS_DIR,
+    UNITS_DIR,
+    unit_stats_path,
+)
 from sharding.sources.geotiff_catalog import list_geotiff_folders
 from sharding.sources.remote import is_remote, set_footer_cache
 from sharding.sources.remote_catalog import list_source
 
 log = logging.getLogger(__name__)
 
-BUILD_INFO = "build.json"
-PLAN = "plan.parquet"
-PLAN_REJECTED = "plan_rejected.jsonl"
-FOOTERS = "footers"  # remote parquet footers fetched once per build, shared by the plan and every unit
-OWNED = {BUILD_INFO, PLAN, PLAN_REJECTED, MANIFEST, INDEX, REJECTED, "shards", "units", NODES_DIR, FOOTERS}
 
 
 @dataclass(frozen=True)
@@ -118,18 +124,9 @@ class BuildSummary:
 def prepare_output(args: BuildArgs, overwrite: bool) -> dict | None:
     """Create/clean the output; return the saved build info when resuming, else None."""
     output = Path(args.output)
-    claim_output_dir(output, lambda name: name in OWNED)
-    if overwrite:
-        for name in OWNED:
-            path = output / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-    (output / "shards").mkdir(exist_ok=True)
-    (output / "units").mkdir(exist_ok=True)
-    info_path = output / BUILD_INFO
-    if not info_path.is_file():
-        return None
-    info = json.loads(info_path.read_text())
-    refuse_other_arguments(output, info["args"], args.defining())
+    info = open_build_output(output, lambda name: name in BUILD_OWNED, overwrite, args.defining())
+    (output / SHARDS_DIR).mkdir(exist_ok=True)
+    (output / UNITS_DIR).mkdir(exist_ok=True)
     return info
 
 
@@ -226,3 +223,17 @@ def _run_with_progress(pending: list, options: UnitOptions, workers: int, summar
                 summary.failed_units.append(result)
     if summary.failed_units:
         log.error("%d unit(s) failed; rerun the same command to retry them", len(summary.failed_units))
+
+
+def build_to_remote(args, workers: int = 1, overwrite: bool = False, **build_kwargs):
+    """`phileo-shard build` with --output s3://...: stage locally, publish as units complete."""
+    output = RemoteOutput(args.output)
+    staging = output.prepare(overwrite, BUILD_OWNED)
+    try:
+        summary = build(replace(args, output=str(staging)), workers=workers, overwrite=overwrite, sink=output,
+                            **build_kwargs)
+    except InputError as error:  # name the prefix the user gave, not the staging directory
+        raise InputError(str(error).replace(str(staging), output.url)) from error
+    if not summary.failed_units:  # everything is published; a rerun rebuilds the staging from the prefix
+        shutil.rmtree(staging, ignore_errors=True)
+    return summary

@@ -12,12 +12,9 @@ import pyarrow.parquet as pq
 from phileo import __version__
 from phileo.bands import ALL_BANDS
 from phileo.schema import SCHEMA_VERSION
-from sharding.build.unit import index_schema, unit_stats_path
+from sharding.build.unit import index_schema
 from sharding.build.writer import atomic_write
-
-MANIFEST = "manifest.json"
-INDEX = "index.parquet"
-REJECTED = "rejected.jsonl"
+from sharding.layout import INDEX, MANIFEST, REJECTED, unit_stats_path
 
 
 def band_statistics(histogram: np.ndarray) -> dict[str, dict[str, float]]:

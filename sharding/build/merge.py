@@ -12,11 +12,11 @@ import json
 import logging
 from pathlib import Path
 
-from sharding.build.driver import BUILD_INFO, PLAN_REJECTED, BuildSummary, load_units
+from sharding.build.driver import BuildSummary, load_units
 from sharding.build.manifest import finalize
-from sharding.build.nodes import NODES_DIR, assign_nodes
-from sharding.build.unit import unit_stats_path
+from sharding.build.nodes import assign_nodes
 from sharding.errors import InputError
+from sharding.layout import BUILD_INFO, NODES_DIR, PLAN_REJECTED, unit_stats_path
 
 log = logging.getLogger(__name__)
 

@@ -18,13 +18,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from sharding.build.unit import unit_stats_path
-from sharding.build.writer import TMP_SUFFIX, atomic_write
+from sharding.build.writer import atomic_write
 from sharding.errors import InputError
+from sharding.layout import NODES_DIR, TMP_SUFFIX, node_report_path, unit_stats_path
 
 log = logging.getLogger(__name__)
 
-NODES_DIR = "nodes"
 NODE_SCHEMA = "phileo-shard-node/1"
 
 
@@ -75,10 +74,6 @@ def publish_shared(path: Path, write: Callable[[Path], object]) -> None:
                              "every node must run the same command on the same input") from None
         log.info("%s already written by another node (identical)", path.name)
     tmp.unlink()
-
-
-def node_report_path(output: Path, rank: int) -> Path:
-    return output / NODES_DIR / f"node-{rank}.json"
 
 
 def finish_node(output: Path, share: NodeShare, units: list[list[dict]]) -> dict:

@@ -24,17 +24,15 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import replace
 from pathlib import Path
 
 from sharding.errors import InputError
+from sharding.layout import FINAL_FILES, PLAN_FILES, SHARDS_DIR, UNITS_DIR, unit_file
 from sharding.sources.remote import filesystem, with_retries
 
 log = logging.getLogger(__name__)
 
-PLAN_FILES = ("plan.parquet", "plan_rejected.jsonl", "build.json")  # build.json last
-FINAL_FILES = ("index.parquet", "rejected.jsonl", "manifest.json")  # manifest.json last
-SYNCED = ("build.json", "plan.parquet", "plan_rejected.jsonl")
+SYNCED = frozenset(PLAN_FILES)  # the plan state a rerun needs in its staging directory
 
 
 def staging_dir(url: str) -> Path:
@@ -76,9 +74,9 @@ class RemoteOutput:
             with_retries(self.url, "DELETE", lambda: self.fs.rm([self.remote(n) for n in existing]))
             existing = []
         shutil.rmtree(self.staging, ignore_errors=True)
-        (self.staging / "units").mkdir(parents=True)
-        (self.staging / "shards").mkdir()
-        wanted = [n for n in existing if n in SYNCED or n.startswith("units/")]
+        (self.staging / UNITS_DIR).mkdir(parents=True)
+        (self.staging / SHARDS_DIR).mkdir()
+        wanted = [n for n in existing if n in SYNCED or n.startswith(UNITS_DIR + "/")]
         if wanted:
             remote, local = [self.remote(n) for n in wanted], [str(self.staging / n) for n in wanted]
             with_retries(self.url, "GET state", lambda: self.fs.get(remote, local))
@@ -100,9 +98,9 @@ class RemoteOutput:
             self.put(local, shard["url"])
             local.unlink()
         for suffix in ("index.parquet", "hist.npz"):
-            name = f"units/{unit:06d}.{suffix}"
+            name = unit_file(unit, suffix)
             self.put(self.staging / name, name)
-        self.put(stats_path, f"units/{stats_path.name}")
+        self.put(stats_path, unit_file(unit))
 
     def publish_final(self) -> None:
         for name in FINAL_FILES:
@@ -112,20 +110,3 @@ class RemoteOutput:
 def publish_unit(url: str, unit: int, stats: dict, stats_path: Path) -> None:
     """Worker-side entry point (UnitOptions carries only the URL)."""
     RemoteOutput(url).publish_unit(unit, stats, stats_path)
-
-
-def build_to_remote(args, workers: int = 1, overwrite: bool = False, **build_kwargs):
-    """`phileo-shard build` with --output s3://...: stage locally, publish as units complete."""
-    from sharding.build.driver import OWNED
-    from sharding.build.driver import build as run_build
-
-    output = RemoteOutput(args.output)
-    staging = output.prepare(overwrite, OWNED)
-    try:
-        summary = run_build(replace(args, output=str(staging)), workers=workers, overwrite=overwrite, sink=output,
-                            **build_kwargs)
-    except InputError as error:  # name the prefix the user gave, not the staging directory
-        raise InputError(str(error).replace(str(staging), output.url)) from error
-    if not summary.failed_units:  # everything is published; a rerun rebuilds the staging from the prefix
-        shutil.rmtree(staging, ignore_errors=True)
-    return summary

@@ -24,8 +24,10 @@ from phileo.schema import DEFAULT_CLEVEL, Sample
 from sharding.build.fasttom import FastTomRules, fasttom_quadrant
 from sharding.build.labels import LabelRaster, LabelSpec, add_labels, close_label_rasters, open_label_rasters
 from sharding.build.plan import Filters
-from sharding.build.writer import TMP_SUFFIX, UnitShardWriter, atomic_write
+from sharding.build.remote_output import publish_unit
+from sharding.build.writer import UnitShardWriter, atomic_write
 from sharding.errors import RowError
+from sharding.layout import FOOTERS, SHARDS_DIR, TMP_SUFFIX, unit_file, unit_stats_path
 from sharding.sources.majortom import BAND_COLUMNS, decode_majortom_row, iter_parquet_rows, read_extracted_product
 from sharding.sources.majortom_catalog import reject
 from sharding.sources.remote import retry_count, set_footer_cache
@@ -50,10 +52,6 @@ class UnitOptions:
     labels: tuple[LabelSpec, ...] = ()
     fasttom: FastTomRules | None = None
     sink: str | None = None  # s3:// output URL: publish the unit's files there (sharding/build/remote_output.py)
-
-
-def unit_stats_path(output: Path, unit: int) -> Path:
-    return output / "units" / f"{unit:06d}.json"
 
 
 def iter_unit_rows(rows: list[dict], layout: str, with_thumbnail: bool) -> Iterator[tuple[dict, dict | str]]:
@@ -92,8 +90,8 @@ Progress = Callable[[int, int], None]  # (bytes read, bytes written) after each 
 def build_unit(unit: int, rows: list[dict], options: UnitOptions, progress: Progress | None = None) -> dict:
     """Convert one unit; returns (and writes last) its stats. `progress` is called once per tile."""
     output = Path(options.output)
-    set_footer_cache(output / "footers")  # footers fetched at plan time or by other units: no GET again
-    shards_dir = output / "shards"
+    set_footer_cache(output / FOOTERS)  # footers fetched at plan time or by other units: no GET again
+    shards_dir = output / SHARDS_DIR
     for leftover in shards_dir.glob(f"{unit:06d}-*.tar{TMP_SUFFIX}"):
         leftover.unlink()
     writer = UnitShardWriter(shards_dir, unit, options.shard_size, options.clevel)
@@ -128,8 +126,6 @@ def build_unit(unit: int, rows: list[dict], options: UnitOptions, progress: Prog
     stats["retries"] = retry_count() - retries_before  # remote reads retried (sharding/sources/remote.py)
     atomic_write(unit_stats_path(output, unit), lambda p: p.write_text(json.dumps(stats)))
     if options.sink:  # shards, index, histogram, then the stats object last
-        from sharding.build.remote_output import publish_unit
-
         publish_unit(options.sink, unit, stats, unit_stats_path(output, unit))
     return stats
 
@@ -166,13 +162,13 @@ def _labelled_sample(sample: Sample, options: UnitOptions, counts: dict, rasters
 
 def _write_unit_files(output: Path, unit: int, index: list[dict], histogram: np.ndarray) -> None:
     table = pa.Table.from_pylist(index, schema=index_schema())
-    atomic_write(output / "units" / f"{unit:06d}.index.parquet", lambda p: pq.write_table(table, p))
+    atomic_write(output / unit_file(unit, "index.parquet"), lambda p: pq.write_table(table, p))
 
     def save_histogram(path: Path) -> None:
         with open(path, "wb") as file:  # mostly zeros: compresses from 6 MB to a few kB
             np.savez_compressed(file, histogram=histogram)
 
-    atomic_write(output / "units" / f"{unit:06d}.hist.npz", save_histogram)
+    atomic_write(output / unit_file(unit, "hist.npz"), save_histogram)
 
 
 def index_schema() -> pa.Schema:

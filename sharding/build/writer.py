@@ -17,15 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from phileo.schema import DEFAULT_CLEVEL, Sample, encode_sample
+from sharding.layout import TMP_SUFFIX, shard_name
 
-TMP_SUFFIX = ".tmp"
 FIXED_MTIME = 1_600_000_000  # any constant: reruns must produce identical bytes
 CLOUD_HISTOGRAM_BINS = 10  # 0-10%, ..., 90-100%
-
-
-def shard_name(unit: int, part: int) -> str:
-    """Shard names are a pure function of (unit, part) so reruns and other nodes agree."""
-    return f"{unit:06d}-{part:04d}.tar"
 
 
 def atomic_write(path: Path, write: Callable[[Path], object]) -> None:

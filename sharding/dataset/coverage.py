@@ -18,10 +18,10 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from sharding.build.manifest import INDEX
 from sharding.build.writer import CLOUD_HISTOGRAM_BINS, atomic_write
 from sharding.dataset.verify import load_manifest
 from sharding.errors import InputError
+from sharding.layout import INDEX
 
 log = logging.getLogger(__name__)
 

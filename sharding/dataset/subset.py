@@ -16,7 +16,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import tarfile
 import time
 from dataclasses import dataclass
@@ -30,19 +29,19 @@ from tqdm import tqdm
 
 from phileo import __version__
 from phileo.schema import SCHEMA_VERSION
-from sharding.build.manifest import INDEX, MANIFEST, REJECTED
-from sharding.build.output_dir import claim_output_dir
-from sharding.build.writer import TMP_SUFFIX, ShardSummary, atomic_write, sha256_file, shard_name
+from sharding.build.output_dir import claim_output_dir, clear_owned
+from sharding.build.writer import ShardSummary, atomic_write, sha256_file
 from sharding.dataset.query import build_query, select
 from sharding.dataset.tarread import split_member_name
 from sharding.dataset.verify import load_manifest
 from sharding.errors import InputError
+from sharding.layout import INDEX, MANIFEST, REJECTED, SHARDS_DIR, TMP_SUFFIX, shard_name
 
 log = logging.getLogger(__name__)
 
 BLOCK = tarfile.BLOCKSIZE
 CHUNK = 1 << 20
-OWNED = {MANIFEST, INDEX, REJECTED, "shards"}
+OWNED = {MANIFEST, INDEX, REJECTED, SHARDS_DIR}
 
 
 class RawShardWriter:
@@ -144,12 +143,8 @@ def prepare_output(output: Path, source: Path, overwrite: bool, flag: str = "--o
     claim_output_dir(output, lambda name: name in OWNED, flag, what="a dataset")
     if (output / MANIFEST).is_file() and not overwrite:
         raise InputError(f"{flag} {output}: already holds a dataset; add --overwrite to replace it")
-    for name in (MANIFEST, INDEX, REJECTED, "shards"):  # manifest first: never a stale 'complete' dataset
-        path = output / name
-        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-    for leftover in output.glob(f"*{TMP_SUFFIX}"):
-        leftover.unlink()
-    (output / "shards").mkdir()
+    clear_owned(output, lambda name: name in OWNED)
+    (output / SHARDS_DIR).mkdir()
 
 
 def read_index(dataset: Path) -> tuple[dict, pa.Table]:

@@ -12,10 +12,10 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from phileo.schema import SchemaError, decode_sample
-from sharding.build.manifest import INDEX, MANIFEST
 from sharding.build.writer import sha256_file
 from sharding.dataset.tarread import iter_tar_samples
 from sharding.errors import InputError
+from sharding.layout import INDEX, MANIFEST
 
 log = logging.getLogger(__name__)
 

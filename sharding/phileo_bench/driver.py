@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,11 +26,11 @@ from phileo import __version__
 from phileo.bands import ALL_BANDS
 from phileo.phileo_bench import REGRESSION_TASKS, SOURCE, SPLITS, TASKS
 from phileo.schema import DEFAULT_CLEVEL, SCHEMA_VERSION
-from sharding.build.manifest import INDEX, MANIFEST, REJECTED, band_statistics
-from sharding.build.output_dir import claim_output_dir, refuse_other_arguments
-from sharding.build.unit import unit_stats_path
+from sharding.build.manifest import band_statistics
+from sharding.build.output_dir import open_build_output
 from sharding.build.writer import atomic_write
 from sharding.errors import InputError
+from sharding.layout import BUILD_INFO, INDEX, MANIFEST, PHILEO_BENCH_PLAN, REJECTED, unit_stats_path
 from sharding.phileo_bench.nshot import (
     DEFAULT_SEED,
     DENSITY_SCALES,
@@ -49,8 +48,6 @@ from sharding.sources.phileo_bench import TileFiles, group_tiles, scan_inputs
 
 log = logging.getLogger(__name__)
 
-BUILD_INFO = "build.json"
-PLAN = "plan.json"
 _NSHOT_DIR = re.compile(r"^(" + "|".join(TASKS) + r")-n\d+$")
 
 
@@ -126,17 +123,12 @@ class BenchSummary:
 
 def prepare_output(args: BenchArgs, overwrite: bool) -> dict | None:
     """Create/clean the output; return the saved build info when resuming, else None."""
-    output = Path(args.output)
-    claim_output_dir(output, lambda name: name in (BUILD_INFO, PLAN, *SPLITS) or bool(_NSHOT_DIR.match(name)))
-    if overwrite:
-        for path in output.iterdir():
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-    info_path = output / BUILD_INFO
-    if not info_path.is_file():
-        return None
-    info = json.loads(info_path.read_text())
-    refuse_other_arguments(output, info.get("args", {}), args.defining(), source_differs=info.get("source") != SOURCE)
-    return info
+    return open_build_output(Path(args.output), _owned, overwrite, args.defining(), source=SOURCE)
+
+
+def _owned(name: str) -> bool:
+    """The build's files and its dataset directories (splits, task-nN)."""
+    return name in (BUILD_INFO, PHILEO_BENCH_PLAN, *SPLITS) or bool(_NSHOT_DIR.match(name))
 
 
 def _full_units(tiles: list[TileFiles], split: str) -> list[dict]:
@@ -208,7 +200,7 @@ def make_plan(args: BenchArgs, workers: int) -> dict:
             unit["scales"] = {task: scales[ref["display"]] for task, ref in unit["tile"]["labels"].items()
                               if ref["display"] in scales}
     plan = {"datasets": datasets, "ignored_files": ignored}
-    atomic_write(output / PLAN, lambda p: p.write_text(json.dumps(plan)))
+    atomic_write(output / PHILEO_BENCH_PLAN, lambda p: p.write_text(json.dumps(plan)))
     info = {"schema": SCHEMA_VERSION, "source": SOURCE, "tool_version": __version__, "args": args.defining(),
             "datasets": list(datasets), "patches": sum(t.rows for t in tiles)}
     atomic_write(output / BUILD_INFO, lambda p: p.write_text(json.dumps(info, indent=1)))
@@ -250,7 +242,7 @@ def build_bench(args: BenchArgs, workers: int = 1, overwrite: bool = False) -> B
     started = time.monotonic()
     output = Path(args.output)
     info = prepare_output(args, overwrite) or make_plan(args, workers)
-    datasets = json.loads((output / PLAN).read_text())["datasets"]
+    datasets = json.loads((output / PHILEO_BENCH_PLAN).read_text())["datasets"]
     options = BenchUnitOptions(args.shard_size, args.clevel, args.density_scale)
     jobs = []
     for name, dataset in datasets.items():

@@ -28,8 +28,9 @@ import pyarrow.parquet as pq
 from phileo.bands import ALL_BANDS, MODEL_BANDS, STACK_MEMBER
 from phileo.phileo_bench import PATCH_SIZE, REGRESSION_TASKS, SOURCE, TASKS
 from phileo.schema import DEFAULT_CLEVEL, SCHEMA_VERSION, Sample
-from sharding.build.unit import index_schema, unit_stats_path
-from sharding.build.writer import TMP_SUFFIX, ShardSummary, UnitShardWriter, atomic_write, shard_name
+from sharding.build.unit import index_schema
+from sharding.build.writer import ShardSummary, UnitShardWriter, atomic_write
+from sharding.layout import SHARDS_DIR, TMP_SUFFIX, shard_name, unit_file, unit_stats_path
 from sharding.phileo_bench.nshot import check_label_stream, density_scale, scan_label_file
 from sharding.sources.phileo_bench import NpyReadError, TileFiles, open_npy
 
@@ -216,10 +217,10 @@ def build_bench_unit(dataset_dir: str, unit: int, job: dict, options: BenchUnitO
                      progress: Callable[[int], None] | None = None) -> dict:
     """Convert one unit; returns (and writes last) its stats. `progress(1)` after each patch."""
     output = Path(dataset_dir)
-    for leftover in (output / "shards").glob(f"{unit:06d}-*.tar{TMP_SUFFIX}"):
+    for leftover in (output / SHARDS_DIR).glob(f"{unit:06d}-*.tar{TMP_SUFFIX}"):
         leftover.unlink()
     tile = TileFiles.from_json(job["tile"])
-    writer = BenchShardWriter(output / "shards", unit, options.shard_size, options.clevel)
+    writer = BenchShardWriter(output / SHARDS_DIR, unit, options.shard_size, options.clevel)
     histogram = np.zeros((len(ALL_BANDS), 65536), dtype=np.int64)
     index, rejected, bytes_in = [], [], 0
     try:
@@ -241,14 +242,14 @@ def build_bench_unit(dataset_dir: str, unit: int, job: dict, options: BenchUnitO
         writer.abort()
         raise
     table = pa.Table.from_pylist(index, schema=bench_index_schema())
-    atomic_write(output / "units" / f"{unit:06d}.index.parquet", lambda p: pq.write_table(table, p))
+    atomic_write(output / unit_file(unit, "index.parquet"), lambda p: pq.write_table(table, p))
 
     def save_histogram(path: Path) -> None:  # sparse: a few thousand of the 786k bins are used
         rows, values = np.nonzero(histogram)
         with open(path, "wb") as file:
             np.savez(file, rows=rows, values=values, counts=histogram[rows, values])
 
-    atomic_write(output / "units" / f"{unit:06d}.hist.npz", save_histogram)
+    atomic_write(output / unit_file(unit, "hist.npz"), save_histogram)
     planned = tile.rows if job["rows"] is None else len(job["rows"])
     stats = {"unit": unit, "file": tile.s2.display, "planned": planned, "written": len(index),
              "rejected": rejected, "filtered": 0, "bytes_in": bytes_in,

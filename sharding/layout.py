@@ -1,0 +1,47 @@
+"""The file names of a built dataset, in one place (docs/format.md describes each file).
+
+Every command that writes or reads a dataset directory (build, merge, the PhilEO Bench
+build, subset, verify...) takes its names from here, so the layout is spelled once.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+BUILD_INFO = "build.json"  # the build's arguments; written once the plan is complete
+PLAN = "plan.parquet"  # MajorTOM-family plan: one row per kept source row, with its unit
+PLAN_REJECTED = "plan_rejected.jsonl"  # rows the plan rejected (bad metadata, unreadable files)
+PHILEO_BENCH_PLAN = "plan.json"  # the PhilEO Bench build's plan (datasets, units, n-shot selections)
+MANIFEST = "manifest.json"  # written last: its presence marks a complete dataset
+INDEX = "index.parquet"
+REJECTED = "rejected.jsonl"
+SHARDS_DIR = "shards"
+UNITS_DIR = "units"  # per-unit resume state: NNNNNN.json (written last), .index.parquet, .hist.npz
+NODES_DIR = "nodes"  # multi-node builds: node-I.json per finished node
+FOOTERS = "footers"  # remote parquet footers fetched once per build, shared by the plan and every unit
+TMP_SUFFIX = ".tmp"  # temp files renamed into place; an interrupted run's leftovers carry it
+
+# what a MajorTOM-family build owns in its output directory (anything else there is refused)
+BUILD_OWNED = frozenset({BUILD_INFO, PLAN, PLAN_REJECTED, MANIFEST, INDEX, REJECTED, SHARDS_DIR, UNITS_DIR,
+                         NODES_DIR, FOOTERS})
+PLAN_FILES = (PLAN, PLAN_REJECTED, BUILD_INFO)  # published in this order: build.json last
+FINAL_FILES = (INDEX, REJECTED, MANIFEST)  # published in this order: manifest.json last
+
+
+def unit_file(unit: int, suffix: str = "json") -> str:
+    """`units/NNNNNN.<suffix>` relative to the dataset root (suffix json, index.parquet or hist.npz)."""
+    return f"{UNITS_DIR}/{unit:06d}.{suffix}"
+
+
+def unit_stats_path(output: Path, unit: int) -> Path:
+    """The unit's stats file: written last, its presence marks the unit done."""
+    return output / unit_file(unit)
+
+
+def shard_name(unit: int, number: int) -> str:
+    """`NNNNNN-SSSS.tar`: the unit's shards in order, so names never collide between units."""
+    return f"{unit:06d}-{number:04d}.tar"
+
+
+def node_report_path(output: Path, rank: int) -> Path:
+    return output / NODES_DIR / f"node-{rank}.json"
