@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from phileo import __version__
-from phileo.schema import DEFAULT_CLEVEL
+from phileo.schema import DEFAULT_CLEVEL, SCHEMA_VERSION
 from sharding.build.distributor import run_local
 from sharding.build.fasttom import FastTomRules
 from sharding.build.labels import LabelSpec, check_label_rasters, validate_label_specs
@@ -49,7 +49,6 @@ from sharding.sources.remote import is_remote, set_footer_cache
 from sharding.sources.remote_catalog import list_source
 
 log = logging.getLogger(__name__)
-
 
 
 @dataclass(frozen=True)
@@ -137,7 +136,7 @@ def make_plan(args: BuildArgs, write: Callable = atomic_write) -> dict:
     if args.tile_source == "geotiff":
         catalog = list_geotiff_folders(args.input)
     else:
-        catalog = list_source(args.input, args.metadata, args.filters)
+        catalog = list_source(args.input, args.metadata, lambda listed: select_rows(listed, args.filters)[0])
     rows, duplicates, filtered = select_rows(catalog, args.filters)
     units = assign_units(rows, args.shard_size, args.mix_groups, args.seed)
     planned = [row | {"unit": unit} for unit, unit_rows in enumerate(units) for row in unit_rows]
@@ -146,7 +145,7 @@ def make_plan(args: BuildArgs, write: Callable = atomic_write) -> dict:
     rejected = catalog.rejected + duplicates
     write(output / PLAN_REJECTED, lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in rejected)))
     source = "fasttom" if args.fasttom else args.tile_source
-    info = {"schema": "phileo-shard/1", "source": source, "layout": catalog.layout, "tool_version": __version__,
+    info = {"schema": SCHEMA_VERSION, "source": source, "layout": catalog.layout, "tool_version": __version__,
             "args": args.defining(), "units": len(units), "planned_tiles": len(planned),
             "filtered_at_plan": filtered}
     write(output / BUILD_INFO, lambda p: p.write_text(json.dumps(info, indent=1)))

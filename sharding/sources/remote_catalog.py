@@ -17,12 +17,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from datetime import datetime
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from sharding.build.plan import Filters, select_rows
 from sharding.errors import InputError
 from sharding.sources.majortom_catalog import (
     REQUIRED_COLUMNS,
@@ -42,10 +42,14 @@ METADATA_COLUMNS = ["product_id", "grid_cell", "timestamp", "cloud_cover", "noda
                     "parquet_url", "parquet_row"]
 
 
-def list_source(input_path: str | None, metadata: str | None, filters: Filters) -> Catalog:
-    """The catalog of any majortom input: local (as before), remote, or planned from metadata."""
+def list_source(input_path: str | None, metadata: str | None,
+                kept_rows: Callable[[Catalog], list[dict]]) -> Catalog:
+    """The catalog of any majortom input: local, remote, or planned from metadata.
+
+    `kept_rows(catalog)` (the planner's filters) tells which metadata rows will be built: only their
+    files' footers are read. Sources list and read; deciding what to keep stays with the planner."""
     if metadata:
-        return catalog_from_metadata(metadata, input_path, filters)
+        return catalog_from_metadata(metadata, input_path, kept_rows)
     if not input_path:
         raise InputError("--input: required unless --metadata is given")
     if not is_remote(input_path):
@@ -114,8 +118,8 @@ def _product_datetime(product_id: str, timestamp: str) -> str:
     return datetime.fromisoformat(str(timestamp).replace("Z", "")).strftime("%Y%m%dT%H%M%S")
 
 
-def catalog_from_metadata(metadata: str, root: str | None, filters: Filters) -> Catalog:
-    """Rows from metadata.parquet; footers read only for files with a row that passes `filters`."""
+def catalog_from_metadata(metadata: str, root: str | None, kept_rows: Callable[[Catalog], list[dict]]) -> Catalog:
+    """Rows from metadata.parquet; footers read only for files with a row in `kept_rows(catalog)`."""
     try:
         table = pq.read_table(pa.BufferReader(_read_small(metadata, "--metadata")), columns=METADATA_COLUMNS)
     except (pa.ArrowException, ValueError) as error:
@@ -132,7 +136,7 @@ def catalog_from_metadata(metadata: str, root: str | None, filters: Filters) -> 
             continue
         row.update({k: float(entry[k]) for k in ("cloud_cover", "nodata", "centre_lat", "centre_lon")})
         catalog.rows.append(row)
-    kept, _, _ = select_rows(catalog, filters)
+    kept = kept_rows(catalog)
     needed = sorted({row["source_file"] for row in kept})
     log.info("metadata %s: %d rows, %d pass the filters, in %d files", metadata, len(catalog.rows), len(kept),
              len(needed))
