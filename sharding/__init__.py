@@ -1,5 +1,7 @@
-"""`phileo-shard`: convert MajorTOM (and later FastTOM, PhilEO Bench) into WebDataset shards.
+"""`phileo-shard`: convert MajorTOM, FastTOM, folders of GeoTIFFs and PhilEO Bench into WebDataset shards.
 
-reader (sources/) -> planner (plan.py) -> writer (writer.py) -> distributor (distributor.py),
-wired by the CLI (cli.py). Only `phileo` is imported from outside this package.
+sources/ (list and read inputs) -> build/ (plan, work units, shard writer, local / Ray / multi-node
+distributors, manifest) ; phileo_bench/ (the PhilEO Bench build on the same machinery) ; dataset/
+(query, subset, split, coverage, verify, inspect of a built dataset). layout.py names the dataset's
+files; cli.py only wires these together. Only `phileo` is imported from outside this package.
 """

@@ -25,7 +25,8 @@ LISTINGS = {
 INPUT_SHAPE = (10, 128, 128)
 POS_EMBED_VALUES = 1025 * 512  # the frozen pos_embed of the 512-wide ViTs (counted by the original, not trained)
 
-# Parameter counts measured on the original classes (original-code.md 1.3-1.6), out_chans 1 for downstream models.
+# Parameter counts measured by building the original classes (PhilEO-MajorTOM model/, phileo-bench/models/),
+# out_chans 1 for downstream models.
 ORIGINAL_COUNTS = {
     "phileo-vit": 141_178_690,
     "vit-upernet-100m": 112_297_767,

@@ -47,7 +47,8 @@ def test_views_shapes_dtype_and_targets_are_flips():
 
 
 def test_flips_are_per_sample():
-    # The original took one flip decision per batch (bug 4): a batch of 64 must show several flip patterns.
+    # The original took one flip decision per batch (train_model_ddp.py:332-339): a batch of 64 must show several
+    # flip patterns.
     x = torch.rand(64, 2, 8, 8)
     _, _, ta, tb = make_views(x, _gen(1))
     assert len(set(_flip_index(x, ta))) >= 3 and len(set(_flip_index(x, tb))) >= 3

@@ -12,10 +12,12 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.error
 from functools import partial
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -24,10 +26,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from phileo.remote import retry_after_s
 from sharding.sources import remote
 from sharding.sources.remote import RemoteUnavailable, is_transient, with_retries
 from tests.conftest import read_manifest, run_shard
 from tests.s3_server import S3ServerError, SeaweedS3
+from training.data import remote as training_remote
 
 BUILD_ARGS = ("--shard-size", "300KB", "--mix-files", "2")  # as the `built` fixture
 FOOTER_KB = 64  # fixture files are < 1 MB: a smaller footer sample so row groups are fetched by range
@@ -336,7 +340,22 @@ def test_rate_limited_retries_wait_as_long_as_retry_after_says(monkeypatch):
 
     assert with_retries("hf://datasets/x/y", "GET", action) == b"ok"
     assert slept == [7.0, 7.0]
-    assert remote.retry_after_s(ConnectionResetError()) == 0.0
+    assert retry_after_s(ConnectionResetError()) == 0.0
+
+
+def test_an_unknown_host_fails_at_once_in_the_build_as_in_the_trainer():
+    """One policy (phileo/remote.py) for both stages: a host name that does not exist is not retried."""
+    calls = []
+
+    def action():
+        calls.append(1)
+        raise urllib.error.URLError(socket.gaierror(socket.EAI_NONAME, "Name or service not known"))
+
+    with pytest.raises(urllib.error.URLError):
+        with_retries("https://no-such-host.invalid/x.parquet", "HEAD", action)
+    assert calls == [1]
+    transient = urllib.error.URLError(socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution"))
+    assert is_transient(transient) and training_remote.is_transient(transient)
 
 
 @pytest.mark.slow

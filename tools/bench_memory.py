@@ -363,7 +363,7 @@ def write_section(args: argparse.Namespace, command: str, rows: list, checks: li
 
 Command: `{command}` ({datetime.date.today().isoformat()}, {elapsed / 60:.0f} min), on
 {platform.node() or 'this machine'}: {os.cpu_count()} CPU cores, {_mem_gb():.0f} GiB RAM, no GPU
-(none was lent: there is no measured GPU figure), Python {platform.python_version()}, PyTorch {torch.__version__}.
+(none was available: there is no measured GPU figure), Python {platform.python_version()}, PyTorch {torch.__version__}.
 
 {DOCS_METHOD}
 
@@ -402,7 +402,7 @@ logging `.tolist()` needs data); vit-upernet-100m/300m forward (batch, 10, 128, 
 DOCS_NOTES = """**Reading the figures.** These are tensor-accounted peaks: what a caching allocator must hold at
 least at one moment of the step. A GPU adds the CUDA context (a few hundred MB), cuDNN/cuBLAS workspaces and
 allocator fragmentation; the CPU adds what the validation's RSS column shows. The peak falls at the end of the
-forward / start of the backward, before gradients exist, so activations dominate every row. No GPU was lent
+forward / start of the backward, before gradients exist, so activations dominate every row. No GPU was available
 to this task: there is no measured GPU figure.
 
 CPU autocast, not CUDA: fake CUDA tensors can be made without a GPU and the forward runs (CUDA autocast

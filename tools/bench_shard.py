@@ -334,8 +334,8 @@ def docs_section(args: argparse.Namespace, base: dict, tables: list[str], synthe
     command = "python tools/bench_shard.py " + " ".join(sys.argv[1:])
     note = ("Source: synthetic MajorTOM-format fixture (tools/majortom_fixture.py: smooth plane waves + 2% "
             "Gaussian noise per band, real grids/CRSs/GeoTIFF encoding). **Synthetic pixels compress "
-            "differently from real Sentinel-2 L2A**: byte ratios here are not the real ones (DESIGN.md quotes "
-            "10-15% smaller than the GeoTIFFs on real tiles); speeds relative to the baseline transfer better, "
+            "differently from real Sentinel-2 L2A**: byte ratios here are not the real ones (real tiles are "
+            "expected to store 10-15% smaller than their GeoTIFFs); speeds relative to the baseline transfer better, "
             "since both sides decode/encode the same arrays.") if synthetic else \
         f"Source: real MajorTOM parquet files under `{args.input}`."
     return "\n".join([

@@ -10,7 +10,7 @@ import math
 from dataclasses import asdict, dataclass, field
 
 # Pretraining (peak lr before x sqrt(world size), final lr) of the original scripts: train_model_ddp.py (CNN)
-# and train_model_vit_ddp.py (ViT; its schedule never ran because of a typo, original-code.md bug 5).
+# and train_model_vit_ddp.py (ViT; its schedule never ran: it sets param_group['flr'], line 307).
 DEFAULT_LRS = {"cnn": (1e-4, 1e-6), "vit": (3e-5, 1e-8)}
 
 

@@ -1,7 +1,7 @@
 """All rank logic: world info from the torchrun environment, process group, helpers.
 
-Launch with `torchrun --nproc-per-node N phileo-train ...` (or plain `phileo-train` for one
-process). NCCL on GPU, gloo on CPU.
+Launch with `torchrun --nproc-per-node N -m training.cli ...` (or plain `phileo-train ...` for
+one process), as the README shows. NCCL on GPU, gloo on CPU.
 """
 
 from __future__ import annotations

@@ -1,20 +1,21 @@
 """Pretraining objective of the PhilEO Geo-Aware U-Net: the two augmented views and the multi-task loss.
 
 Re-implements the original research code (ESA-PhiLab/PhilEO-MajorTOM @ b883970: `loss/losses.py` and the
-per-step augmentation in `train_model_ddp.py:326-355`) with its bugs fixed
-(see /work/shared/reference/original-code.md, section 5):
+per-step augmentation in `train_model_ddp.py:326-355`) with its bugs fixed:
 
-* Views (bug 4): torchvision's flip / RandomErasing transforms applied to a 4-D batch take ONE decision, ONE
-  rectangle and ONE noise tensor for the whole batch. Here every sample gets its own flips and rectangle.
-* Views (bug 3): the original appended a ones "mask" channel that was flipped but never erased, so
-  `recon * mask` was a no-op. We drop it: the reconstruction target is simply the un-erased flipped view.
-* Similarity (bug 2): `cosine_embedding_loss(..., target=0)` is identically 0 (PyTorch only scores targets
-  +1/-1), so the negative term never trained anything. We use target -1, i.e. mean(max(0, cos)).
-* Device (bug 2): no hard-coded `.cuda()`; every tensor is created on its input's device.
-* Precision (bug 9): the loss is computed in float32 with autocast disabled, whatever the caller's autocast.
-* Not handled here: the cloud mask divided by 10000 (bug 1, labels [frac_clear, 0, 0, 0]) is a data-loader bug,
-  and the reconstruction target range (DN/10000 vs a sigmoid head, bug 9) is a normalisation choice; both are
-  fixed where the inputs are made, not in the objective.
+* Views (train_model_ddp.py:332-339): torchvision's flip / RandomErasing transforms applied to a 4-D
+  batch take ONE decision, ONE rectangle and ONE noise tensor for the whole batch. Here every sample gets its
+  own flips and rectangle.
+* Views (train_model_ddp.py:327,333): the original appended a ones "mask" channel that was flipped but never
+  erased, so `recon * mask` was a no-op. We drop it: the reconstruction target is the un-erased flipped view.
+* Similarity (loss/losses.py:34-37): `cosine_embedding_loss(..., target=0)` is identically 0 (PyTorch only
+  scores targets +1/-1), so the negative term never trained anything. We use target -1, i.e. mean(max(0, cos)).
+* Device (loss/losses.py:33): no hard-coded `.cuda()`; every tensor is created on its input's device.
+* Precision (train_model_ddp.py runs bf16 autocast with a GradScaler): the loss is computed in float32 with
+  autocast disabled, whatever the caller's autocast.
+* Not handled here: the cloud mask divided by 10000 (data/majortom.py:117-118, labels [frac_clear, 0, 0, 0])
+  is a data-loader bug, and the reconstruction target range (DN/10000, unclipped, vs a sigmoid head) is a
+  normalisation choice; both are fixed where the inputs are made, not in the objective.
 """
 
 from __future__ import annotations
@@ -187,7 +188,8 @@ def similarity_loss(emb: Tensor, emb_aug: Tensor, alpha: float = 0.5) -> Tensor:
     + (1 - alpha) * mean(max(0, cos(e_{i-1}, e'_i)))  negative pairs, = cosine_embedding_loss(target=-1, margin=0)
     + mean ||e_i - e'_i||_2                           kept as in the original
 
-    Fixes: the original's negative target was 0, which PyTorch scores as exactly 0 (bug 2). The original paired
+    Fixes: the original's negative target was 0, which PyTorch scores as exactly 0 (loss/losses.py:34-37).
+    The original paired
     e'_i with the batch-reversed torch.flip(e, dims=(0,)); with an odd batch its middle sample is then paired with
     its own other view, which the fixed -1 target would push apart. We roll the batch by one instead: for B >= 2
     every negative pair is two different crops, and for B == 1 there is no negative pair (term = 0).
@@ -241,7 +243,7 @@ def foundation_loss(
     if missing:
         raise KeyError(f"labels is missing {missing}")
     device_type = target_a.device.type
-    # bf16 autocast would otherwise run the reductions / log_softmax in low precision (bug 9 context).
+    # bf16 autocast would otherwise run the reductions / log_softmax in low precision (as the original did).
     with torch.autocast(device_type=device_type, enabled=False):
         recon_a, emb_a, heads_a = _unpack(out_a, "out_a")
         recon_b, emb_b, heads_b = _unpack(out_b, "out_b")

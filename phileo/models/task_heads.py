@@ -15,7 +15,8 @@ Every task model keeps the state-dict names of the family's original model, so `
 pretraining checkpoint (PhilEO_CNN / PhilEO_ViT keys, optionally DDP "module." prefixed) onto it. Parameters
 the dense forward does not use (the pretraining geo heads and CLS projection, kept so that checkpoints load
 by name) are frozen, so DDP needs no find_unused_parameters. Frozen-encoder mode freezes the stem too; the
-bench's `phivit_upernet_pretrained(freeze_body=True)` left the stem trainable (original-code.md 5.15).
+bench's `phivit_upernet_pretrained(freeze_body=True)` left the stem trainable (PhilEO-MajorTOM
+phileo-bench/models/model_PhiViTUperNet.py:604-607).
 """
 
 from __future__ import annotations

@@ -5,9 +5,9 @@ The UPerHead is written without mmcv/mmseg. Its module names equal mmseg's (Conv
 bias + `bn` + ReLU, PPM = `psp_modules`, `conv_seg` 1x1 after Dropout2d(0.1)), so state dicts of the
 original models load with strict=True (tests/data/vit_upernet_100m_state_dict.txt is the original's listing).
 
-Bugs of the original fixed here (/work/shared/reference/original-code.md, section 5): the pretraining
-variant never forwarded `decoder_in_index`, so a depth-32 ViT tapped blocks [2, 5, 8, 11] (item 14), and
-it ignored `patch_size` (item 12/14); `np.float` helpers are not ported (item 12). Taps now default to
+Bugs of the original fixed here (ESA-PhiLab/PhilEO-MajorTOM model/vit_upernet_pretraining.py): the pretraining
+variant never forwarded `decoder_in_index` (lines 362-367), so a depth-32 ViT tapped blocks [2, 5, 8, 11],
+and it ignored `patch_size` (line 269); its unused `np.float` helpers are not ported. Taps now default to
 four evenly spread blocks (the last block of each quarter: [7, 15, 23, 31] at depth 32).
 """
 
@@ -232,8 +232,8 @@ class UPerNetReconstructionDecoder(_PyramidDecoderMixin, nn.Module):
     ) -> None:
         super().__init__()
         self.img_size = img_size
-        self.grid_size = img_size // patch_size  # the original hard-coded patch 4 (bug 14)
-        self.taps = list(taps)  # the original never received them (bug 14)
+        self.grid_size = img_size // patch_size  # the original ignored patch_size (vit_upernet_pretraining.py:269)
+        self.taps = list(taps)  # the original never received them (vit_upernet_pretraining.py:362)
         self._build_pyramid(embed_dim, "mae", channels, out_chans, pool_scales)
 
     def forward(self, hidden_states: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -295,7 +295,7 @@ _CONFIGS: dict[str, dict] = {
 }
 _PRETRAIN_CONFIGS: dict[str, dict] = {
     # Original PhilEO_ViTUPerNet at the pretraining size: 112,955,330 parameters. Taps spread evenly (the original
-    # tapped [2, 5, 8, 11] through bug 14; pass taps=[2, 5, 8, 11] to reproduce it).
+    # tapped [2, 5, 8, 11] since it never forwarded its taps; pass taps=[2, 5, 8, 11] to reproduce it).
     "vit-upernet-100m-pretrain": dict(embed_dim=512, depth=32, num_heads=16, latent_dim=1024),
     "vit-upernet-tiny-pretrain": dict(embed_dim=64, depth=4, num_heads=4, latent_dim=32, decoder_channels=32),
 }

@@ -6,7 +6,7 @@ bilinear upsampling -> head CNNBlock with a sigmoid (reconstruction).
 
 Module and attribute names equal the original's, so its state dicts load with strict=True
 (tests/data/phileo_vit_state_dict.txt is the original's listing). Bugs of the original fixed here
-(see /work/shared/reference/original-code.md, section 5, item 12): the decoder reshaped the tokens to
+(ESA-PhiLab/PhilEO-MajorTOM model/phileo_vit.py:288 and :336-343): the decoder reshaped the tokens to
 img/4 (patch size 4 hard-coded) and hard-coded its depth (12) and heads (8); both are now arguments,
 with the original's values as defaults. The unused `np.float` position helper is not ported.
 """
@@ -183,7 +183,7 @@ class FoundationViTDecoder(nn.Module):
     ) -> None:
         super().__init__()
         self.img_size = img_size
-        self.grid_size = img_size // patch_size  # the original hard-coded img_size // 4 (bug 12)
+        self.grid_size = img_size // patch_size  # the original hard-coded img_size // 4 (phileo_vit.py:288)
         # The original leaves these blocks at PyTorch's default init (only the encoder gets the MAE init).
         self.decoder_blocks = nn.ModuleList(
             Block(embed_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, norm_layer=_layer_norm(norm_eps))

@@ -1,8 +1,10 @@
-"""Run work units on a local process pool (or in-process for one worker).
+"""Run jobs (work units, file scans) on a local process pool, or in-process for one worker.
 
-The broad `except` lives here, at the process-pool boundary only: a unit that raises is
-reported as failed (it wrote no stats file, so a rerun retries it) and the others go on.
-Workers report per-tile progress through a queue so the bar moves in tiles, not units.
+One pool for every build: the MajorTOM-family build runs its units through `run_local`, the
+PhilEO Bench build its units and label scans through `run_jobs`. The broad `except` lives
+here, at the process-pool boundary only: a job that raises is reported as failed (a unit that
+failed wrote no stats file, so a rerun retries it) and the others go on. Workers report
+progress through a queue, so bars move in tiles or patches, not units.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import logging
 import multiprocessing
 import queue
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
 from sharding.build.unit import Progress, UnitOptions, build_unit
@@ -26,39 +28,51 @@ def _init_worker(progress_queue) -> None:
     _progress_queue = progress_queue
 
 
-def _report_to_queue(bytes_in: int, bytes_out: int) -> None:
-    _progress_queue.put((bytes_in, bytes_out))
+def _report_to_queue(*event) -> None:
+    _progress_queue.put(event)
 
 
-def _run_unit_safely(unit: int, rows: list[dict], options: UnitOptions, progress: Progress | None = None) -> dict:
+def _call(function: Callable, args: tuple, progress: Callable | None = None):
     try:
-        return build_unit(unit, rows, options, progress or (_report_to_queue if _progress_queue else None))
+        return function(*args, progress=progress or (_report_to_queue if _progress_queue else None))
     except Exception as error:  # process-pool boundary: report, never kill the whole build
-        return {"unit": unit, "error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()}
+        return {"error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()}
 
 
-def run_local(units: list[tuple[int, list[dict]]], options: UnitOptions, workers: int,
-              progress: Progress) -> Iterator[dict]:
-    """Yield each unit's stats (or {"unit", "error"}) as units complete; `progress` is called per tile."""
+def run_jobs(function: Callable, jobs: list[tuple], workers: int, progress: Callable) -> Iterator[tuple[int, object]]:
+    """Yield (job number, result) as jobs finish; a job that raised gives {"error", "traceback"}.
+
+    `function(*job, progress=...)` runs in-process for one worker, else in "spawn" workers (free of
+    the parent's threads, such as tqdm's monitor, and of its locks); `progress(*event)` is called in
+    this process for every event a job reports.
+    """
     if workers <= 1:
-        for unit, rows in units:
-            yield _run_unit_safely(unit, rows, options, progress)
+        for number, args in enumerate(jobs):
+            yield number, _call(function, args, progress)
         return
-    # "spawn" keeps workers free of the parent's threads (tqdm monitor) and locks.
     context = multiprocessing.get_context("spawn")
     progress_queue = context.Queue()
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
                              initargs=(progress_queue,)) as pool:
-        pending = {pool.submit(_run_unit_safely, unit, rows, options) for unit, rows in units}
+        futures = {pool.submit(_call, function, args): number for number, args in enumerate(jobs)}
+        pending = set(futures)
         while pending:
             done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
             _drain(progress_queue, progress)
             for future in done:
-                yield future.result()
+                yield futures[future], future.result()
         _drain(progress_queue, progress)
 
 
-def _drain(progress_queue, progress: Progress) -> None:
+def run_local(units: list[tuple[int, list[dict]]], options: UnitOptions, workers: int,
+              progress: Progress) -> Iterator[dict]:
+    """Yield each unit's stats (or {"unit", "error", "traceback"}) as units complete; `progress` per tile."""
+    jobs = [(unit, rows, options) for unit, rows in units]
+    for number, result in run_jobs(build_unit, jobs, workers, progress):
+        yield {"unit": units[number][0], **result} if "error" in result else result
+
+
+def _drain(progress_queue, progress: Callable) -> None:
     while True:
         try:
             progress(*progress_queue.get_nowait())

@@ -1,6 +1,6 @@
 """FastTOM: the paper's land-only subset of MajorTOM, made from MajorTOM rows in one pass.
 
-Rules of its creation procedure (reference/datasets.md): of each tile's four fixed 516 x 516
+Rules of its creation procedure, as the PhilEO-MajorTOM paper describes it: of each tile's four fixed 516 x 516
 quadrants (10 m) keep the one with the largest clear-sky fraction (cloud_mask == 0), drop the
 tile when that fraction is below `min_clear` (0.33), drop it when the quadrant's water fraction
 (from the co-registered `water` label) exceeds `max_water` (0.5). The quadrants sit in the

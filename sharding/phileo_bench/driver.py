@@ -26,11 +26,21 @@ from phileo import __version__
 from phileo.bands import ALL_BANDS
 from phileo.phileo_bench import REGRESSION_TASKS, SOURCE, SPLITS, TASKS
 from phileo.schema import DEFAULT_CLEVEL, SCHEMA_VERSION
+from sharding.build.distributor import run_jobs
 from sharding.build.manifest import band_statistics
 from sharding.build.output_dir import open_build_output
 from sharding.build.writer import atomic_write
 from sharding.errors import InputError
-from sharding.layout import BUILD_INFO, INDEX, MANIFEST, PHILEO_BENCH_PLAN, REJECTED, unit_stats_path
+from sharding.layout import (
+    BUILD_INFO,
+    INDEX,
+    MANIFEST,
+    PHILEO_BENCH_PLAN,
+    REJECTED,
+    SHARDS_DIR,
+    UNITS_DIR,
+    unit_stats_path,
+)
 from sharding.phileo_bench.nshot import (
     DEFAULT_SEED,
     DENSITY_SCALES,
@@ -43,7 +53,7 @@ from sharding.phileo_bench.nshot import (
     scan_label_file,
     selected_rows,
 )
-from sharding.phileo_bench.unit import BenchUnitOptions, bench_index_schema, build_bench_unit, run_jobs
+from sharding.phileo_bench.unit import BenchUnitOptions, bench_index_schema, build_bench_unit
 from sharding.sources.phileo_bench import TileFiles, group_tiles, scan_inputs
 
 log = logging.getLogger(__name__)
@@ -247,8 +257,8 @@ def build_bench(args: BenchArgs, workers: int = 1, overwrite: bool = False) -> B
     jobs = []
     for name, dataset in datasets.items():
         directory = output / name
-        (directory / "shards").mkdir(parents=True, exist_ok=True)
-        (directory / "units").mkdir(exist_ok=True)
+        (directory / SHARDS_DIR).mkdir(parents=True, exist_ok=True)
+        (directory / UNITS_DIR).mkdir(exist_ok=True)
         jobs += [(str(directory), number, unit, options) for number, unit in enumerate(dataset["units"])
                  if not unit_stats_path(directory, number).is_file()]
     summary = BenchSummary(datasets=len(datasets))

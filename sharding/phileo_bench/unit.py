@@ -1,4 +1,4 @@
-"""One PhilEO Bench work unit (one s2 npy file of one output dataset) and the local process pool.
+"""One PhilEO Bench work unit (one s2 npy file of one output dataset).
 
 A unit streams its s2 file and the matching label/coords files row by row, checks that they
 agree, and writes one sample per 128x128 patch. Files of a unit, in order: shards (temp +
@@ -10,13 +10,9 @@ from __future__ import annotations
 
 import json
 import math
-import multiprocessing
-import queue
 import tarfile
-import traceback
 import zlib
 from collections.abc import Callable, Iterator
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -256,57 +252,3 @@ def build_bench_unit(dataset_dir: str, unit: int, job: dict, options: BenchUnitO
              "bytes_out": sum(shard.bytes for shard in shards), "shards": [s.to_json() for s in shards]}
     atomic_write(unit_stats_path(output, unit), lambda p: p.write_text(json.dumps(stats)))
     return stats
-
-
-# ---------------------------------------------------------------- local process pool
-
-_progress_queue = None  # set in each worker process by _init_worker
-
-
-def _init_worker(progress_queue) -> None:
-    global _progress_queue
-    _progress_queue = progress_queue
-
-
-def _report(count: int) -> None:
-    _progress_queue.put(count)
-
-
-def _call(function: Callable, args: tuple, progress: Callable[[int], None] | None = None):
-    try:
-        return function(*args, progress=progress or (_report if _progress_queue else None))
-    except Exception as error:  # process-pool boundary: report, never kill the whole build
-        return {"error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()}
-
-
-def run_jobs(function: Callable, jobs: list[tuple], workers: int,
-             progress: Callable[[int], None]) -> Iterator[tuple[int, object]]:
-    """Yield (job number, result) as jobs finish; a job that raised gives {"error", "traceback"}.
-
-    `function(*job, progress=...)` runs in-process for one worker, else in "spawn" workers
-    (free of the parent's threads and locks) that report progress through a queue.
-    """
-    if workers <= 1:
-        for number, args in enumerate(jobs):
-            yield number, _call(function, args, progress)
-        return
-    context = multiprocessing.get_context("spawn")
-    progress_queue = context.Queue()
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
-                             initargs=(progress_queue,)) as pool:
-        futures = {pool.submit(_call, function, args): number for number, args in enumerate(jobs)}
-        pending = set(futures)
-        while pending:
-            done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
-            _drain(progress_queue, progress)
-            for future in done:
-                yield futures[future], future.result()
-        _drain(progress_queue, progress)
-
-
-def _drain(progress_queue, progress: Callable[[int], None]) -> None:
-    while True:
-        try:
-            progress(progress_queue.get_nowait())
-        except queue.Empty:
-            return

@@ -9,11 +9,11 @@ S3 uses s3fs with the standard AWS environment (AWS_ENDPOINT_URL_S3 / AWS_ENDPOI
 AWS_ACCESS_KEY_ID, ...; never logged); HTTP uses fsspec's aiohttp client; hf:// uses
 huggingface_hub's HfFileSystem (HF_TOKEN from the environment, if any).
 
-Transient errors (HTTP 408/429/5xx, connection resets, timeouts, truncated bodies) are retried
-with bounded exponential backoff and jitter; each retry is logged and counted in RETRIES (per
-process). When the budget is spent RemoteUnavailable is raised: not an OSError, so a unit fails
-as a whole (the build's resume reruns it) instead of rejecting rows. Missing objects (404) are
-FileNotFoundError, as for local files.
+Transient errors (phileo/remote.py, the same policy as the trainer's streams: HTTP 408/429/5xx,
+connection resets, timeouts, truncated bodies) are retried with bounded exponential backoff and
+jitter; each retry is logged and counted in RETRIES (per process). When the budget is spent
+RemoteUnavailable is raised: not an OSError, so a unit fails as a whole (the build's resume reruns
+it) instead of rejecting rows. Missing objects (404) are FileNotFoundError, as for local files.
 
 Environment knobs: PHILEO_REMOTE_RETRIES (default 6), PHILEO_REMOTE_BACKOFF_S (first delay,
 default 0.5 s; doubled per failure up to 30 s).
@@ -21,12 +21,10 @@ default 0.5 s; doubled per failure up to 30 s).
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import io
 import logging
 import os
-import random
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,14 +32,12 @@ from typing import TypeVar
 
 import pyarrow.parquet as pq
 
+from phileo.remote import RetryPolicy, is_transient, s3_filesystem
+
 log = logging.getLogger(__name__)
 
 SCHEMES = ("s3://", "http://", "https://", "hf://")
 FOOTER_BYTES = int(os.environ.get("PHILEO_REMOTE_FOOTER_KB", 2048)) << 10  # the footer sample, one GET
-RETRY_STATUS = frozenset({408, 425, 429})  # plus every 5xx
-TRANSIENT_MODULES = frozenset({"aiohttp", "botocore", "aiobotocore", "requests", "urllib3", "asyncio", "httpx",
-                               "httpcore"})  # their exceptions without an HTTP status: network trouble
-MAX_DELAY_S = 30.0
 RETRIES = {"count": 0}  # per process; units report the difference over their run
 T = TypeVar("T")
 
@@ -61,10 +57,7 @@ def retry_count() -> int:
 def filesystem(url: str):
     """The fsspec filesystem for a URL (cached per process by fsspec)."""
     if url.startswith("s3://"):
-        import s3fs
-
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        return s3fs.S3FileSystem(endpoint_url=endpoint)
+        return s3_filesystem()
     if url.startswith("hf://"):
         from huggingface_hub import HfFileSystem
 
@@ -74,38 +67,9 @@ def filesystem(url: str):
     return fsspec.filesystem("https" if url.startswith("https://") else "http")
 
 
-def is_transient(error: BaseException) -> bool:
-    """Network trouble and server overload are worth retrying; missing objects and bad requests are not."""
-    status = getattr(error, "status", None) or getattr(error, "code", None)
-    response = getattr(error, "response", None)
-    if status is None and isinstance(response, dict):  # botocore ClientError
-        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-    elif status is None and response is not None:  # huggingface_hub / httpx / requests
-        status = getattr(response, "status_code", None)
-    if isinstance(status, int) and status >= 400:
-        return status in RETRY_STATUS or status >= 500
-    if isinstance(error, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
-        return False
-    if isinstance(error, OSError):
-        return error.errno != errno.EINVAL
-    return isinstance(error, TimeoutError) or type(error).__module__.split(".")[0] in TRANSIENT_MODULES
-
-
-def retry_after_s(error: BaseException) -> float:
-    """Seconds from an HTTP Retry-After header (delta-seconds form) on the error's response, capped; else 0."""
-    response = getattr(error, "response", None)
-    headers = getattr(error, "headers", None) or getattr(response, "headers", None) or {}
-    value = (headers.get("Retry-After") or headers.get("retry-after")) if hasattr(headers, "get") else None
-    try:
-        return min(max(float(value), 0.0), MAX_DELAY_S * 4) if value is not None else 0.0
-    except (TypeError, ValueError):  # the HTTP-date form: fall back to our backoff
-        return 0.0
-
-
 def with_retries(url: str, what: str, action: Callable[[], T]) -> T:
     """Run `action`, retrying transient errors with backoff + jitter; RemoteUnavailable when spent."""
-    budget = int(os.environ.get("PHILEO_REMOTE_RETRIES", 6))
-    first_delay = float(os.environ.get("PHILEO_REMOTE_BACKOFF_S", 0.5))
+    policy = RetryPolicy.from_env()
     failures = 0
     while True:
         try:
@@ -114,14 +78,13 @@ def with_retries(url: str, what: str, action: Callable[[], T]) -> T:
             if not is_transient(error):
                 raise
             failures += 1
-            if failures > budget:
+            if failures > policy.retries:
                 detail = (str(error).splitlines() or [""])[0]
-                raise RemoteUnavailable(f"{url}: {what} failed after {budget} retries: "
+                raise RemoteUnavailable(f"{url}: {what} failed after {policy.retries} retries: "
                                         f"{type(error).__name__}: {detail}") from error
-            delay = min(first_delay * 2 ** (failures - 1), MAX_DELAY_S) * random.uniform(0.5, 1.0)
-            delay = max(delay, retry_after_s(error))  # a rate-limited server (the Hub's 429) says how long
+            delay = policy.delay(failures, error)  # a rate-limited server (the Hub's 429) may say how long
             log.warning("%s: %s failed (%s); retry %d/%d in %.2f s", url, what, type(error).__name__,
-                        failures, budget, delay)
+                        failures, policy.retries, delay)
             RETRIES["count"] += 1
             time.sleep(delay)
 

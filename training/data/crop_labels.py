@@ -4,7 +4,7 @@ Each label comes with a per-crop weight: 0 where the layer is missing or all no-
 the loss ignores it; partly covered crops are weighted by their valid fraction (water and
 buildings use 255 as no-data, land cover 0, as sharding/build/labels.py writes them).
 Cloud classes are the raw mask values 0..3 (the original divided the mask by 10000 first,
-so only class 0 could ever match: fixed here, see original-code.md 5.1).
+so only class 0 could ever match: fixed here; ESA-PhiLab/PhilEO-MajorTOM data/majortom.py:117-118).
 """
 
 from __future__ import annotations

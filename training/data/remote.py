@@ -6,8 +6,8 @@ AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION, or any other source botocore knows); 
 through urllib. Reads are sequential with a large read-ahead (S3: one ranged GET per
 block), so a 1 GB shard is streamed, never held whole in memory.
 
-A transient error (connection reset or refused, timeout, truncated body, HTTP 408/429/5xx,
-botocore/aiohttp errors) closes the connection, waits with exponential backoff and jitter
+A transient error (phileo/remote.py: connection reset or refused, timeout, truncated body,
+HTTP 408/429/5xx, botocore/aiohttp errors) closes the connection, waits with exponential backoff and jitter
 and reopens at the byte offset already consumed (HTTP Range / s3fs seek): the reader sees
 every byte exactly once. After PHILEO_REMOTE_RETRIES failures without progress the stream
 raises RemoteReadError (an OSError naming the URL and offset); the data loader then skips
@@ -20,14 +20,10 @@ default 0.5 s; doubled per failure up to 30 s), PHILEO_REMOTE_BLOCK_MB (read-ahe
 
 from __future__ import annotations
 
-import errno
-import http.client
 import io
 import logging
 import os
-import random
 import re
-import socket
 import threading
 import time
 import urllib.error
@@ -36,11 +32,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO
 
+from phileo.remote import RetryPolicy, is_transient, s3_filesystem
+
 log = logging.getLogger(__name__)
 
 MB = 1 << 20
-RETRY_STATUS = frozenset({408, 425, 429})  # plus every 5xx
-PERMANENT_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 BUFFER = 1 * MB  # what the tar reader pulls per call from the resumable stream
 TIMEOUT_S = 60
 
@@ -62,23 +58,6 @@ STATS = RemoteStats()
 _STATS_LOCK = threading.Lock()
 
 
-@dataclass(frozen=True)
-class RetryPolicy:
-    retries: int = 6  # consecutive failures without progress before giving up
-    backoff_s: float = 0.5
-    max_backoff_s: float = 30.0
-
-    @classmethod
-    def from_env(cls) -> RetryPolicy:
-        return cls(int(os.environ.get("PHILEO_REMOTE_RETRIES", cls.retries)),
-                   float(os.environ.get("PHILEO_REMOTE_BACKOFF_S", cls.backoff_s)))
-
-    def delay(self, failure: int) -> float:
-        """Exponential backoff with jitter in [d/2, d] so that workers do not retry in lockstep."""
-        ceiling = min(self.max_backoff_s, self.backoff_s * 2 ** (failure - 1))
-        return random.uniform(ceiling / 2, ceiling)
-
-
 def block_size() -> int:
     return int(float(os.environ.get("PHILEO_REMOTE_BLOCK_MB", 16)) * MB)
 
@@ -89,44 +68,6 @@ class RemoteReadError(OSError):
 
 class PrematureEnd(OSError):
     """The server closed the body before the announced size (urllib returns b'' silently)."""
-
-
-def is_transient(error: BaseException) -> bool:
-    """Worth retrying: network trouble and server overload, not missing objects or bad credentials."""
-    if isinstance(error, urllib.error.HTTPError):
-        return error.code in RETRY_STATUS or error.code >= 500
-    if isinstance(error, PERMANENT_ERRORS) or (isinstance(error, OSError) and error.errno == errno.EINVAL):
-        return False
-    if _unknown_host(error):  # a name that does not exist (a typo): fail now, not after ~20 s of retries
-        return False
-    if isinstance(error, (OSError, http.client.HTTPException, TimeoutError)):
-        return True
-    return _is_transient_library_error(error)
-
-
-def _unknown_host(error: BaseException) -> bool:
-    """DNS answered that the host does not exist (EAI_NONAME); a DNS failure (EAI_AGAIN) is still retried."""
-    reason = getattr(error, "reason", None)  # urllib's URLError wraps the socket error
-    return any(isinstance(candidate, socket.gaierror) and candidate.errno == socket.EAI_NONAME
-               for candidate in (error, reason))
-
-
-def _is_transient_library_error(error: BaseException) -> bool:
-    try:
-        import botocore.exceptions as boto
-    except ImportError:  # s3 support not installed
-        return False
-    if isinstance(error, boto.ClientError):
-        status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-        return status in RETRY_STATUS or status >= 500
-    permanent = (boto.NoCredentialsError, boto.PartialCredentialsError, boto.ParamValidationError)
-    if isinstance(error, boto.BotoCoreError):
-        return not isinstance(error, permanent)
-    try:
-        import aiohttp
-    except ImportError:
-        return False
-    return isinstance(error, aiohttp.ClientError)
 
 
 Opener = Callable[[int], tuple[IO[bytes], "int | None"]]  # offset -> (stream positioned there, total size)
@@ -240,27 +181,6 @@ def _skip(stream: IO[bytes], count: int) -> None:
         if not chunk:
             raise PrematureEnd(f"body ended while skipping to byte offset {count}")
         count -= len(chunk)
-
-
-_FILESYSTEMS: dict[tuple, object] = {}  # (pid, endpoint, key id, secret, token) -> s3fs.S3FileSystem
-
-
-def s3_filesystem():
-    """The s3fs file system for the current AWS environment, one per process and environment.
-
-    Instances live in `_FILESYSTEMS` for good, including those a forked DataLoader worker
-    inherits from its parent: a child must never close (finalize) a client whose event loop
-    ran in the parent's I/O thread; it makes its own instead.
-    """
-    import s3fs
-
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    credentials = {"key": os.environ["AWS_ACCESS_KEY_ID"], "secret": os.environ.get("AWS_SECRET_ACCESS_KEY"),
-                   "token": os.environ.get("AWS_SESSION_TOKEN")} if "AWS_ACCESS_KEY_ID" in os.environ else {}
-    cache_key = (os.getpid(), endpoint, *credentials.values())
-    if cache_key not in _FILESYSTEMS:
-        _FILESYSTEMS[cache_key] = s3fs.S3FileSystem(endpoint_url=endpoint, skip_instance_cache=True, **credentials)
-    return _FILESYSTEMS[cache_key]
 
 
 def open_s3_at(url: str, offset: int) -> tuple[IO[bytes], int | None]:
