@@ -7,7 +7,12 @@ import sys
 
 import click
 
+from phileo.cli import output_option
+from sharding.build.driver import BuildArgs
+from sharding.build.fasttom import FastTomRules
 from sharding.errors import InputError
+from sharding.phileo_bench.driver import BenchArgs
+from sharding.phileo_bench.nshot import DENSITY_SCALES
 
 
 def _parse_bbox(value: str | None) -> tuple[float, float, float, float] | None:
@@ -18,6 +23,14 @@ def _parse_bbox(value: str | None) -> tuple[float, float, float, float] | None:
     except ValueError as error:
         raise InputError(f"--bbox {value!r}: expected four numbers W,S,E,N") from error
     return west, south, east, north
+
+
+def _format_size(size: int) -> str:
+    """The largest decimal unit that divides `size`: 1000000000 -> 1GB (the inverse of _parse_size)."""
+    for suffix, factor in (("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3)):
+        if size % factor == 0:
+            return f"{size // factor}{suffix}"
+    return str(size)
 
 
 def _parse_size(value: str) -> int:
@@ -66,7 +79,8 @@ def run_or_exit(function, *args, **kwargs):
 @click.option("--metadata", help="majortom: plan from this metadata.parquet (path or URL): filter its rows, then "
                                  "read only the selected row groups; --input, if given, is the root its "
                                  "parquet_url paths are rebased onto.")
-@click.option("--shard-size", default="1GB", show_default=True, help="Target shard size (1GB, 500MB, bytes).")
+@click.option("--shard-size", default=_format_size(BuildArgs.shard_size), show_default=True,
+              help="Target shard size (1GB, 500MB, bytes).")
 @click.option("--max-cloud", type=float, help="Keep tiles with cloud cover <= this percentage.")
 @click.option("--max-nodata", type=float, help="Keep tiles with no-data fraction <= this (0..1).")
 @click.option("--bbox", help="W,S,E,N in degrees: keep tiles whose centre lies inside.")
@@ -74,10 +88,12 @@ def run_or_exit(function, *args, **kwargs):
 @click.option("--end", help="Keep tiles acquired on or before this date (YYYY-MM-DD).")
 @click.option("--grid-cells", "grid_cells_file", help="File with one grid cell per line to keep.")
 @click.option("--limit", type=int, help="Keep at most N tiles (the first N in source order).")
-@click.option("--mix-files", default=16, show_default=True, help="Source files mixed into each shard.")
-@click.option("--seed", type=int, help="majortom: seed of the mixing plan (default 0). phileo-bench: seed of the "
-                                     "n-shot selection (default 12345, the benchmark's).")
-@click.option("--clevel", default=1, show_default=True, help="Blosc2 level (1 = zstd 1; 5 = zstd 9, 4x slower).")
+@click.option("--mix-files", default=BuildArgs.mix_groups, show_default=True,
+              help="Source files mixed into each shard.")
+@click.option("--seed", type=int, help=f"majortom: seed of the mixing plan (default {BuildArgs.seed}). phileo-bench: "
+                                     f"seed of the n-shot selection (default {BenchArgs.seed}, the benchmark's).")
+@click.option("--clevel", default=BuildArgs.clevel, show_default=True,
+              help="Blosc2 level (1 = zstd 1; 5 = zstd 9, 4x slower).")
 @click.option("--thumbnails", is_flag=True, help="Store a 128 px JPEG preview per sample.")
 @click.option("--label", "labels", multiple=True, metavar="NAME=RASTER[:nearest|average]",
               help="Co-register a static raster (any CRS, read by windows) onto each tile as label_NAME; "
@@ -97,12 +113,14 @@ def run_or_exit(function, *args, **kwargs):
 @click.option("--n-shot", "n_shot", help="phileo-bench n-shot: patches per region bucket, e.g. 50,100,500.")
 @click.option("--indices", help="phileo-bench n-shot: directory of the benchmark's indices_*_{name}_{task}_{n}.json "
                                 "files, used instead of the seeded selection.")
-@click.option("--indices-name", default="128_10M", show_default=True, help="phileo-bench: {name} of --indices files.")
-@click.option("--min-clear", type=float, default=0.33, show_default=True,
+@click.option("--indices-name", default=BenchArgs.indices_name, show_default=True,
+              help="phileo-bench: {name} of --indices files.")
+@click.option("--min-clear", type=float, default=FastTomRules.min_clear, show_default=True,
               help="fasttom: drop tiles whose clearest quadrant has a smaller cloud-free fraction.")
-@click.option("--max-water", type=float, default=0.5, show_default=True,
+@click.option("--max-water", type=float, default=FastTomRules.max_water, show_default=True,
               help="fasttom: drop tiles whose quadrant has a larger water fraction (needs --label water=RASTER).")
-@click.option("--density-scale", type=click.Choice(["auto", "1", "100"]), default="auto", show_default=True,
+@click.option("--density-scale", type=click.Choice(DENSITY_SCALES), default=BenchArgs.density_scale,
+              show_default=True,
               help="phileo-bench: divisor of roads/buildings labels to get a 0..1 density; auto = 100 when a "
                    "label file's maximum exceeds 1.")
 def build(input_path: tuple[str, ...], output: str, shard_size: str, grid_cells_file: str | None, mix_files: int,
@@ -163,24 +181,25 @@ def _split_list(value: str | None, flag: str, convert=str) -> tuple:
 
 def _run_majortom_build(input_path: str | None, output: str, shard_size: str, grid_cells_file: str | None,
                         mix_files: int, workers: int, overwrite: bool, options: dict, source: str = "majortom"):
-    from sharding.build.driver import BuildArgs
     from sharding.build.driver import build as run_build
-    from sharding.build.fasttom import WATER_LABEL, FastTomRules
+    from sharding.build.fasttom import WATER_LABEL
     from sharding.build.labels import parse_label_spec
     from sharding.build.nodes import distributed_kwargs
     from sharding.build.plan import Filters, read_grid_cells_file
 
     grid_cells = read_grid_cells_file(grid_cells_file) if grid_cells_file else None
-    filters = Filters(options["max_cloud"], options["max_nodata"], _parse_bbox(options["bbox"]),
-                      options["start"], options["end"], grid_cells, options["limit"])
+    filters = Filters(max_cloud=options["max_cloud"], max_nodata=options["max_nodata"],
+                      bbox=_parse_bbox(options["bbox"]), start=options["start"], end=options["end"],
+                      grid_cells=grid_cells, limit=options["limit"])
     labels = tuple(parse_label_spec(text) for text in options["labels"])
-    seed = 0 if options["seed"] is None else options["seed"]
-    rules = FastTomRules(options["min_clear"], options["max_water"]) if source == "fasttom" else None
+    fasttom = source == "fasttom"
+    rules = FastTomRules(min_clear=options["min_clear"], max_water=options["max_water"]) if fasttom else None
     if rules and rules.max_water < 1 and WATER_LABEL not in {spec.name for spec in labels}:
         raise InputError("--source fasttom: the water rule needs --label water=RASTER (or --max-water 1 to skip it)")
-    args = BuildArgs(input_path, output, filters, _parse_size(shard_size), mix_files, seed,
-                     options["clevel"], options["thumbnails"], labels, rules, metadata=options["metadata"],
-                     tile_source="geotiff" if source == "geotiff" else "majortom")
+    args = BuildArgs(input=input_path, output=output, filters=filters, shard_size=_parse_size(shard_size),
+                     mix_groups=mix_files, seed=BuildArgs.seed if options["seed"] is None else options["seed"],
+                     clevel=options["clevel"], thumbnails=options["thumbnails"], labels=labels, fasttom=rules,
+                     metadata=options["metadata"], tile_source="geotiff" if source == "geotiff" else "majortom")
     if output.startswith("s3://"):  # staged locally, published as units complete (sharding/build/remote_output.py)
         from sharding.build.driver import build_to_remote
 
@@ -192,13 +211,13 @@ def _run_majortom_build(input_path: str | None, output: str, shard_size: str, gr
 
 def _run_bench_build(inputs: tuple[str, ...], output: str, shard_size: str, workers: int, overwrite: bool,
                      options: dict):
-    from sharding.phileo_bench.driver import BenchArgs, build_bench
-    from sharding.phileo_bench.nshot import DEFAULT_SEED
+    from sharding.phileo_bench.driver import build_bench
 
-    args = BenchArgs(inputs, output, _split_list(options["task"], "--task"),
-                     _split_list(options["n_shot"], "--n-shot", int),
-                     DEFAULT_SEED if options["seed"] is None else options["seed"], options["indices"],
-                     options["indices_name"], options["density_scale"], _parse_size(shard_size), options["clevel"])
+    args = BenchArgs(inputs=inputs, output=output, tasks=_split_list(options["task"], "--task"),
+                     n_shots=_split_list(options["n_shot"], "--n-shot", int),
+                     seed=BenchArgs.seed if options["seed"] is None else options["seed"], indices=options["indices"],
+                     indices_name=options["indices_name"], density_scale=options["density_scale"],
+                     shard_size=_parse_size(shard_size), clevel=options["clevel"])
     return build_bench(args, workers=workers, overwrite=overwrite)
 
 
@@ -245,7 +264,8 @@ def inspect(path: str, max_samples: int, preview: str | None) -> None:
 @click.option("--bbox", help="W,S,E,N in degrees: keep samples whose centre lies inside.")
 @click.option("--start", help="Keep samples acquired on or after this ISO date/time.")
 @click.option("--end", help="Keep samples acquired on or before this ISO date/time (a date: that whole day).")
-@click.option("--shard-size", default="1GB", show_default=True, help="Target shard size (1GB, 500MB, bytes).")
+@click.option("--shard-size", default=_format_size(BuildArgs.shard_size), show_default=True,
+              help="Target shard size (1GB, 500MB, bytes).")
 @click.option("--overwrite", is_flag=True, help="Replace a dataset already in --output.")
 def subset(source: str, output: str, where: str | None, bbox: str | None, start: str | None, end: str | None,
            shard_size: str, overwrite: bool) -> None:
@@ -270,7 +290,8 @@ def subset(source: str, output: str, where: str | None, bbox: str | None, start:
               help="Drop samples whose centre is within this of a train/val block boundary (one grid cell plus "
                    "the tile's overhang: overlapping tiles never straddle it).")
 @click.option("--seed", default=0, show_default=True, help="Seed of the choice of val blocks.")
-@click.option("--shard-size", default="1GB", show_default=True, help="Target shard size (1GB, 500MB, bytes).")
+@click.option("--shard-size", default=_format_size(BuildArgs.shard_size), show_default=True,
+              help="Target shard size (1GB, 500MB, bytes).")
 @click.option("--overwrite", is_flag=True, help="Replace datasets already in the outputs.")
 def split(dataset: str, output_train: str, output_val: str, val_fraction: float, block_km: float, buffer_km: float,
           seed: int, shard_size: str, overwrite: bool) -> None:
@@ -288,7 +309,7 @@ def split(dataset: str, output_train: str, output_val: str, val_fraction: float,
 
 @main.command()
 @click.argument("dataset")
-@click.option("--out", required=True, help="PNG to write; the counts go to the same name with .json.")
+@output_option("PNG to write; the counts go to the same name with .json.", dest="out")
 def coverage(dataset: str, out: str) -> None:
     """World map of sample centres, counts per latitude band, acquisition months and cloud cover."""
     from sharding.dataset.coverage import coverage_map

@@ -317,8 +317,8 @@ def test_latitude_bands_hold_their_southern_edge():
 
 
 def test_coverage_bad_out_is_one_line_error(built, tmp_path):
-    result = run_shard("coverage", str(built), "--out", str(tmp_path / "map.jpg"))
-    assert result.exit_code == 2 and error_line(result).startswith("error: --out"), result.output
+    result = run_shard("coverage", str(built), "--output", str(tmp_path / "map.jpg"))
+    assert result.exit_code == 2 and error_line(result).startswith("error: --output "), result.output
     missing = run_shard("coverage", str(tmp_path / "nothing"), "--out", str(tmp_path / "map.png"))
     assert missing.exit_code == 2 and "no manifest.json" in error_line(missing)
 

@@ -43,8 +43,8 @@ from rasterio.windows import Window
 
 from phileo.bands import BANDS_10M, BANDS_20M, CLOUD_MASK, REFLECTANCE_SCALE
 from phileo.schema import decode_array
-from training.bench_data import BenchConfig, BenchResult, run_bench
-from training.config import DataConfig
+from training.bench_data import BenchResult, run_bench
+from training.config import BenchConfig, DataConfig
 from training.data.crop_labels import cloud_fractions
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tools/ is not installed

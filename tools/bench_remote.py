@@ -34,8 +34,8 @@ from tools.docs_section import write_docs_section  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 from tools.s3_server import SeaweedS3  # noqa: E402
-from training.bench_data import BenchConfig, BenchResult, run_bench  # noqa: E402
-from training.config import DataConfig  # noqa: E402
+from training.bench_data import BenchResult, run_bench  # noqa: E402
+from training.config import BenchConfig, DataConfig  # noqa: E402
 from training.data import remote  # noqa: E402
 from training.data.shards import open_shard, resolve_shards  # noqa: E402
 

@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from training.config import ConfigError, DataConfig
+from training.config import BenchConfig
 from training.data.epoch import plan_epoch
 from training.data.loader import ShuffleCrops, StreamOptions, make_loader
 from training.data.shards import ShardInfo, is_remote, resolve_shards
@@ -25,22 +25,6 @@ from training.data.shards import ShardInfo, is_remote, resolve_shards
 log = logging.getLogger(__name__)
 
 MB = 1e6
-
-
-@dataclass(frozen=True)
-class BenchConfig:
-    data: DataConfig  # validated with the same messages as `pretrain`
-    seconds: float = 30.0
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if not self.seconds > 0:
-            raise ConfigError(f"--seconds {self.seconds}: expected a positive number")
-
-    def stream_options(self) -> StreamOptions:
-        d = self.data
-        return StreamOptions(d.crops_per_tile, d.crop_size, d.batch_size, d.shuffle_buffer, d.shards_in_parallel,
-                             self.seed, d.max_bad_fraction)
 
 
 @dataclass
@@ -180,7 +164,7 @@ def _run_epoch(config: BenchConfig, shards: list[ShardInfo], epoch: int, result:
     plan = plan_epoch(shards, world_size=1, num_workers=data.num_workers, batch_size=data.batch_size,
                       crops_per_tile=data.crops_per_tile, seed=config.seed, epoch=epoch)
     result.epochs += 1
-    loader = make_loader(plan, 0, config.stream_options(), data.num_workers)
+    loader = make_loader(plan, 0, StreamOptions.from_config(config.data, config.seed), data.num_workers)
     for batch in loader:
         now = time.perf_counter()
         if result.first_batch_s is None:  # start-up ends here, and the clock of the rates starts

@@ -7,23 +7,44 @@ import sys
 
 import click
 
-from training.config import ConfigError, DataConfig, OptimConfig, PretrainConfig, RunConfig
+from phileo.cli import output_option
+from training.config import (
+    LR_SCHEDULERS,
+    BenchConfig,
+    ConfigError,
+    DataConfig,
+    FinetuneDataConfig,
+    FinetuneOptimConfig,
+    FinetuneRunConfig,
+    OptimConfig,
+    PretrainConfig,
+    RunConfig,
+)
 
 
-def _data_options(function):
-    options = [
-        click.option("--shards", required=True, help="manifest.json (path/URL), dataset dir, URL list or pattern."),
-        click.option("--crops-per-tile", default=16, show_default=True, help="Random crops cut from each tile."),
-        click.option("--crop-size", default=128, show_default=True),
-        click.option("--batch-size", default=16, show_default=True, help="Crops per rank per micro-step."),
-        click.option("--num-workers", default=2, show_default=True, help="DataLoader workers per rank."),
-        click.option("--shuffle-buffer", default=512, show_default=True, help="Crops in each worker's buffer."),
-        click.option("--shards-in-parallel", default=4, show_default=True, help="Shards interleaved per worker."),
-        click.option("--max-bad-fraction", default=0.01, show_default=True, help="Fail past this unreadable share."),
-    ]
+def _default(config: type, name: str, **kwargs):
+    """`--name` with the config dataclass's default: defaults are stated once, in training/config.py."""
+    default = config.__dataclass_fields__[name].default
+    return click.option("--" + name.replace("_", "-"), default=default, show_default=default is not None, **kwargs)
+
+
+def _apply(function, options: list):
     for option in reversed(options):
         function = option(function)
     return function
+
+
+def _data_options(function):
+    return _apply(function, [
+        click.option("--shards", required=True, help="manifest.json (path/URL), dataset dir, URL list or pattern."),
+        _default(DataConfig, "crops_per_tile", help="Random crops cut from each tile."),
+        _default(DataConfig, "crop_size"),
+        _default(DataConfig, "batch_size", help="Crops per rank per micro-step."),
+        _default(DataConfig, "num_workers", help="DataLoader workers per rank."),
+        _default(DataConfig, "shuffle_buffer", help="Crops in each worker's buffer."),
+        _default(DataConfig, "shards_in_parallel", help="Shards interleaved per worker."),
+        _default(DataConfig, "max_bad_fraction", help="Fail past this unreadable share."),
+    ])
 
 
 def _setup_logging() -> None:
@@ -43,26 +64,26 @@ def main() -> None:
 
 @main.command()
 @_data_options
-@click.option("--out", required=True, help="Run directory (config, metrics, checkpoints).")
-@click.option("--model", default="geoaware-unet-44m", show_default=True)
-@click.option("--epochs", type=int, default=1, show_default=True)
-@click.option("--steps", type=int, help="Optimizer steps (overrides --epochs).")
-@click.option("--seed", default=0, show_default=True)
-@click.option("--lr", type=float, help="Peak learning rate [default: the original's, x sqrt(world size): "
-              "1e-4 for the U-Nets, 3e-5 for the ViTs].")
-@click.option("--min-lr", type=float, help="Final learning rate [default: 1e-6 U-Nets, 1e-8 ViTs].")
-@click.option("--weight-decay", default=0.01, show_default=True)
-@click.option("--warmup-steps", default=100, show_default=True)
-@click.option("--grad-clip", default=1.0, show_default=True)
-@click.option("--grad-accum", default=1, show_default=True)
-@click.option("--ckpt-every", default=500, show_default=True, help="Checkpoint every N optimizer steps.")
-@click.option("--keep-checkpoints", default=3, show_default=True)
-@click.option("--log-every", default=10, show_default=True)
-@click.option("--record-keys", help="Directory: each rank appends the tile key of every crop to rank{r}.txt.")
-@click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in --out.")
-@click.option("--amp/--no-amp", default=True, show_default=True, help="bf16 autocast where supported.")
-@click.option("--strategy", type=click.Choice(["ddp", "fsdp"]), default="ddp", show_default=True,
-              help="fsdp: FSDP2 per block (bf16 params, fp32 reduce) for the 200M/300M models.")
+@output_option("Run directory (config, metrics, checkpoints).", dest="out")
+@_default(RunConfig, "model")
+@_default(RunConfig, "epochs", type=int)
+@_default(RunConfig, "steps", type=int, help="Optimizer steps (overrides --epochs).")
+@_default(RunConfig, "seed")
+@_default(OptimConfig, "lr", type=float, help="Peak learning rate [default: the original's, x sqrt(world size): "
+          "1e-4 for the U-Nets, 3e-5 for the ViTs].")
+@_default(OptimConfig, "min_lr", type=float, help="Final learning rate [default: 1e-6 U-Nets, 1e-8 ViTs].")
+@_default(OptimConfig, "weight_decay")
+@_default(OptimConfig, "warmup_steps")
+@_default(OptimConfig, "grad_clip")
+@_default(OptimConfig, "grad_accum")
+@_default(RunConfig, "ckpt_every", help="Checkpoint every N optimizer steps.")
+@_default(RunConfig, "keep_checkpoints")
+@_default(RunConfig, "log_every")
+@_default(RunConfig, "record_keys", help="Directory: each rank appends the tile key of every crop to rank{r}.txt.")
+@click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in --output.")
+@click.option("--amp/--no-amp", default=RunConfig.amp, show_default=True, help="bf16 autocast where supported.")
+@_default(RunConfig, "strategy", type=click.Choice(["ddp", "fsdp"]),
+          help="fsdp: FSDP2 per block (bf16 params, fp32 reduce) for the 200M/300M models.")
 @click.option("--activation-checkpointing", is_flag=True, help="Recompute blocks in backward to save memory.")
 def pretrain(**flags) -> None:
     """Pretrain a model by streaming shards (launch with torchrun for several ranks)."""
@@ -75,12 +96,7 @@ def pretrain(**flags) -> None:
     try:
         if flags["model"] not in list_models():
             raise ConfigError(f"--model {flags['model']}: unknown; choose one of {', '.join(list_models())}")
-        config = PretrainConfig(
-            RunConfig(**{k: flags[k] for k in ("out", "model", "epochs", "steps", "seed", "ckpt_every",
-                                              "keep_checkpoints", "log_every", "record_keys", "resume", "amp",
-                                              "strategy", "activation_checkpointing")}),
-            DataConfig(**{k: flags[k] for k in DataConfig.__dataclass_fields__}),
-            OptimConfig(**{k: flags[k] for k in OptimConfig.__dataclass_fields__}))
+        config = PretrainConfig(_pick(RunConfig, flags), _pick(DataConfig, flags), _pick(OptimConfig, flags))
         run_pretrain(config)
     except (ConfigError, ShardSpecError, PlanError) as error:
         _fail(error)
@@ -88,12 +104,12 @@ def pretrain(**flags) -> None:
 
 @main.command("bench-data")
 @_data_options
-@click.option("--seconds", type=float, default=30.0, show_default=True,
-              help="Wall time to stream after the first batch (start-up is timed apart), looping epochs.")
-@click.option("--seed", default=0, show_default=True)
+@_default(BenchConfig, "seconds", type=float,
+          help="Wall time to stream after the first batch (start-up is timed apart), looping epochs.")
+@_default(BenchConfig, "seed")
 def bench_data(seconds: float, seed: int, **flags) -> None:
     """Time the training data pipeline alone (no model): crops/s, tiles/s, MB/s, batch diversity, peak RSS."""
-    from training.bench_data import BenchConfig, format_report, run_bench
+    from training.bench_data import format_report, run_bench
     from training.data.epoch import PlanError
     from training.data.shards import ShardSpecError
 
@@ -107,44 +123,42 @@ def bench_data(seconds: float, seed: int, **flags) -> None:
 
 
 def _finetune_options(function):
-    options = [
+    return _apply(function, [
         click.option("--task", required=True, type=click.Choice(["roads", "buildings", "landcover"])),
-        click.option("--out", required=True, help="Run directory (config, history, best.pt, metrics.json)."),
-        click.option("--model", default="geoaware-unet-44m", show_default=True),
-        click.option("--mode", type=click.Choice(["frozen", "full"]), default="full", show_default=True,
-                     help="frozen: train decoder/head on a frozen pretrained encoder."),
-        click.option("--epochs", default=250, show_default=True),
-        click.option("--lr", type=float, help="Learning rate after warmup [default: 1e-3 x sqrt(world size)]."),
-        click.option("--weight-decay", default=0.01, show_default=True),
-        click.option("--warmup-epochs", default=5, show_default=True, help="Epochs of x10 warmup (0: none)."),
-        click.option("--warmup-gamma", default=10.0, show_default=True),
-        click.option("--lr-scheduler", type=click.Choice(["none", "plateau", "cosine"]), default="none",
-                     show_default=True),
-        click.option("--min-lr", default=1e-6, show_default=True),
-        click.option("--es-patience", default=50, show_default=True, help="Early stop after N epochs without "
-                     "a val-loss improvement."),
-        click.option("--es-delta", default=0.0, show_default=True),
-        click.option("--batch-size", default=16, show_default=True, help="Patches per rank per step."),
-        click.option("--num-workers", default=2, show_default=True, help="DataLoader workers per rank."),
-        click.option("--shuffle-buffer", default=256, show_default=True),
-        click.option("--seed", default=123456, show_default=True),
-        click.option("--amp/--no-amp", default=True, show_default=True, help="bf16 autocast on CUDA."),
-        click.option("--previews", default=4, show_default=True, help="Test patches drawn in previews.png."),
-    ]
-    for option in reversed(options):
-        function = option(function)
-    return function
+        output_option("Run directory (config, history, best.pt, metrics.json).", dest="out"),
+        _default(FinetuneRunConfig, "model"),
+        _default(FinetuneRunConfig, "mode", type=click.Choice(["frozen", "full"]),
+                 help="frozen: train decoder/head on a frozen pretrained encoder."),
+        _default(FinetuneOptimConfig, "epochs"),
+        _default(FinetuneOptimConfig, "lr", type=float,
+                 help="Learning rate after warmup [default: 1e-3 x sqrt(world size)]."),
+        _default(FinetuneOptimConfig, "weight_decay"),
+        _default(FinetuneOptimConfig, "warmup_epochs", help="Epochs of x10 warmup (0: none)."),
+        _default(FinetuneOptimConfig, "warmup_gamma"),
+        _default(FinetuneOptimConfig, "lr_scheduler", type=click.Choice(LR_SCHEDULERS)),
+        _default(FinetuneOptimConfig, "min_lr"),
+        _default(FinetuneOptimConfig, "es_patience", help="Early stop after N epochs without a val-loss improvement."),
+        _default(FinetuneOptimConfig, "es_delta"),
+        _default(FinetuneDataConfig, "batch_size", help="Patches per rank per step."),
+        _default(FinetuneDataConfig, "num_workers", help="DataLoader workers per rank."),
+        _default(FinetuneDataConfig, "shuffle_buffer"),
+        _default(FinetuneRunConfig, "seed"),
+        click.option("--amp/--no-amp", default=FinetuneRunConfig.amp, show_default=True, help="bf16 autocast on CUDA."),
+        _default(FinetuneRunConfig, "previews", help="Test patches drawn in previews.png."),
+    ])
+
+
+def _pick(config: type, flags: dict, **values):
+    """`config(...)` from the flags named like its fields (and `values`); the rest keep their defaults."""
+    return config(**{k: v for k, v in flags.items() if k in config.__dataclass_fields__} | values)
 
 
 def _finetune_config(flags: dict, shards: str, val_shards: str, test_shards: str | None, init: str | None):
-    from training.config import FinetuneConfig, FinetuneDataConfig, FinetuneOptimConfig, FinetuneRunConfig
+    from training.config import FinetuneConfig
 
-    run = FinetuneRunConfig(**{k: flags[k] for k in ("out", "task", "model", "mode", "seed", "amp", "previews")},
-                            init=init)
-    data = FinetuneDataConfig(shards, val_shards, test_shards,
-                              **{k: flags[k] for k in ("batch_size", "num_workers", "shuffle_buffer")})
-    optim = FinetuneOptimConfig(**{k: flags[k] for k in FinetuneOptimConfig.__dataclass_fields__})
-    return FinetuneConfig(run, data, optim)
+    run = _pick(FinetuneRunConfig, flags, init=init)
+    data = _pick(FinetuneDataConfig, flags, shards=shards, val_shards=val_shards, test_shards=test_shards)
+    return FinetuneConfig(run, data, _pick(FinetuneOptimConfig, flags))
 
 
 def _check_model(name: str) -> None:

@@ -96,7 +96,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         if not self.out:
-            raise ConfigError("--out: required (the run directory)")
+            raise ConfigError("--output: required (the run directory)")
         _positive("--epochs", self.epochs, allow_none=self.steps is not None)
         _positive("--steps", self.steps, allow_none=True)
         for flag, value in (("--ckpt-every", self.ckpt_every), ("--keep-checkpoints", self.keep_checkpoints),
@@ -120,6 +120,19 @@ class PretrainConfig:
         return cls(RunConfig(**values["run"]), DataConfig(**values["data"]), OptimConfig(**values["optim"]))
 
 
+@dataclass(frozen=True)
+class BenchConfig:
+    """`phileo-train bench-data`: the pretraining loader alone, for a fixed wall time."""
+
+    data: DataConfig  # validated with the same messages as `pretrain`
+    seconds: float = 30.0  # streamed after the first batch
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.seconds > 0:
+            raise ConfigError(f"--seconds {self.seconds}: expected a positive number")
+
+
 # ---- fine-tuning (phileo-train finetune / nshot-sweep) ----
 
 FINETUNE_TASKS = ("roads", "buildings", "landcover")
@@ -139,7 +152,7 @@ class FinetuneRunConfig:
 
     def __post_init__(self) -> None:
         if not self.out:
-            raise ConfigError("--out: required (the run directory)")
+            raise ConfigError("--output: required (the run directory)")
         if self.task not in FINETUNE_TASKS:
             raise ConfigError(f"--task {self.task!r}: expected one of {', '.join(FINETUNE_TASKS)}")
         if self.mode not in ("frozen", "full"):

@@ -76,9 +76,7 @@ class Trainer:
         self.step, self.epoch = 0, 0
         self.done: dict[str, list[str]] = {}  # tiles fully trained this epoch, by shard (all ranks)
         self.consumed: Counter = Counter()  # (url, key) -> crops trained this epoch on this rank
-        self.options = StreamOptions(config.data.crops_per_tile, config.data.crop_size, config.data.batch_size,
-                                     config.data.shuffle_buffer, config.data.shards_in_parallel, config.run.seed,
-                                     config.data.max_bad_fraction)
+        self.options = StreamOptions.from_config(config.data, config.run.seed)
         self.total_steps = config.run.steps or self._plan(0).steps // config.optim.grad_accum * config.run.epochs
         self.tensorboard = None  # SummaryWriter on the primary rank, opened in run()
         self.recorded_keys: list[str] = []  # written at each checkpoint, so the audit matches saved training

@@ -132,9 +132,9 @@ def coverage_map(dataset: str, out: str) -> tuple[Coverage, Path, Path]:
     """Write the PNG at `out` and `<out stem>.json` next to it; returns (counts, png path, json path)."""
     root, png = Path(dataset), Path(out)
     if png.suffix.lower() != ".png":
-        raise InputError(f"--out {out}: expected a .png file name")
+        raise InputError(f"--output {out}: expected a .png file name")
     if png.is_dir():
-        raise InputError(f"--out {out}: is a directory")
+        raise InputError(f"--output {out}: is a directory")
     columns = read_columns(root)
     coverage = count(columns)
     png.parent.mkdir(parents=True, exist_ok=True)

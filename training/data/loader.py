@@ -13,7 +13,7 @@ import logging
 import random
 import sys
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import blosc2
 import numpy as np
@@ -23,6 +23,7 @@ import webdataset as wds
 
 from phileo.bands import REFLECTANCE_SCALE
 from phileo.schema import SchemaError, decode_sample
+from training.config import DataConfig
 from training.data.batches import CollateCrops, WorkerMixedBatches, collate_crops
 from training.data.crop_labels import crop_labels
 from training.data.epoch import EpochPlan, WorkerPlan
@@ -40,13 +41,21 @@ HALO_20M = 1  # extra 20 m pixels around a crop so bilinear upsampling matches t
 
 @dataclass(frozen=True)
 class StreamOptions:
-    crops_per_tile: int = 16
-    crop_size: int = 128
-    batch_size: int = 16
-    shuffle_buffer: int = 512
-    shards_in_parallel: int = 4
+    """What the pipeline stages need; defaults are the pretraining config's (training/config.py)."""
+
+    crops_per_tile: int = DataConfig.crops_per_tile
+    crop_size: int = DataConfig.crop_size
+    batch_size: int = DataConfig.batch_size
+    shuffle_buffer: int = DataConfig.shuffle_buffer
+    shards_in_parallel: int = DataConfig.shards_in_parallel
     seed: int = 0
-    max_bad_fraction: float = 0.01
+    max_bad_fraction: float = DataConfig.max_bad_fraction
+
+    @classmethod
+    def from_config(cls, data, seed: int, **overrides) -> StreamOptions:
+        """The options named like `data`'s fields (a DataConfig or FinetuneDataConfig), by name, not position."""
+        names = {f.name for f in fields(cls)} & {f.name for f in fields(data)}
+        return cls(**{name: getattr(data, name) for name in names}, seed=seed, **overrides)
 
 
 def worker_position() -> tuple[int, int]:

@@ -109,9 +109,8 @@ class FinetuneTrainer:
         self.optimizer = torch.optim.AdamW(trainable, lr=base_lr, eps=1e-6, weight_decay=config.optim.weight_decay)
         self.schedule = LRSchedule(base_lr, config.optim.warmup_epochs, config.optim.warmup_gamma,
                                    config.optim.lr_scheduler, config.optim.min_lr)
-        self.options = StreamOptions(crops_per_tile=1, crop_size=0, batch_size=data.batch_size,
-                                     shuffle_buffer=data.shuffle_buffer, seed=run.seed,
-                                     max_bad_fraction=data.max_bad_fraction)
+        # one 'crop' per patch, uncut (crop_size 0): PhilEO Bench patches are the model's input size
+        self.options = StreamOptions.from_config(data, run.seed, crops_per_tile=1, crop_size=0)
         self.best_loss, self.best_epoch, self.best_state = math.inf, -1, None
 
     def _set_train_mode(self) -> None:
