@@ -9,7 +9,7 @@ import pytest
 import webdataset as wds
 
 from phileo.schema import SCHEMA_VERSION, Sample, SchemaError, decode_array, decode_sample, encode_array, encode_sample
-from sharding.build.writer import UnitShardWriter
+from sharding.build.writer import ShardWriter
 
 
 def make_sample(key="454U_120R_20200612T104021", size=60, stack=False, seed=0) -> Sample:
@@ -37,7 +37,7 @@ def test_array_roundtrip_and_window():
 
 def test_write_with_our_writer_then_read_with_webdataset(tmp_path):
     samples = [make_sample(f"cell_{i}", stack=(i % 2 == 1), seed=i) for i in range(5)]
-    writer = UnitShardWriter(tmp_path, unit=7, shard_size=10**9)
+    writer = ShardWriter(tmp_path, unit=7, shard_size=10**9)
     for sample in samples:
         writer.write(sample)
     (shard,) = writer.close()
@@ -57,7 +57,7 @@ def test_write_with_our_writer_then_read_with_webdataset(tmp_path):
 
 
 def test_shards_roll_over_at_target_size(tmp_path):
-    writer = UnitShardWriter(tmp_path, unit=0, shard_size=150_000)
+    writer = ShardWriter(tmp_path, unit=0, shard_size=150_000)
     sizes = []
     for i in range(6):
         sizes.append(writer.write(make_sample(f"k{i}", seed=i))["bytes"])
@@ -96,7 +96,7 @@ def test_bad_keys_and_frames():
 
 
 def test_tar_member_names_follow_webdataset_convention(tmp_path):
-    writer = UnitShardWriter(tmp_path, unit=1, shard_size=10**9)
+    writer = ShardWriter(tmp_path, unit=1, shard_size=10**9)
     writer.write(make_sample("454U_120R_20200612T104021"))
     (shard,) = writer.close()
     with tarfile.open(tmp_path / shard.name) as tar:

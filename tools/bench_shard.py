@@ -236,10 +236,10 @@ COSTS = (
     ("band histogram", "unit.py", "sample_band_histogram"),
     ("schema validation", "schema.py", "validate_sample"),
     ("Blosc2 ZSTD encode", "schema.py", "encode_array"),
-    ("tar append", "tarfile.py", "addfile"),
+    ("tar headers (tarfile)", "tarfile.py", "tobuf"),
     ("fsync of shards", "~", "<built-in method posix.fsync>"),
-    ("sha256 of shards", "writer.py", "sha256_file"),
-    ("plan (catalog listing)", "build.py", "make_plan"),
+    ("shard writes + sha256 as written", "writer.py", "_write"),
+    ("plan (catalog listing)", "driver.py", "make_plan"),
     ("unit files (index, histogram npz)", "unit.py", "_write_unit_files"),
     ("finalize (manifest, index.parquet)", "manifest.py", "finalize"),
 )

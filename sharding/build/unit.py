@@ -25,7 +25,7 @@ from sharding.build.fasttom import FastTomRules, fasttom_quadrant
 from sharding.build.labels import LabelRaster, LabelSpec, add_labels, close_label_rasters, open_label_rasters
 from sharding.build.plan import Filters
 from sharding.build.remote_output import publish_unit
-from sharding.build.writer import UnitShardWriter, atomic_write
+from sharding.build.writer import ShardWriter, atomic_write
 from sharding.errors import RowError
 from sharding.layout import FOOTERS, SHARDS_DIR, TMP_SUFFIX, unit_file, unit_stats_path
 from sharding.sources.majortom import BAND_COLUMNS, decode_majortom_row, iter_parquet_rows, read_extracted_product
@@ -94,7 +94,7 @@ def build_unit(unit: int, rows: list[dict], options: UnitOptions, progress: Prog
     shards_dir = output / SHARDS_DIR
     for leftover in shards_dir.glob(f"{unit:06d}-*.tar{TMP_SUFFIX}"):
         leftover.unlink()
-    writer = UnitShardWriter(shards_dir, unit, options.shard_size, options.clevel)
+    writer = ShardWriter(shards_dir, unit, options.shard_size, options.clevel)
     histogram = np.zeros((len(ALL_BANDS), 65536), dtype=np.int64)
     index, rejected = [], []
     counts = {"filtered": 0, "bytes_in": 0}

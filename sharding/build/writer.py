@@ -8,13 +8,13 @@ so the same samples always give the same bytes and the same sha256.
 from __future__ import annotations
 
 import hashlib
-import io
 import math
 import os
 import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from phileo.schema import DEFAULT_CLEVEL, Sample, encode_sample
 from sharding.layout import TMP_SUFFIX, shard_name
@@ -75,58 +75,82 @@ class ShardSummary:
                 "cloud_cover_histogram": self.cloud_cover_histogram}
 
 
-class UnitShardWriter:
-    """Writes the samples of one work unit into `{unit}-{part}.tar` shards of about `shard_size` bytes."""
+class ShardWriter:
+    """Size-capped tar shards `{unit}-{part}.tar` of about `shard_size` bytes, each closed once over target.
+
+    One writer for every command that writes shards: the build encodes samples (`write`), the
+    PhilEO Bench build the same with its own summary type, subset/split copy samples' raw tar
+    blocks (`RawShardWriter`). A shard is written under a temp name, hashed as it is written,
+    fsynced and renamed; the bytes are exactly what tarfile writes in USTAR format with these
+    fixed headers (tests/test_build_identity.py).
+    """
+
+    summary_type: type[ShardSummary] = ShardSummary
 
     def __init__(self, shards_dir: Path, unit: int, shard_size: int, clevel: int = DEFAULT_CLEVEL):
         self.shards_dir, self.unit, self.shard_size, self.clevel = shards_dir, unit, shard_size, clevel
         self.shards: list[ShardSummary] = []
-        self._tar: tarfile.TarFile | None = None
+        self._file: BinaryIO | None = None
         self._current: ShardSummary | None = None
+        self._digest = hashlib.sha256()
+        self._offset = 0
 
     def _tmp_path(self, name: str) -> Path:
         return self.shards_dir / f"{name}{TMP_SUFFIX}"
 
     def _open_next(self) -> None:
-        self._current = ShardSummary(shard_name(self.unit, len(self.shards)))
-        self._tar = tarfile.open(self._tmp_path(self._current.name), "w", format=tarfile.USTAR_FORMAT)
+        self._current = self.summary_type(shard_name(self.unit, len(self.shards)))
+        self._file = open(self._tmp_path(self._current.name), "wb")
+        self._digest, self._offset = hashlib.sha256(), 0
+
+    def _write(self, data: bytes) -> None:
+        self._file.write(data)
+        self._digest.update(data)
+        self._offset += len(data)
 
     def write(self, sample: Sample) -> dict:
-        """Append one sample; returns its index entry (shard, offset, bytes)."""
+        """Append one sample; returns its index entry (key, shard, offset, bytes)."""
         members = encode_sample(sample, self.clevel)
-        if self._tar is None:
+        if self._file is None:
             self._open_next()
-        offset = self._tar.offset
+        offset = self._offset
         for extension, data in members.items():
             info = tarfile.TarInfo(f"{sample.key}.{extension}")
             info.size, info.mtime, info.mode = len(data), FIXED_MTIME, 0o444
-            self._tar.addfile(info, io.BytesIO(data))
-        size = self._tar.offset - offset
-        self._current.add(sample.meta)
-        entry = {"key": sample.key, "shard": f"shards/{self._current.name}", "offset": offset, "bytes": size}
-        if self._tar.offset >= self.shard_size:  # close once over target: exceeds it by < 1 sample
+            self._write(info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape"))
+            self._write(data)
+            self._write(bytes(-len(data) % tarfile.BLOCKSIZE))
+        return self._added(sample.key, offset, sample.meta)
+
+    def _added(self, key: str, offset: int, meta: dict) -> dict:
+        """Account for the sample just written; close the shard once over target (it exceeds it by < 1 sample)."""
+        self._current.add(meta)
+        entry = {"key": key, "shard": f"shards/{self._current.name}", "offset": offset,
+                 "bytes": self._offset - offset}
+        if self._offset >= self.shard_size:
             self._finish_shard()
         return entry
 
     def _finish_shard(self) -> None:
-        self._tar.close()
-        tmp = self._tmp_path(self._current.name)
-        with open(tmp, "rb+") as file:
-            os.fsync(file.fileno())
-        self._current.bytes = tmp.stat().st_size
-        self._current.sha256 = sha256_file(tmp)
-        os.replace(tmp, self.shards_dir / self._current.name)
+        """End-of-archive blocks and record padding as tarfile writes them, fsync, rename."""
+        self._write(bytes(2 * tarfile.BLOCKSIZE))
+        self._write(bytes(-self._offset % tarfile.RECORDSIZE))
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        self._current.bytes, self._current.sha256 = self._offset, self._digest.hexdigest()
+        os.replace(self._tmp_path(self._current.name), self.shards_dir / self._current.name)
         self.shards.append(self._current)
-        self._tar, self._current = None, None
+        self._file, self._current = None, None
 
     def close(self) -> list[ShardSummary]:
-        if self._tar is not None:
+        if self._file is not None:
             self._finish_shard()
         return self.shards
 
     def abort(self) -> None:
         """Drop the shard being written (its temporary file), keeping completed ones."""
-        if self._tar is not None:
-            self._tar.close()
+        if self._file is not None:
+            self._file.close()
             self._tmp_path(self._current.name).unlink(missing_ok=True)
-            self._tar, self._current = None, None
+            self._file, self._current = None, None

@@ -12,10 +12,8 @@ same `write_selection`.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
 import tarfile
 import time
 from dataclasses import dataclass
@@ -30,12 +28,12 @@ from tqdm import tqdm
 from phileo import __version__
 from phileo.schema import SCHEMA_VERSION
 from sharding.build.output_dir import claim_output_dir, clear_owned
-from sharding.build.writer import ShardSummary, atomic_write, sha256_file
+from sharding.build.writer import ShardSummary, ShardWriter, atomic_write, sha256_file
 from sharding.dataset.query import build_query, select
 from sharding.dataset.tarread import split_member_name
 from sharding.dataset.verify import load_manifest
 from sharding.errors import InputError
-from sharding.layout import INDEX, MANIFEST, REJECTED, SHARDS_DIR, TMP_SUFFIX, shard_name
+from sharding.layout import INDEX, MANIFEST, REJECTED, SHARDS_DIR
 
 log = logging.getLogger(__name__)
 
@@ -44,28 +42,28 @@ CHUNK = 1 << 20
 OWNED = {MANIFEST, INDEX, REJECTED, SHARDS_DIR}
 
 
-class RawShardWriter:
+class CopiedShardSummary(ShardSummary):
+    """Manifest statistics of copied samples; sources without geo fields (PhilEO Bench) are only counted."""
+
+    def add(self, meta: dict) -> None:
+        if meta.get("centre_lat") is not None and ("bounds_lonlat" in meta or "corners_lonlat" in meta):
+            super().add(meta)
+        else:
+            self.samples += 1
+
+
+class RawShardWriter(ShardWriter):
     """Appends samples, as their raw tar blocks, to `shards/000000-{part}.tar` of about `shard_size` bytes."""
 
-    def __init__(self, shards_dir: Path, shard_size: int):
-        self.shards_dir, self.shard_size = shards_dir, shard_size
-        self.shards: list[ShardSummary] = []
-        self._file: BinaryIO | None = None
-        self._current: ShardSummary | None = None
-        self._digest = hashlib.sha256()
-        self._offset = 0
+    summary_type = CopiedShardSummary
 
-    def _write(self, data: bytes) -> None:
-        self._file.write(data)
-        self._digest.update(data)
-        self._offset += len(data)
+    def __init__(self, shards_dir: Path, shard_size: int):
+        super().__init__(shards_dir, unit=0, shard_size=shard_size)
 
     def copy_sample(self, source: BinaryIO, key: str, size: int, where: str) -> dict:
         """Copy the `size` bytes of sample `key` at `source`'s position; returns its new index location."""
         if self._file is None:
-            self._current = ShardSummary(shard_name(0, len(self.shards)))
-            self._file = open(self.shards_dir / f"{self._current.name}{TMP_SUFFIX}", "wb")
-            self._digest, self._offset = hashlib.sha256(), 0
+            self._open_next()
         offset, meta, remaining = self._offset, None, size
         while remaining > 0:
             header = source.read(BLOCK)
@@ -90,11 +88,7 @@ class RawShardWriter:
             remaining -= BLOCK + padded
         if meta is None:
             raise InputError(f"{where}: sample {key} has no meta.json member")
-        _add_to_summary(self._current, meta)
-        entry = {"shard": f"shards/{self._current.name}", "offset": offset, "bytes": self._offset - offset}
-        if self._offset >= self.shard_size:
-            self._finish()
-        return entry
+        return self._added(key, offset, meta)
 
     def _copy(self, source: BinaryIO, count: int, where: str) -> None:
         while count > 0:
@@ -103,37 +97,6 @@ class RawShardWriter:
                 raise InputError(f"{where}: ends inside a member; run phileo-shard verify on the source")
             self._write(data)
             count -= len(data)
-
-    def _finish(self) -> None:
-        """End-of-archive blocks and record padding as tarfile writes them, fsync, rename."""
-        self._write(bytes(2 * BLOCK))
-        self._write(bytes(-self._offset % tarfile.RECORDSIZE))
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        self._current.bytes, self._current.sha256 = self._offset, self._digest.hexdigest()
-        os.replace(self.shards_dir / f"{self._current.name}{TMP_SUFFIX}", self.shards_dir / self._current.name)
-        self.shards.append(self._current)
-        self._file, self._current = None, None
-
-    def close(self) -> list[ShardSummary]:
-        if self._file is not None:
-            self._finish()
-        return self.shards
-
-    def abort(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            (self.shards_dir / f"{self._current.name}{TMP_SUFFIX}").unlink(missing_ok=True)
-            self._file, self._current = None, None
-
-
-def _add_to_summary(summary: ShardSummary, meta: dict) -> None:
-    """Manifest statistics of a copied sample; sources without geo fields (PhilEO Bench) are only counted."""
-    if meta.get("centre_lat") is not None and ("bounds_lonlat" in meta or "corners_lonlat" in meta):
-        summary.add(meta)
-    else:
-        summary.samples += 1
 
 
 def prepare_output(output: Path, source: Path, overwrite: bool, flag: str = "--output") -> None:
@@ -159,7 +122,7 @@ def read_index(dataset: Path) -> tuple[dict, pa.Table]:
 def copy_rows(source: Path, rows: pa.Table, output: Path, shard_size: int, desc: str) -> tuple[pa.Table, list]:
     """Copy the samples of `rows` (in source shard/offset order); returns (their new index, shard summaries)."""
     rows = rows.sort_by([("shard", "ascending"), ("offset", "ascending")])
-    writer = RawShardWriter(output / "shards", shard_size)
+    writer = RawShardWriter(output / SHARDS_DIR, shard_size)
     located: dict[str, list] = {"shard": [], "offset": [], "bytes": []}
     total = pc.sum(rows.column("bytes")).as_py() or 0
     current, handle = None, None

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import tarfile
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
@@ -25,8 +24,8 @@ from phileo.bands import ALL_BANDS, MODEL_BANDS, STACK_MEMBER
 from phileo.phileo_bench import PATCH_SIZE, REGRESSION_TASKS, SOURCE, TASKS
 from phileo.schema import DEFAULT_CLEVEL, SCHEMA_VERSION, Sample
 from sharding.build.unit import index_schema
-from sharding.build.writer import ShardSummary, UnitShardWriter, atomic_write
-from sharding.layout import SHARDS_DIR, TMP_SUFFIX, shard_name, unit_file, unit_stats_path
+from sharding.build.writer import ShardSummary, ShardWriter, atomic_write
+from sharding.layout import SHARDS_DIR, TMP_SUFFIX, unit_file, unit_stats_path
 from sharding.phileo_bench.nshot import check_label_stream, density_scale, scan_label_file
 from sharding.sources.phileo_bench import NpyReadError, TileFiles, open_npy
 
@@ -59,10 +58,8 @@ class BenchShardSummary(ShardSummary):
                 "regions": dict(sorted(self.regions.items()))}
 
 
-class BenchShardWriter(UnitShardWriter):
-    def _open_next(self) -> None:
-        self._current = BenchShardSummary(shard_name(self.unit, len(self.shards)))
-        self._tar = tarfile.open(self._tmp_path(self._current.name), "w", format=tarfile.USTAR_FORMAT)
+class BenchShardWriter(ShardWriter):
+    summary_type = BenchShardSummary
 
 
 def bench_index_schema() -> pa.Schema:
