@@ -1,4 +1,4 @@
-"""training/data/tarstream.py: the shard reader against tarfile-written archives and WebDataset's grouping."""
+"""phileo/tarstream.py: the shard reader against tarfile-written archives and WebDataset's grouping."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import tarfile
 import pytest
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from training.data.tarstream import TarFormatError, iter_members, iter_samples
+from phileo.tarstream import TarFormatError, iter_members, iter_sample_spans, iter_samples, split_key
 
 MEMBERS = [("a_1.meta.json", b"{}"), ("a_1.s2_10m.b2nd", bytes(range(256)) * 5), ("a_1.txt", b""),
            ("b-2.meta.json", b'{"k": 1}'), ("b-2.cloud.b2nd", b"x" * 513),
@@ -75,3 +75,26 @@ def test_truncated_and_corrupt_archives_raise_after_the_complete_samples():
         list(iter_members(io.BytesIO(bytes(corrupt))))
     with pytest.raises(TarFormatError, match="appears twice"):
         list(iter_samples(io.BytesIO(make_tar(tarfile.PAX_FORMAT, [("k.a", b"1"), ("k.a", b"2")])), "u"))
+
+
+@pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT])
+def test_sample_spans_are_the_byte_ranges_tarfile_sees(fmt):
+    data = make_tar(fmt, directory=False)
+    spans = list(iter_sample_spans(io.BytesIO(data), "mem.tar"))
+    assert [key for key, _, _, _ in spans] == ["a_1", "b-2", "dir/" + "c" * 120]
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        starts = {}
+        for info in tar:  # a sample starts at the first header (pax / long-name ones included) of its first member
+            starts.setdefault(split_key(info.name)[0], info.offset)
+    for (key, members, offset, size), following in zip(spans, spans[1:] + [None]):
+        assert offset == starts[key]
+        assert following is None or offset + size == following[2]  # samples tile the archive
+        sample = list(iter_sample_spans(io.BytesIO(data[offset: offset + size]), "slice"))
+        assert sample == [(key, members, 0, size)]  # a sample's span alone reads back as that sample
+
+
+def test_sample_spans_refuse_what_a_dataset_must_not_hold():
+    with pytest.raises(TarFormatError, match="mem.tar: member 'noext' has no extension"):
+        list(iter_sample_spans(io.BytesIO(make_tar(tarfile.PAX_FORMAT, [("noext", b"1")], False)), "mem.tar"))
+    with pytest.raises(TarFormatError, match="appears twice"):
+        list(iter_sample_spans(io.BytesIO(make_tar(tarfile.PAX_FORMAT, [("k.a", b"1"), ("k.a", b"2")], False)), "x"))

@@ -1,11 +1,14 @@
-"""Stream the samples of a shard tar (WebDataset convention) with their byte offsets."""
+"""The samples of a local shard with their byte spans (phileo/tarstream.py reads the tar)."""
 
 from __future__ import annotations
 
-import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from phileo.tarstream import iter_sample_spans, split_key
+
+BUFFER = 1 << 20
 
 
 @dataclass
@@ -17,31 +20,12 @@ class TarSample:
 
 
 def split_member_name(name: str) -> tuple[str, str]:
-    """`dir/KEY.ext.more` -> (`KEY`, `ext.more`): keys hold no dots, extensions may."""
-    base = name.rsplit("/", 1)[-1]
-    key, _, extension = base.partition(".")
-    return key, extension
+    """`KEY.ext.more` -> (`KEY`, `ext.more`): keys hold no dots, extensions may."""
+    return split_key(name)
 
 
 def iter_tar_samples(path: str | Path) -> Iterator[TarSample]:
-    """Yield samples in file order; raises tarfile.TarError / ValueError on a damaged tar."""
-    current: TarSample | None = None
-    with tarfile.open(path, "r|") as tar:
-        for info in tar:
-            if not info.isfile():
-                continue
-            key, extension = split_member_name(info.name)
-            if not extension:
-                raise ValueError(f"{path}: member {info.name!r} has no extension")
-            if current is None or key != current.key:
-                if current is not None:
-                    current.size = info.offset - current.offset
-                    yield current
-                current = TarSample(key, {}, info.offset, 0)
-            if extension in current.members:
-                raise ValueError(f"{path}: member {info.name!r} appears twice")
-            current.members[extension] = tar.extractfile(info).read()
-            end = info.offset_data + ((info.size + 511) // 512) * 512
-        if current is not None:
-            current.size = end - current.offset
-            yield current
+    """Yield samples in file order; TarFormatError (a ValueError) on a damaged tar."""
+    with open(path, "rb", buffering=BUFFER) as stream:
+        for key, members, offset, size in iter_sample_spans(stream, str(path)):
+            yield TarSample(key, members, offset, size)

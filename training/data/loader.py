@@ -23,13 +23,13 @@ import webdataset as wds
 
 from phileo.bands import REFLECTANCE_SCALE
 from phileo.schema import SchemaError, decode_sample
+from phileo.tarstream import TarFormatError, iter_samples
 from training.config import DataConfig
 from training.data.batches import CollateCrops, WorkerMixedBatches, collate_crops
 from training.data.crop_labels import crop_labels
 from training.data.epoch import EpochPlan, WorkerPlan
 from training.data.ring import ALIGN
 from training.data.shards import open_shard
-from training.data.tarstream import TarFormatError, iter_samples
 from training.data.windows import BlockDecodeError, decode_windows
 
 log = logging.getLogger(__name__)
