@@ -12,9 +12,9 @@ import pyarrow.parquet as pq
 from phileo import __version__
 from phileo.bands import ALL_BANDS
 from phileo.schema import SCHEMA_VERSION
-from sharding.build.unit import index_schema
+from sharding.build.unit_files import index_schema, new_histogram, read_histogram
 from sharding.build.writer import atomic_write
-from sharding.layout import INDEX, MANIFEST, REJECTED, unit_stats_path
+from sharding.layout import INDEX, MANIFEST, REJECTED, unit_file, unit_stats_path
 
 
 def band_statistics(histogram: np.ndarray) -> dict[str, dict[str, float]]:
@@ -38,28 +38,34 @@ def band_statistics(histogram: np.ndarray) -> dict[str, dict[str, float]]:
     return stats
 
 
-def finalize(output: Path, build_info: dict, num_units: int, plan_rejected: list[dict],
-             filtered_at_plan: int) -> dict:
-    """Write index, rejected list and manifest (last) from every unit's files; returns the manifest."""
+def finalize(output: Path, build_info: dict, num_units: int, plan_rejected: list[dict], filtered_at_plan: int,
+             schema: pa.Schema | None = None, describe: dict | None = None, selection: dict | None = None) -> dict:
+    """Write index, rejected list and manifest (last) from every unit's files; returns the manifest.
+
+    One finalizer for every build: `schema` is the index schema (default: `index_schema()`),
+    `describe` adds keys after `build_args` (a PhilEO Bench dataset's name and split), `selection`
+    records an n-shot selection.
+    """
     stats = [json.loads(unit_stats_path(output, unit).read_text()) for unit in range(num_units)]
-    tables = [pq.read_table(output / "units" / f"{unit:06d}.index.parquet") for unit in range(num_units)]
-    index = pa.concat_tables(tables) if tables else index_schema().empty_table()
+    tables = [pq.read_table(output / unit_file(unit, "index.parquet")) for unit in range(num_units)]
+    index = pa.concat_tables(tables) if tables else (schema or index_schema()).empty_table()
     atomic_write(output / INDEX, lambda p: pq.write_table(index, p))
     rejected = plan_rejected + [row for unit in stats for row in unit["rejected"]]
     atomic_write(output / REJECTED, lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in rejected)))
-    histogram = np.zeros((len(ALL_BANDS), 65536), dtype=np.int64)
+    histogram = new_histogram()
     for unit in range(num_units):
-        with np.load(output / "units" / f"{unit:06d}.hist.npz") as saved:
-            histogram += saved["histogram"]
+        histogram += read_histogram(output / unit_file(unit, "hist.npz"))
     shards = sorted((shard for unit in stats for shard in unit["shards"]), key=lambda s: s["url"])
     manifest = {
         "schema": SCHEMA_VERSION, "source": build_info["source"], "tool_version": __version__,
-        "build_args": build_info["args"], "shards": shards,
+        "build_args": build_info["args"], **(describe or {}), "shards": shards,
         "totals": {"samples": sum(s["samples"] for s in shards), "shards": len(shards),
                    "bytes": sum(s["bytes"] for s in shards), "bytes_in": sum(u["bytes_in"] for u in stats),
                    "rejected": len(rejected),
                    "filtered": filtered_at_plan + sum(u["filtered"] for u in stats)},
         "band_stats": band_statistics(histogram),
     }
+    if selection is not None:
+        manifest["selection"] = selection
     atomic_write(output / MANIFEST, lambda p: p.write_text(json.dumps(manifest, indent=1)))
     return manifest

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from phileo.bands import ALL_BANDS, RESOLUTION_GROUPS
 from phileo.schema import DEFAULT_CLEVEL, Sample
@@ -25,9 +24,10 @@ from sharding.build.fasttom import FastTomRules, fasttom_quadrant
 from sharding.build.labels import LabelRaster, LabelSpec, add_labels, close_label_rasters, open_label_rasters
 from sharding.build.plan import Filters
 from sharding.build.remote_output import publish_unit
+from sharding.build.unit_files import index_schema, new_histogram, write_unit_files
 from sharding.build.writer import ShardWriter, atomic_write
 from sharding.errors import RowError
-from sharding.layout import FOOTERS, SHARDS_DIR, TMP_SUFFIX, unit_file, unit_stats_path
+from sharding.layout import FOOTERS, SHARDS_DIR, TMP_SUFFIX, unit_stats_path
 from sharding.sources.majortom import BAND_COLUMNS, decode_majortom_row, iter_parquet_rows, read_extracted_product
 from sharding.sources.majortom_catalog import reject
 from sharding.sources.remote import retry_count, set_footer_cache
@@ -95,7 +95,7 @@ def build_unit(unit: int, rows: list[dict], options: UnitOptions, progress: Prog
     for leftover in shards_dir.glob(f"{unit:06d}-*.tar{TMP_SUFFIX}"):
         leftover.unlink()
     writer = ShardWriter(shards_dir, unit, options.shard_size, options.clevel)
-    histogram = np.zeros((len(ALL_BANDS), 65536), dtype=np.int64)
+    histogram = new_histogram()
     index, rejected = [], []
     counts = {"filtered": 0, "bytes_in": 0}
     rasters = open_label_rasters(options.labels)
@@ -119,7 +119,7 @@ def build_unit(unit: int, rows: list[dict], options: UnitOptions, progress: Prog
         raise
     finally:
         close_label_rasters(rasters)
-    _write_unit_files(output, unit, index, histogram)
+    write_unit_files(output, unit, index, index_schema(), histogram)
     stats = {"unit": unit, "planned": len(rows), "written": len(index), "rejected": rejected,
              "filtered": counts["filtered"], "bytes_in": counts["bytes_in"],
              "bytes_out": sum(shard.bytes for shard in shards), "shards": [s.to_json() for s in shards]}
@@ -158,21 +158,3 @@ def _labelled_sample(sample: Sample, options: UnitOptions, counts: dict, rasters
         log.debug("%s: dropped by the FastTOM rules: %s", sample.key, quadrant)
         return None
     return quadrant
-
-
-def _write_unit_files(output: Path, unit: int, index: list[dict], histogram: np.ndarray) -> None:
-    table = pa.Table.from_pylist(index, schema=index_schema())
-    atomic_write(output / unit_file(unit, "index.parquet"), lambda p: pq.write_table(table, p))
-
-    def save_histogram(path: Path) -> None:
-        with open(path, "wb") as file:  # mostly zeros: compresses from 6 MB to a few kB
-            np.savez_compressed(file, histogram=histogram)
-
-    atomic_write(output / unit_file(unit, "hist.npz"), save_histogram)
-
-
-def index_schema() -> pa.Schema:
-    return pa.schema([("key", pa.string()), ("shard", pa.string()), ("offset", pa.int64()),
-                      ("bytes", pa.int64()), ("grid_cell", pa.string()), ("centre_lat", pa.float64()),
-                      ("centre_lon", pa.float64()), ("timestamp", pa.string()), ("cloud_cover", pa.float64()),
-                      ("nodata", pa.float64()), ("product_id", pa.string())])

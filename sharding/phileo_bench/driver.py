@@ -17,26 +17,19 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from phileo import __version__
-from phileo.bands import ALL_BANDS
 from phileo.phileo_bench import REGRESSION_TASKS, SOURCE, SPLITS, TASKS
 from phileo.schema import DEFAULT_CLEVEL, SCHEMA_VERSION
 from sharding.build.distributor import run_jobs
-from sharding.build.manifest import band_statistics
+from sharding.build.manifest import finalize
 from sharding.build.output_dir import open_build_output
 from sharding.build.writer import atomic_write
 from sharding.errors import InputError
 from sharding.layout import (
     BUILD_INFO,
-    INDEX,
-    MANIFEST,
     PHILEO_BENCH_PLAN,
-    REJECTED,
     SHARDS_DIR,
     UNITS_DIR,
     unit_stats_path,
@@ -221,30 +214,9 @@ def make_plan(args: BenchArgs, workers: int) -> dict:
 
 def finalize_dataset(directory: Path, name: str, dataset: dict, info: dict) -> dict:
     """Write index, rejected list and manifest (last) of one dataset from its units' files."""
-    count = len(dataset["units"])
-    stats = [json.loads(unit_stats_path(directory, unit).read_text()) for unit in range(count)]
-    tables = [pq.read_table(directory / "units" / f"{unit:06d}.index.parquet") for unit in range(count)]
-    index = pa.concat_tables(tables) if tables else bench_index_schema().empty_table()
-    atomic_write(directory / INDEX, lambda p: pq.write_table(index, p))
-    rejected = dataset["rejected"] + [row for unit in stats for row in unit["rejected"]]
-    atomic_write(directory / REJECTED, lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in rejected)))
-    histogram = np.zeros((len(ALL_BANDS), 65536), dtype=np.int64)
-    for unit in range(count):
-        with np.load(directory / "units" / f"{unit:06d}.hist.npz") as saved:
-            histogram[saved["rows"], saved["values"]] += saved["counts"]
-    shards = sorted((shard for unit in stats for shard in unit["shards"]), key=lambda s: s["url"])
-    manifest = {
-        "schema": SCHEMA_VERSION, "source": SOURCE, "tool_version": __version__, "build_args": info["args"],
-        "dataset": name, "split": dataset["split"], "shards": shards,
-        "totals": {"samples": sum(s["samples"] for s in shards), "shards": len(shards),
-                   "bytes": sum(s["bytes"] for s in shards), "bytes_in": sum(u["bytes_in"] for u in stats),
-                   "rejected": len(rejected), "filtered": 0},
-        "band_stats": band_statistics(histogram),
-    }
-    if dataset["selection"] is not None:
-        manifest["selection"] = dataset["selection"]
-    atomic_write(directory / MANIFEST, lambda p: p.write_text(json.dumps(manifest, indent=1)))
-    return manifest
+    return finalize(directory, {"source": SOURCE, "args": info["args"]}, len(dataset["units"]), dataset["rejected"],
+                    0, schema=bench_index_schema(), describe={"dataset": name, "split": dataset["split"]},
+                    selection=dataset["selection"])
 
 
 def build_bench(args: BenchArgs, workers: int = 1, overwrite: bool = False) -> BenchSummary:

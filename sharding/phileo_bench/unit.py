@@ -18,14 +18,13 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from phileo.bands import ALL_BANDS, MODEL_BANDS, STACK_MEMBER
 from phileo.phileo_bench import PATCH_SIZE, REGRESSION_TASKS, SOURCE, TASKS
 from phileo.schema import DEFAULT_CLEVEL, SCHEMA_VERSION, Sample
-from sharding.build.unit import index_schema
+from sharding.build.unit_files import index_schema, new_histogram, write_unit_files
 from sharding.build.writer import ShardSummary, ShardWriter, atomic_write
-from sharding.layout import SHARDS_DIR, TMP_SUFFIX, unit_file, unit_stats_path
+from sharding.layout import SHARDS_DIR, TMP_SUFFIX, unit_stats_path
 from sharding.phileo_bench.nshot import check_label_stream, density_scale, scan_label_file
 from sharding.sources.phileo_bench import NpyReadError, TileFiles, open_npy
 
@@ -214,7 +213,7 @@ def build_bench_unit(dataset_dir: str, unit: int, job: dict, options: BenchUnitO
         leftover.unlink()
     tile = TileFiles.from_json(job["tile"])
     writer = BenchShardWriter(output / SHARDS_DIR, unit, options.shard_size, options.clevel)
-    histogram = np.zeros((len(ALL_BANDS), 65536), dtype=np.int64)
+    histogram = new_histogram()
     index, rejected, bytes_in = [], [], 0
     try:
         with ExitStack() as stack:
@@ -234,15 +233,7 @@ def build_bench_unit(dataset_dir: str, unit: int, job: dict, options: BenchUnitO
     except BaseException:
         writer.abort()
         raise
-    table = pa.Table.from_pylist(index, schema=bench_index_schema())
-    atomic_write(output / unit_file(unit, "index.parquet"), lambda p: pq.write_table(table, p))
-
-    def save_histogram(path: Path) -> None:  # sparse: a few thousand of the 786k bins are used
-        rows, values = np.nonzero(histogram)
-        with open(path, "wb") as file:
-            np.savez(file, rows=rows, values=values, counts=histogram[rows, values])
-
-    atomic_write(output / unit_file(unit, "hist.npz"), save_histogram)
+    write_unit_files(output, unit, index, bench_index_schema(), histogram)
     planned = tile.rows if job["rows"] is None else len(job["rows"])
     stats = {"unit": unit, "file": tile.s2.display, "planned": planned, "written": len(index),
              "rejected": rejected, "filtered": 0, "bytes_in": bytes_in,

@@ -1,0 +1,57 @@
+"""A work unit's index rows and band histogram: written by every unit, assembled by `finalize`.
+
+One format for the MajorTOM-family and the PhilEO Bench builds. The histogram of sampled DNs
+per band is stored sparse (band rows, DN values, counts): a unit fills a few thousand of its
+12 x 65536 bins. `read_histogram` also reads the dense `histogram` array that units of earlier
+builds wrote, so those builds still resume and finalize.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from phileo.bands import ALL_BANDS
+from sharding.build.writer import atomic_write
+from sharding.layout import unit_file
+
+HISTOGRAM_SHAPE = (len(ALL_BANDS), 65536)  # bands x uint16 DNs
+
+
+def index_schema() -> pa.Schema:
+    """The index.parquet columns of every dataset (PhilEO Bench adds its own after these)."""
+    return pa.schema([("key", pa.string()), ("shard", pa.string()), ("offset", pa.int64()),
+                      ("bytes", pa.int64()), ("grid_cell", pa.string()), ("centre_lat", pa.float64()),
+                      ("centre_lon", pa.float64()), ("timestamp", pa.string()), ("cloud_cover", pa.float64()),
+                      ("nodata", pa.float64()), ("product_id", pa.string())])
+
+
+def new_histogram() -> np.ndarray:
+    return np.zeros(HISTOGRAM_SHAPE, dtype=np.int64)
+
+
+def write_unit_files(output: Path, unit: int, index: list[dict], schema: pa.Schema, histogram: np.ndarray) -> None:
+    """`units/UUUUUU.index.parquet` then `units/UUUUUU.hist.npz`, each atomically."""
+    table = pa.Table.from_pylist(index, schema=schema)
+    atomic_write(output / unit_file(unit, "index.parquet"), lambda path: pq.write_table(table, path))
+    rows, values = np.nonzero(histogram)
+
+    def save_histogram(path: Path) -> None:
+        with open(path, "wb") as file:
+            np.savez(file, rows=rows, values=values, counts=histogram[rows, values])
+
+    atomic_write(output / unit_file(unit, "hist.npz"), save_histogram)
+
+
+def read_histogram(path: Path) -> np.ndarray:
+    """A unit's histogram as a dense (bands, 65536) int64 array."""
+    histogram = new_histogram()
+    with np.load(path) as saved:
+        if "histogram" in saved:  # dense, as units of earlier builds wrote it
+            histogram += saved["histogram"]
+        else:
+            histogram[saved["rows"], saved["values"]] += saved["counts"]
+    return histogram

@@ -1,0 +1,29 @@
+"""A unit's histogram file: one sparse format for every build; dense files of earlier builds still read."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from sharding.build.unit_files import HISTOGRAM_SHAPE, index_schema, new_histogram, read_histogram, write_unit_files
+
+
+def test_sparse_histogram_round_trip_and_index_rows(tmp_path):
+    (tmp_path / "units").mkdir()
+    histogram = new_histogram()
+    rng = np.random.default_rng(0)
+    np.add.at(histogram, (rng.integers(0, HISTOGRAM_SHAPE[0], 500), rng.integers(0, 65536, 500)), 3)
+    rows = [{"key": "a", "shard": "shards/000004-0000.tar", "offset": 0, "bytes": 10}]
+    write_unit_files(tmp_path, 4, rows, index_schema(), histogram)
+    np.testing.assert_array_equal(read_histogram(tmp_path / "units" / "000004.hist.npz"), histogram)
+    with np.load(tmp_path / "units" / "000004.hist.npz") as saved:
+        assert sorted(saved.files) == ["counts", "rows", "values"] and saved["counts"].size < 600
+    table = pq.read_table(tmp_path / "units" / "000004.index.parquet")
+    assert table.schema == index_schema() and table.column("key").to_pylist() == ["a"]
+
+
+def test_dense_histograms_of_earlier_builds_still_read(tmp_path):
+    dense = new_histogram()
+    dense[2, 1234] = 7
+    np.savez_compressed(tmp_path / "old.hist.npz", histogram=dense)
+    np.testing.assert_array_equal(read_histogram(tmp_path / "old.hist.npz"), dense)
