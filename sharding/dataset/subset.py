@@ -2,8 +2,8 @@
 
 Samples are never re-encoded: each selected sample's tar blocks (headers, data, padding) are
 read at the offset the source index gives and appended unchanged to size-capped output
-shards, one sample in memory at a time (array members are copied in chunks). Each header is
-checked to belong to the indexed key, so a stale index is an error, not a corrupt output.
+shards, one sample in memory at a time. The bytes are parsed by the shard reader first and must
+be exactly the indexed sample, so a stale index is an error, not a corrupt output.
 The output is a normal dataset (shards temp + rename, index.parquet with the offsets of the
 new tars, an empty rejected.jsonl, manifest.json last) whose manifest names the source dataset
 and the query under `derived_from`. `phileo-shard split` writes its two outputs with the
@@ -12,9 +12,9 @@ same `write_selection`.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
-import tarfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,18 +27,16 @@ from tqdm import tqdm
 
 from phileo import __version__
 from phileo.schema import SCHEMA_VERSION
+from phileo.tarstream import TarFormatError, iter_sample_spans
 from sharding.build.output_dir import claim_output_dir, clear_owned
 from sharding.build.writer import ShardSummary, ShardWriter, atomic_write, sha256_file
 from sharding.dataset.query import build_query, select
-from sharding.dataset.tarread import split_member_name
 from sharding.dataset.verify import load_manifest
 from sharding.errors import InputError
 from sharding.layout import INDEX, MANIFEST, REJECTED, SHARDS_DIR
 
 log = logging.getLogger(__name__)
 
-BLOCK = tarfile.BLOCKSIZE
-CHUNK = 1 << 20
 OWNED = {MANIFEST, INDEX, REJECTED, SHARDS_DIR}
 
 
@@ -61,42 +59,35 @@ class RawShardWriter(ShardWriter):
         super().__init__(shards_dir, unit=0, shard_size=shard_size)
 
     def copy_sample(self, source: BinaryIO, key: str, size: int, where: str) -> dict:
-        """Copy the `size` bytes of sample `key` at `source`'s position; returns its new index location."""
+        """Copy the `size` bytes of sample `key` at `source`'s position; returns its new index location.
+
+        The bytes are parsed (phileo/tarstream.py) before they are written: they must be exactly one
+        whole sample with that key, or the index is stale and the copy stops with an InputError.
+        """
+        data = source.read(size)
+        if len(data) != size:
+            raise InputError(f"{where}: ends inside sample {key}; run phileo-shard verify on the source")
+        try:
+            samples = list(iter_sample_spans(io.BytesIO(data), where))
+        except TarFormatError as error:
+            raise InputError(f"{where}: index entry {key} (+{size} bytes) does not match the members found "
+                             f"there ({error}); run phileo-shard verify on the source") from error
+        if [(found, span) for found, _, _, span in samples] != [(key, size)]:
+            found = ", ".join(found for found, _, _, _ in samples) or "none"
+            raise InputError(f"{where}: index entry {key} (+{size} bytes) does not match the member "
+                             f"samples found there ({found}); run phileo-shard verify on the source")
+        members = samples[0][1]
+        try:
+            meta = json.loads(members["meta.json"])
+        except KeyError:
+            raise InputError(f"{where}: sample {key} has no meta.json member") from None
+        except ValueError as error:
+            raise InputError(f"{where}: {key}.meta.json is not valid JSON ({error})") from error
         if self._file is None:
             self._open_next()
-        offset, meta, remaining = self._offset, None, size
-        while remaining > 0:
-            header = source.read(BLOCK)
-            try:
-                info = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
-            except tarfile.TarError as error:
-                raise InputError(f"{where}: no tar header for {key} ({error}); run phileo-shard verify") from error
-            padded = -(-info.size // BLOCK) * BLOCK
-            if split_member_name(info.name)[0] != key or not info.isfile() or BLOCK + padded > remaining:
-                raise InputError(f"{where}: index entry {key} (+{size} bytes) does not match the member "
-                                 f"{info.name!r} found there; run phileo-shard verify on the source")
-            self._write(header)
-            if split_member_name(info.name)[1] == "meta.json":
-                data = source.read(padded)
-                try:
-                    meta = json.loads(data[: info.size])
-                except ValueError as error:
-                    raise InputError(f"{where}: {info.name} is not valid JSON ({error})") from error
-                self._write(data)
-            else:
-                self._copy(source, padded, where)
-            remaining -= BLOCK + padded
-        if meta is None:
-            raise InputError(f"{where}: sample {key} has no meta.json member")
+        offset = self._offset
+        self._write(data)
         return self._added(key, offset, meta)
-
-    def _copy(self, source: BinaryIO, count: int, where: str) -> None:
-        while count > 0:
-            data = source.read(min(CHUNK, count))
-            if not data:
-                raise InputError(f"{where}: ends inside a member; run phileo-shard verify on the source")
-            self._write(data)
-            count -= len(data)
 
 
 def prepare_output(output: Path, source: Path, overwrite: bool, flag: str = "--output") -> None:
