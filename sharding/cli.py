@@ -11,7 +11,7 @@ from phileo.cli import output_option
 from sharding.build.driver import BuildArgs
 from sharding.build.fasttom import FastTomRules
 from sharding.errors import InputError
-from sharding.phileo_bench.driver import BenchArgs
+from sharding.phileo_bench.driver import PhilEOBenchArgs
 from sharding.phileo_bench.nshot import DENSITY_SCALES
 
 
@@ -91,7 +91,7 @@ def run_or_exit(function, *args, **kwargs):
 @click.option("--mix-files", default=BuildArgs.mix_groups, show_default=True,
               help="Source files mixed into each shard.")
 @click.option("--seed", type=int, help=f"majortom: seed of the mixing plan (default {BuildArgs.seed}). phileo-bench: "
-                                     f"seed of the n-shot selection (default {BenchArgs.seed}, the benchmark's).")
+                                     f"seed of the n-shot selection (default {PhilEOBenchArgs.seed}, the benchmark's).")
 @click.option("--clevel", default=BuildArgs.clevel, show_default=True,
               help="Blosc2 level (1 = zstd 1; 5 = zstd 9, 4x slower).")
 @click.option("--thumbnails", is_flag=True, help="Store a 128 px JPEG preview per sample.")
@@ -113,13 +113,13 @@ def run_or_exit(function, *args, **kwargs):
 @click.option("--n-shot", "n_shot", help="phileo-bench n-shot: patches per region bucket, e.g. 50,100,500.")
 @click.option("--indices", help="phileo-bench n-shot: directory of the benchmark's indices_*_{name}_{task}_{n}.json "
                                 "files, used instead of the seeded selection.")
-@click.option("--indices-name", default=BenchArgs.indices_name, show_default=True,
+@click.option("--indices-name", default=PhilEOBenchArgs.indices_name, show_default=True,
               help="phileo-bench: {name} of --indices files.")
 @click.option("--min-clear", type=float, default=FastTomRules.min_clear, show_default=True,
               help="fasttom: drop tiles whose clearest quadrant has a smaller cloud-free fraction.")
 @click.option("--max-water", type=float, default=FastTomRules.max_water, show_default=True,
               help="fasttom: drop tiles whose quadrant has a larger water fraction (needs --label water=RASTER).")
-@click.option("--density-scale", type=click.Choice(DENSITY_SCALES), default=BenchArgs.density_scale,
+@click.option("--density-scale", type=click.Choice(DENSITY_SCALES), default=PhilEOBenchArgs.density_scale,
               show_default=True,
               help="phileo-bench: divisor of roads/buildings labels to get a 0..1 density; auto = 100 when a "
                    "label file's maximum exceeds 1.")
@@ -134,7 +134,7 @@ def build(input_path: tuple[str, ...], output: str, shard_size: str, grid_cells_
         if not input_path and (source == "phileo-bench" or not options["metadata"]):
             raise InputError("--input: required (majortom: unless --metadata is given)")
         if source == "phileo-bench":
-            return _run_bench_build(input_path, output, shard_size, workers, overwrite, options)
+            return _run_phileo_bench_build(input_path, output, shard_size, workers, overwrite, options)
         # majortom takes one input; as before --input became repeatable, the last one given wins
         return _run_majortom_build(input_path[-1] if input_path else None, output, shard_size, grid_cells_file,
                                    mix_files, workers, overwrite, options, source)
@@ -209,16 +209,17 @@ def _run_majortom_build(input_path: str | None, output: str, shard_size: str, gr
     return run_build(args, workers=workers, overwrite=overwrite, **distributed_kwargs(options, overwrite))
 
 
-def _run_bench_build(inputs: tuple[str, ...], output: str, shard_size: str, workers: int, overwrite: bool,
+def _run_phileo_bench_build(inputs: tuple[str, ...], output: str, shard_size: str, workers: int, overwrite: bool,
                      options: dict):
-    from sharding.phileo_bench.driver import build_bench
+    from sharding.phileo_bench.driver import build_phileo_bench
 
-    args = BenchArgs(inputs=inputs, output=output, tasks=_split_list(options["task"], "--task"),
-                     n_shots=_split_list(options["n_shot"], "--n-shot", int),
-                     seed=BenchArgs.seed if options["seed"] is None else options["seed"], indices=options["indices"],
-                     indices_name=options["indices_name"], density_scale=options["density_scale"],
-                     shard_size=_parse_size(shard_size), clevel=options["clevel"])
-    return build_bench(args, workers=workers, overwrite=overwrite)
+    seed = PhilEOBenchArgs.seed if options["seed"] is None else options["seed"]
+    args = PhilEOBenchArgs(inputs=inputs, output=output, tasks=_split_list(options["task"], "--task"),
+                           n_shots=_split_list(options["n_shot"], "--n-shot", int), seed=seed,
+                           indices=options["indices"], indices_name=options["indices_name"],
+                           density_scale=options["density_scale"], shard_size=_parse_size(shard_size),
+                           clevel=options["clevel"])
+    return build_phileo_bench(args, workers=workers, overwrite=overwrite)
 
 
 @main.command()

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from sharding.build.driver import BuildArgs
 from sharding.build.fasttom import FastTomRules
 from sharding.cli import main as shard_main
-from sharding.phileo_bench.driver import BenchArgs
+from sharding.phileo_bench.driver import PhilEOBenchArgs
 from training.cli import main as train_main
 from training.config import (
     BenchConfig,
@@ -68,7 +68,8 @@ def test_training_flag_defaults_are_the_config_defaults(command, configs):
 
 def test_build_flag_defaults_are_the_build_defaults():
     flags = _defaults(shard_main.commands["build"])
-    assert flags["mix_files"] == BuildArgs.mix_groups and flags["clevel"] == BuildArgs.clevel == BenchArgs.clevel
-    assert flags["shard_size"] == "1GB" and BuildArgs.shard_size == BenchArgs.shard_size == 10**9
+    assert flags["mix_files"] == BuildArgs.mix_groups and flags["clevel"] == BuildArgs.clevel == PhilEOBenchArgs.clevel
+    assert flags["shard_size"] == "1GB" and BuildArgs.shard_size == PhilEOBenchArgs.shard_size == 10**9
     assert (flags["min_clear"], flags["max_water"]) == (FastTomRules.min_clear, FastTomRules.max_water)
-    assert (flags["indices_name"], flags["density_scale"]) == (BenchArgs.indices_name, BenchArgs.density_scale)
+    bench = PhilEOBenchArgs
+    assert (flags["indices_name"], flags["density_scale"]) == (bench.indices_name, bench.density_scale)

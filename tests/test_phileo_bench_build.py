@@ -29,22 +29,22 @@ ARCHIVE_DIR = "PhilEO-downstream/data"
 
 
 @pytest.fixture(scope="session")
-def bench_dir(tmp_path_factory):
+def phileo_bench_dir(tmp_path_factory):
     """Default fixture (6 regions in 4 buckets, 2 tiles each, 6/3/2 patches), plain npy files; read-only."""
     root = tmp_path_factory.mktemp("phileo_bench")
     return root, make_phileo_bench_dataset(root)
 
 
 @pytest.fixture(scope="session")
-def bench_built(bench_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench_built") / "out"
-    result = run_shard("build", "--source", "phileo-bench", "--input", str(bench_dir[0]), "--output", str(out))
+def phileo_bench_built(phileo_bench_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("phileo_bench_built") / "out"
+    result = run_shard("build", "--source", "phileo-bench", "--input", str(phileo_bench_dir[0]), "--output", str(out))
     assert result.exit_code == 0, result.output
     assert result.stdout.strip().splitlines()[-1].startswith("wrote 132 patches in ")
     return out
 
 
-def bench_build(source, out, *extra):
+def phileo_bench_build(source, out, *extra):
     sources = source if isinstance(source, list | tuple) else [source]
     flags = [arg for path in sources for arg in ("--input", str(path))]
     return run_shard("build", "--source", "phileo-bench", *flags, "--output", str(out), *extra)
@@ -111,11 +111,11 @@ def check_round_trip(samples, files, split, file_prefix=lambda name: "", scale=1
             "landcover": {"member": "label_landcover", "source": f"{prefix}{stem}label_lc.npy"}}
 
 
-def test_dir_build_is_bit_exact_and_covers_every_row_once(bench_dir, bench_built):
-    _, files = bench_dir
+def test_dir_build_is_bit_exact_and_covers_every_row_once(phileo_bench_dir, phileo_bench_built):
+    _, files = phileo_bench_dir
     total = 0
     for split in ("train", "val", "test"):
-        dataset = bench_built / split
+        dataset = phileo_bench_built / split
         samples = read_samples(dataset)
         check_round_trip(samples, files, split)
         total += len(samples)
@@ -127,14 +127,15 @@ def test_dir_build_is_bit_exact_and_covers_every_row_once(bench_dir, bench_built
         assert {row["split"] for row in index} == {split} and all(row["region"] for row in index)
         assert run_shard("verify", str(dataset)).exit_code == 0
     assert total == sum(len(a) for name, a in files.items() if name.endswith("_s2.npy"))
-    assert any(key.startswith("tanzania-1_test_") for key in read_samples(bench_built / "test"))
+    assert any(key.startswith("tanzania-1_test_") for key in read_samples(phileo_bench_built / "test"))
 
 
 @pytest.mark.parametrize(("layout", "compress"), [("zip", True), ("zip-split", False)])
 def test_zip_layouts_are_bit_exact(tmp_path, layout, compress):
     files = make_phileo_bench_dataset(tmp_path / "in", layout=layout, compress=compress, with_coords=False, **SMALL)
     inputs = sorted((tmp_path / "in").iterdir())
-    result = bench_build(inputs if layout == "zip" else inputs[:1], tmp_path / "out")  # a part finds its siblings
+    # one part of a split zip finds its siblings
+    result = phileo_bench_build(inputs if layout == "zip" else inputs[:1], tmp_path / "out")
     assert result.exit_code == 0, result.output
     for split in ("train", "val", "test"):
         samples = read_samples(tmp_path / "out" / split)
@@ -206,15 +207,15 @@ def pool_key(files, bucket, split, index):
 
 
 @pytest.fixture(scope="session")
-def nshot_built(bench_dir, tmp_path_factory):
+def nshot_built(phileo_bench_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("nshot") / "out"
-    result = bench_build(bench_dir[0], out, "--task", "roads,buildings,landcover", "--n-shot", "5,30")
+    result = phileo_bench_build(phileo_bench_dir[0], out, "--task", "roads,buildings,landcover", "--n-shot", "5,30")
     assert result.exit_code == 0, result.output
     return out
 
 
-def test_nshot_selection_is_the_benchmark_s(bench_dir, nshot_built):
-    _, files = bench_dir
+def test_nshot_selection_is_the_benchmark_s(phileo_bench_dir, nshot_built):
+    _, files = phileo_bench_dir
     for task, y in (("roads", "roads"), ("buildings", "building"), ("landcover", "lc")):
         for n in (5, 30):
             expected = original_protocol(files, y, n)
@@ -235,8 +236,8 @@ def test_nshot_selection_is_the_benchmark_s(bench_dir, nshot_built):
     assert any(key.startswith("tanzania-1_") for key in full_test)
 
 
-def test_nshot_samples_equal_the_full_build_and_roads_prefer_roads(bench_built, nshot_built):
-    full = {split: read_samples(bench_built / split) for split in ("train", "val")}
+def test_nshot_samples_equal_the_full_build_and_roads_prefer_roads(phileo_bench_built, nshot_built):
+    full = {split: read_samples(phileo_bench_built / split) for split in ("train", "val")}
     for split in ("train", "val"):
         for key, sample in read_samples(nshot_built / "roads-n5" / split).items():
             np.testing.assert_array_equal(sample.arrays["s2_stack"], full[split][key].arrays["s2_stack"])
@@ -247,8 +248,8 @@ def test_nshot_samples_equal_the_full_build_and_roads_prefer_roads(bench_built, 
     assert chosen_mean > pool_mean
 
 
-def test_nshot_build_is_deterministic_across_workers(bench_dir, nshot_built, tmp_path):
-    result = bench_build(bench_dir[0], tmp_path / "again", "--task", "roads,landcover", "--n-shot", "5",
+def test_nshot_build_is_deterministic_across_workers(phileo_bench_dir, nshot_built, tmp_path):
+    result = phileo_bench_build(phileo_bench_dir[0], tmp_path / "again", "--task", "roads,landcover", "--n-shot", "5",
                          "--workers", "2")
     assert result.exit_code == 0, result.output
     for dataset in ("test", "roads-n5/train", "roads-n5/val", "landcover-n5/train"):
@@ -274,11 +275,11 @@ HAND_PICKED = {"europe": {"train_indices": [23, 0, 7], "val_indices": [11],
                          "length_multi_array_train": 12, "length_multi_array_val": 6}}
 
 
-def test_indices_files_are_reproduced_exactly(bench_dir, tmp_path):
-    _, files = bench_dir
+def test_indices_files_are_reproduced_exactly(phileo_bench_dir, tmp_path):
+    _, files = phileo_bench_dir
     write_index(tmp_path / "idx", "a", HAND_PICKED)
     write_index(tmp_path / "idx", "b", HAND_PICKED, date="02022024")  # identical duplicate: fine
-    result = bench_build(bench_dir[0], tmp_path / "out", "--task", "roads", "--n-shot", "3", "--indices",
+    result = phileo_bench_build(phileo_bench_dir[0], tmp_path / "out", "--task", "roads", "--n-shot", "3", "--indices",
                          str(tmp_path / "idx"))
     assert result.exit_code == 0, result.output
     for split in ("train", "val"):
@@ -297,7 +298,7 @@ def test_indices_files_are_reproduced_exactly(bench_dir, tmp_path):
     ("missing", "no indices_*_128_10M_roads_3.json"),
     ("range", "outside the pool"),
 ])
-def test_bad_indices_files_are_one_line_errors(bench_dir, tmp_path, change, message):
+def test_bad_indices_files_are_one_line_errors(phileo_bench_dir, tmp_path, change, message):
     buckets = json.loads(json.dumps(HAND_PICKED))
     directory = tmp_path / "idx"
     directory.mkdir()
@@ -311,7 +312,7 @@ def test_bad_indices_files_are_one_line_errors(bench_dir, tmp_path, change, mess
     elif change == "range":
         buckets["japan"]["train_indices"] = [12]
         write_index(directory, "a", buckets)
-    result = bench_build(bench_dir[0], tmp_path / "out", "--task", "roads", "--n-shot", "3", "--indices",
+    result = phileo_bench_build(phileo_bench_dir[0], tmp_path / "out", "--task", "roads", "--n-shot", "3", "--indices",
                          str(directory))
     assert result.exit_code == 2, result.output
     error = result.stderr.strip()
@@ -328,7 +329,7 @@ def test_bad_input_goes_to_rejected_with_file_row_and_reason(tmp_path):
     codes = files["tanzania-1_1_0_test_label_lc.npy"].astype(np.int16)
     codes[0, 0, 0, 0] = 300  # does not fit uint8
     np.save(root / "tanzania-1_1_0_test_label_lc.npy", codes)
-    result = bench_build(root, tmp_path / "out")
+    result = phileo_bench_build(root, tmp_path / "out")
     assert result.exit_code == 0, result.output
     rejected = {split: [json.loads(line) for line in (tmp_path / "out" / split / "rejected.jsonl").open()]
                 for split in ("train", "val", "test")}
@@ -343,7 +344,7 @@ def test_bad_input_goes_to_rejected_with_file_row_and_reason(tmp_path):
         written = set(read_samples(tmp_path / "out" / split))
         lost = {r["key"] for r in rejected[split]}
         assert not written & lost and written | lost == set(expected_patches(files, split))
-    strict = bench_build(root, tmp_path / "strict", "--strict")
+    strict = phileo_bench_build(root, tmp_path / "strict", "--strict")
     assert strict.exit_code == 1 and "rejected" in strict.stderr
 
 
@@ -351,7 +352,7 @@ def test_unknown_region_is_a_one_line_error(tmp_path):
     make_phileo_bench_dataset(tmp_path / "in", regions=("japan",), tiles_per_region=1,
                               patches={"train": 1, "val": 1, "test": 1})
     np.save(tmp_path / "in" / "atlantis_0_train_s2.npy", np.zeros((1, 128, 128, 10), np.uint16))
-    result = bench_build(tmp_path / "in", tmp_path / "out")
+    result = phileo_bench_build(tmp_path / "in", tmp_path / "out")
     assert result.exit_code == 2
     assert "atlantis_0_train_s2.npy" in result.stderr and "unknown PhilEO Bench region" in result.stderr
 
@@ -359,7 +360,7 @@ def test_unknown_region_is_a_one_line_error(tmp_path):
 def test_resume_after_a_partial_build_reproduces_every_shard(tmp_path):
     make_phileo_bench_dataset(tmp_path / "in", **SMALL)
     out = tmp_path / "out"
-    assert bench_build(tmp_path / "in", out, "--shard-size", "300KB").exit_code == 0
+    assert phileo_bench_build(tmp_path / "in", out, "--shard-size", "300KB").exit_code == 0
     before = {split: (shard_digests(out / split), (out / split / "manifest.json").read_bytes())
               for split in ("train", "val", "test")}
     train = out / "train"
@@ -368,12 +369,12 @@ def test_resume_after_a_partial_build_reproduces_every_shard(tmp_path):
     (train / "units" / "000001.json").unlink()  # as if killed while writing unit 1
     for shard in (train / "shards").glob("000001-*.tar"):
         shard.rename(shard.with_name(shard.name + ".tmp"))
-    result = bench_build(tmp_path / "in", out, "--shard-size", "300KB")
+    result = phileo_bench_build(tmp_path / "in", out, "--shard-size", "300KB")
     assert result.exit_code == 0, result.output
     assert not list((train / "shards").glob("*.tmp"))
     for split, (digests, manifest) in before.items():
         assert shard_digests(out / split) == digests and (out / split / "manifest.json").read_bytes() == manifest
-    other = bench_build(tmp_path / "in", out, "--shard-size", "200KB")
+    other = phileo_bench_build(tmp_path / "in", out, "--shard-size", "200KB")
     assert other.exit_code == 2 and "other arguments" in other.stderr
 
 
@@ -381,11 +382,11 @@ def test_density_scale_is_detected_per_label_file(tmp_path):
     files = make_phileo_bench_dataset(tmp_path / "in", density_scale=100.0, regions=("japan",), tiles_per_region=1,
                                       patches={"train": 4, "val": 1, "test": 1})
     assert max(a.max() for n, a in files.items() if n.endswith("label_roads.npy")) == 100.0
-    assert bench_build(tmp_path / "in", tmp_path / "auto").exit_code == 0
+    assert phileo_bench_build(tmp_path / "in", tmp_path / "auto").exit_code == 0
     check_round_trip(read_samples(tmp_path / "auto" / "train"), files, "train", scale=100)
-    assert bench_build(tmp_path / "in", tmp_path / "one", "--density-scale", "1").exit_code == 0
+    assert phileo_bench_build(tmp_path / "in", tmp_path / "one", "--density-scale", "1").exit_code == 0
     check_round_trip(read_samples(tmp_path / "one" / "train"), files, "train", scale=1)
-    nshot = bench_build(tmp_path / "in", tmp_path / "nshot", "--task", "buildings", "--n-shot", "2")
+    nshot = phileo_bench_build(tmp_path / "in", tmp_path / "nshot", "--task", "buildings", "--n-shot", "2")
     assert nshot.exit_code == 0, nshot.output
     for sample in read_samples(tmp_path / "nshot" / "buildings-n2" / "train").values():
         assert sample.meta["task_labels"]["buildings"]["density_scale"] == 100
@@ -405,18 +406,18 @@ def test_fixture_cli_and_installed_command(tmp_path):
     assert sorted(read_samples(tmp_path / "out" / "test")) == ["japan_test_000000", "tanzania-1_test_000000"]
 
 
-def test_options_of_the_other_source_are_refused(bench_dir, tmp_path):
-    result = bench_build(bench_dir[0], tmp_path / "out", "--max-cloud", "10")
+def test_options_of_the_other_source_are_refused(phileo_bench_dir, tmp_path):
+    result = phileo_bench_build(phileo_bench_dir[0], tmp_path / "out", "--max-cloud", "10")
     assert result.exit_code == 2 and "--max-cloud is not used with --source phileo-bench" in result.stderr
-    result = run_shard("build", "--input", str(bench_dir[0]), "--output", str(tmp_path / "m"), "--task", "roads")
+    result = run_shard("build", "--input", str(phileo_bench_dir[0]), "--output", str(tmp_path / "m"), "--task", "roads")
     assert result.exit_code == 2 and "--task is not used with --source majortom" in result.stderr
-    result = bench_build(bench_dir[0], tmp_path / "out", "--task", "roads")
+    result = phileo_bench_build(phileo_bench_dir[0], tmp_path / "out", "--task", "roads")
     assert result.exit_code == 2 and "--task and --n-shot go together" in result.stderr
 
 
-def test_inspect_and_verify_work_on_phileo_bench_datasets(bench_built):
-    shard = sorted((bench_built / "test" / "shards").glob("*.tar"))[0]
+def test_inspect_and_verify_work_on_phileo_bench_datasets(phileo_bench_built):
+    shard = sorted((phileo_bench_built / "test" / "shards").glob("*.tar"))[0]
     result = run_shard("inspect", str(shard), "--max-samples", "1")
     assert result.exit_code == 0, result.output
     assert "region " in result.output and "B04 " in result.output
-    assert run_shard("verify", str(bench_built / "test")).exit_code == 0
+    assert run_shard("verify", str(phileo_bench_built / "test")).exit_code == 0

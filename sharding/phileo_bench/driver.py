@@ -46,7 +46,7 @@ from sharding.phileo_bench.nshot import (
     scan_label_file,
     selected_rows,
 )
-from sharding.phileo_bench.unit import BenchUnitOptions, bench_index_schema, build_bench_unit
+from sharding.phileo_bench.unit import PhilEOBenchUnitOptions, build_phileo_bench_unit, phileo_bench_index_schema
 from sharding.sources.phileo_bench import TileFiles, group_tiles, scan_inputs
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ _NSHOT_DIR = re.compile(r"^(" + "|".join(TASKS) + r")-n\d+$")
 
 
 @dataclass(frozen=True)
-class BenchArgs:
+class PhilEOBenchArgs:
     """The arguments that define a PhilEO Bench build: a rerun must repeat them exactly to resume."""
 
     inputs: tuple[str, ...]
@@ -108,7 +108,7 @@ class BenchArgs:
 
 
 @dataclass
-class BenchSummary:
+class PhilEOBenchSummary:
     written: int = 0
     rejected: int = 0
     shards: int = 0
@@ -124,7 +124,7 @@ class BenchSummary:
                 f"({rate:.1f} patches/s)")
 
 
-def prepare_output(args: BenchArgs, overwrite: bool) -> dict | None:
+def prepare_output(args: PhilEOBenchArgs, overwrite: bool) -> dict | None:
     """Create/clean the output; return the saved build info when resuming, else None."""
     return open_build_output(Path(args.output), _owned, overwrite, args.defining(), source=SOURCE)
 
@@ -158,7 +158,7 @@ def _scan_pools(pools: dict[str, dict[str, Pool]], task: str, mode: str, workers
     return scans
 
 
-def _nshot_datasets(args: BenchArgs, tiles: list[TileFiles], workers: int) -> tuple[dict, dict[str, int]]:
+def _nshot_datasets(args: PhilEOBenchArgs, tiles: list[TileFiles], workers: int) -> tuple[dict, dict[str, int]]:
     """({dataset name: dataset}, {label file: density scale}) of the n-shot datasets."""
     index_files = {(task, n): find_index_file(args.indices, args.indices_name, task, n)
                    for task in args.tasks for n in args.n_shots} if args.indices else {}
@@ -183,7 +183,7 @@ def _nshot_datasets(args: BenchArgs, tiles: list[TileFiles], workers: int) -> tu
     return datasets, scales
 
 
-def make_plan(args: BenchArgs, workers: int) -> dict:
+def make_plan(args: PhilEOBenchArgs, workers: int) -> dict:
     """List the input, select the n-shot patches, save plan.json and then build.json."""
     output = Path(args.output)
     found, ignored = scan_inputs(args.inputs)
@@ -215,17 +215,17 @@ def make_plan(args: BenchArgs, workers: int) -> dict:
 def finalize_dataset(directory: Path, name: str, dataset: dict, info: dict) -> dict:
     """Write index, rejected list and manifest (last) of one dataset from its units' files."""
     return finalize(directory, {"source": SOURCE, "args": info["args"]}, len(dataset["units"]), dataset["rejected"],
-                    0, schema=bench_index_schema(), describe={"dataset": name, "split": dataset["split"]},
+                    0, schema=phileo_bench_index_schema(), describe={"dataset": name, "split": dataset["split"]},
                     selection=dataset["selection"])
 
 
-def build_bench(args: BenchArgs, workers: int = 1, overwrite: bool = False) -> BenchSummary:
+def build_phileo_bench(args: PhilEOBenchArgs, workers: int = 1, overwrite: bool = False) -> PhilEOBenchSummary:
     """Build (or resume) the PhilEO Bench datasets; returns the summary. Raises InputError on bad input."""
     started = time.monotonic()
     output = Path(args.output)
     info = prepare_output(args, overwrite) or make_plan(args, workers)
     datasets = json.loads((output / PHILEO_BENCH_PLAN).read_text())["datasets"]
-    options = BenchUnitOptions(args.shard_size, args.clevel, args.density_scale)
+    options = PhilEOBenchUnitOptions(args.shard_size, args.clevel, args.density_scale)
     jobs = []
     for name, dataset in datasets.items():
         directory = output / name
@@ -233,11 +233,11 @@ def build_bench(args: BenchArgs, workers: int = 1, overwrite: bool = False) -> B
         (directory / UNITS_DIR).mkdir(exist_ok=True)
         jobs += [(str(directory), number, unit, options) for number, unit in enumerate(dataset["units"])
                  if not unit_stats_path(directory, number).is_file()]
-    summary = BenchSummary(datasets=len(datasets))
+    summary = PhilEOBenchSummary(datasets=len(datasets))
     total = sum(job[2]["tile"]["rows"] if job[2]["rows"] is None else len(job[2]["rows"]) for job in jobs)
     log.info("%d units to build (%d patches)", len(jobs), total)
     with tqdm(total=total, unit="patch", desc="build", dynamic_ncols=True) as bar:
-        for number, result in run_jobs(build_bench_unit, jobs, workers, bar.update):
+        for number, result in run_jobs(build_phileo_bench_unit, jobs, workers, bar.update):
             if "traceback" in result:
                 failed = {"unit": f"{jobs[number][0]}#{jobs[number][1]}"} | result
                 log.error("unit %s failed: %s\n%s", failed["unit"], result["error"], result["traceback"])

@@ -34,7 +34,7 @@ _BAND_ROWS = np.array([ALL_BANDS.index(band) for band in MODEL_BANDS])[:, None]
 
 
 @dataclass(frozen=True)
-class BenchUnitOptions:
+class PhilEOBenchUnitOptions:
     """What a worker needs besides the unit; picklable for the process pool."""
 
     shard_size: int
@@ -43,7 +43,7 @@ class BenchUnitOptions:
 
 
 @dataclass
-class BenchShardSummary(ShardSummary):
+class PhilEOBenchShardSummary(ShardSummary):
     """PhilEO Bench patches carry no lon/lat box or timestamp: the manifest counts patches per region."""
 
     regions: dict[str, int] = field(default_factory=dict)
@@ -57,11 +57,11 @@ class BenchShardSummary(ShardSummary):
                 "regions": dict(sorted(self.regions.items()))}
 
 
-class BenchShardWriter(ShardWriter):
-    summary_type = BenchShardSummary
+class PhilEOBenchShardWriter(ShardWriter):
+    summary_type = PhilEOBenchShardSummary
 
 
-def bench_index_schema() -> pa.Schema:
+def phileo_bench_index_schema() -> pa.Schema:
     """The majortom index columns (geo ones null here) plus where each patch came from."""
     extra = [("region", pa.string()), ("bucket", pa.string()), ("split", pa.string()), ("tile", pa.string()),
              ("file", pa.string()), ("row", pa.int64())]
@@ -205,14 +205,14 @@ def _add_histogram(sample: Sample, histogram: np.ndarray) -> None:
     np.add.at(histogram, (_BAND_ROWS, stack[:, ys, xs]), 1)
 
 
-def build_bench_unit(dataset_dir: str, unit: int, job: dict, options: BenchUnitOptions,
+def build_phileo_bench_unit(dataset_dir: str, unit: int, job: dict, options: PhilEOBenchUnitOptions,
                      progress: Callable[[int], None] | None = None) -> dict:
     """Convert one unit; returns (and writes last) its stats. `progress(1)` after each patch."""
     output = Path(dataset_dir)
     for leftover in (output / SHARDS_DIR).glob(f"{unit:06d}-*.tar{TMP_SUFFIX}"):
         leftover.unlink()
     tile = TileFiles.from_json(job["tile"])
-    writer = BenchShardWriter(output / SHARDS_DIR, unit, options.shard_size, options.clevel)
+    writer = PhilEOBenchShardWriter(output / SHARDS_DIR, unit, options.shard_size, options.clevel)
     histogram = new_histogram()
     index, rejected, bytes_in = [], [], 0
     try:
@@ -233,7 +233,7 @@ def build_bench_unit(dataset_dir: str, unit: int, job: dict, options: BenchUnitO
     except BaseException:
         writer.abort()
         raise
-    write_unit_files(output, unit, index, bench_index_schema(), histogram)
+    write_unit_files(output, unit, index, phileo_bench_index_schema(), histogram)
     planned = tile.rows if job["rows"] is None else len(job["rows"])
     stats = {"unit": unit, "file": tile.s2.display, "planned": planned, "written": len(index),
              "rejected": rejected, "filtered": 0, "bytes_in": bytes_in,
