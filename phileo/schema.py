@@ -19,6 +19,10 @@ import numpy as np
 from phileo.bands import MODEL_BANDS, RESOLUTION_GROUPS, STACK_MEMBER
 
 SCHEMA_VERSION = "phileo-shard/1"
+# the dataset files a reader opens (docs/format.md); the build's other files are sharding/layout.py's
+MANIFEST = "manifest.json"
+INDEX = "index.parquet"
+SHARDS_DIR = "shards"
 ARRAY_EXT = "b2nd"
 META_MEMBER = "meta.json"
 THUMB_MEMBER = "thumb.jpg"

@@ -75,10 +75,16 @@ def iter_members(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
         yield name, data
 
 
-def iter_member_spans(stream: BinaryIO) -> Iterator[tuple[str, bytes, int, int]]:
+def iter_member_spans(stream: BinaryIO, headers_only: bool = False) -> Iterator[tuple[str, bytes, int, int]]:
     """(name, bytes, start, end) of every regular member: [start, end) spans its headers (pax or GNU
-    long-name ones included), data and padding in the stream."""
+    long-name ones included), data and padding in the stream.
+
+    `headers_only` (a seekable stream): members' data is skipped with a seek and yielded as b"".
+    """
     offset, long_name, start = 0, None, 0
+    total = stream.seek(0, 2) if headers_only else None
+    if headers_only:
+        stream.seek(0)
     while True:
         header = stream.read(BLOCK)
         if not header:  # end of stream without the zero-block trailer: tolerated
@@ -88,10 +94,16 @@ def iter_member_spans(stream: BinaryIO) -> Iterator[tuple[str, bytes, int, int]]
         if header == b"\0" * BLOCK:  # end of archive
             return
         name, size, kind = _parse_header(header, offset)
-        data = _read_exact(stream, size, offset + BLOCK)
         padding = -size % BLOCK
-        if padding:
-            _read_exact(stream, padding, offset + BLOCK + size)
+        if headers_only and kind in _REGULAR:
+            if offset + BLOCK + size > total:
+                raise TarFormatError(f"truncated at byte {total}: a member needs {offset + BLOCK + size}")
+            data = b""
+            stream.seek(size + padding, 1)
+        else:
+            data = _read_exact(stream, size, offset + BLOCK)
+            if padding:
+                _read_exact(stream, padding, offset + BLOCK + size)
         offset += BLOCK + size + padding
         if kind == b"x":  # pax header: applies to the next member
             long_name = _pax_path(data) or long_name
@@ -153,3 +165,9 @@ def iter_sample_spans(stream: BinaryIO, where: str) -> Iterator[tuple[str, dict[
         end = stop
     if key is not None:
         yield key, members, offset, end - offset
+
+
+def count_samples(stream: BinaryIO) -> int:
+    """Distinct sample keys of a seekable shard, from its headers alone (data is seeked over)."""
+    return len({split_key(name)[0] for name, _, _, _ in iter_member_spans(stream, headers_only=True)
+                if split_key(name)[1]})

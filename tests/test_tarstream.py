@@ -8,7 +8,14 @@ import tarfile
 import pytest
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from phileo.tarstream import TarFormatError, iter_members, iter_sample_spans, iter_samples, split_key
+from phileo.tarstream import (
+    TarFormatError,
+    count_samples,
+    iter_members,
+    iter_sample_spans,
+    iter_samples,
+    split_key,
+)
 
 MEMBERS = [("a_1.meta.json", b"{}"), ("a_1.s2_10m.b2nd", bytes(range(256)) * 5), ("a_1.txt", b""),
            ("b-2.meta.json", b'{"k": 1}'), ("b-2.cloud.b2nd", b"x" * 513),
@@ -98,3 +105,10 @@ def test_sample_spans_refuse_what_a_dataset_must_not_hold():
         list(iter_sample_spans(io.BytesIO(make_tar(tarfile.PAX_FORMAT, [("noext", b"1")], False)), "mem.tar"))
     with pytest.raises(TarFormatError, match="appears twice"):
         list(iter_sample_spans(io.BytesIO(make_tar(tarfile.PAX_FORMAT, [("k.a", b"1"), ("k.a", b"2")], False)), "x"))
+
+
+def test_count_samples_reads_headers_only_and_notices_truncation(tmp_path):
+    data = make_tar(tarfile.PAX_FORMAT)
+    assert count_samples(io.BytesIO(data)) == 3  # a_1, b-2, dir/ccc...: the directory entry is no sample
+    with pytest.raises(TarFormatError, match="truncated"):
+        count_samples(io.BytesIO(data[:1800]))

@@ -16,7 +16,7 @@ from sharding.build.driver import BuildSummary, load_units
 from sharding.build.manifest import finalize
 from sharding.build.nodes import assign_nodes
 from sharding.errors import InputError
-from sharding.layout import BUILD_INFO, NODES_DIR, PLAN_REJECTED, unit_stats_path
+from sharding.layout import BUILD_INFO, NODES_DIR, PLAN_REJECTED, UNITS_DIR, unit_stats_path
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ def _names(units: list[int]) -> str:
 def _stats_files(output: Path) -> dict[int, list[str]]:
     """unit -> names of the stats files that claim it (by file name and by content)."""
     claims: dict[int, list[str]] = {}
-    for path in sorted((output / "units").glob("*.json")):
+    for path in sorted((output / UNITS_DIR).glob("*.json")):
         try:
             unit = json.loads(path.read_text())["unit"]
         except (ValueError, KeyError, TypeError) as error:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from phileo.schema import DEFAULT_CLEVEL, Sample, encode_sample
-from sharding.layout import TMP_SUFFIX, shard_name
+from sharding.layout import TMP_SUFFIX, shard_name, shard_url
 
 FIXED_MTIME = 1_600_000_000  # any constant: reruns must produce identical bytes
 CLOUD_HISTOGRAM_BINS = 10  # 0-10%, ..., 90-100%
@@ -69,7 +69,7 @@ class ShardSummary:
         self.cloud_cover_histogram[min(int(cloud // 10), CLOUD_HISTOGRAM_BINS - 1)] += 1
 
     def to_json(self) -> dict:
-        return {"url": f"shards/{self.name}", "samples": self.samples, "bytes": self.bytes,
+        return {"url": shard_url(self.name), "samples": self.samples, "bytes": self.bytes,
                 "sha256": self.sha256, "bbox_lonlat": self.bbox_lonlat, "time_range": self.time_range,
                 "distinct_1deg_cells": len(self.one_degree_cells),
                 "cloud_cover_histogram": self.cloud_cover_histogram}
@@ -125,7 +125,7 @@ class ShardWriter:
     def _added(self, key: str, offset: int, meta: dict) -> dict:
         """Account for the sample just written; close the shard once over target (it exceeds it by < 1 sample)."""
         self._current.add(meta)
-        entry = {"key": key, "shard": f"shards/{self._current.name}", "offset": offset,
+        entry = {"key": key, "shard": shard_url(self._current.name), "offset": offset,
                  "bytes": self._offset - offset}
         if self._offset >= self.shard_size:
             self._finish_shard()

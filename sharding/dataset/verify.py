@@ -14,7 +14,7 @@ from phileo.schema import SchemaError, decode_sample
 from sharding.build.writer import sha256_file
 from sharding.dataset.tarread import iter_tar_samples
 from sharding.errors import InputError
-from sharding.layout import INDEX, MANIFEST
+from sharding.layout import INDEX, MANIFEST, SHARDS_DIR, shard_url
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +84,8 @@ def verify_dataset(dataset: str) -> tuple[list[str], int]:
             problems.extend(check_shard(root, shard, locations))
             bar.update(shard["bytes"])
     listed = {shard["url"] for shard in manifest["shards"]}
-    for extra in sorted((root / "shards").glob("*.tar")):
-        if f"shards/{extra.name}" not in listed:
-            problems.append(f"shards/{extra.name}: not in the manifest")
+    for extra in sorted((root / SHARDS_DIR).glob("*.tar")):
+        if shard_url(extra.name) not in listed:
+            problems.append(f"{shard_url(extra.name)}: not in the manifest")
     problems.extend(check_index(root, manifest, locations))
     return problems, len(locations)

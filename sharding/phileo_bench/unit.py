@@ -24,7 +24,7 @@ from phileo.phileo_bench import PATCH_SIZE, REGRESSION_TASKS, SOURCE, TASKS
 from phileo.schema import DEFAULT_CLEVEL, SCHEMA_VERSION, Sample
 from sharding.build.unit_files import index_schema, new_histogram, write_unit_files
 from sharding.build.writer import ShardSummary, ShardWriter, atomic_write
-from sharding.layout import SHARDS_DIR, TMP_SUFFIX, unit_stats_path
+from sharding.layout import SHARDS_DIR, TMP_SUFFIX, shard_url, unit_stats_path
 from sharding.phileo_bench.nshot import check_label_stream, density_scale, scan_label_file
 from sharding.sources.phileo_bench import NpyReadError, TileFiles, open_npy
 
@@ -53,7 +53,7 @@ class PhilEOBenchShardSummary(ShardSummary):
         self.regions[meta["region"]] = self.regions.get(meta["region"], 0) + 1
 
     def to_json(self) -> dict:
-        return {"url": f"shards/{self.name}", "samples": self.samples, "bytes": self.bytes, "sha256": self.sha256,
+        return {"url": shard_url(self.name), "samples": self.samples, "bytes": self.bytes, "sha256": self.sha256,
                 "regions": dict(sorted(self.regions.items()))}
 
 

@@ -13,13 +13,14 @@ from __future__ import annotations
 import io
 import json
 import posixpath
-import tarfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 from webdataset.shardlists import expand_urls
 
+from phileo.schema import MANIFEST
+from phileo.tarstream import TarFormatError, count_samples
 from training.data.remote import open_remote
 
 RESUMABLE_PREFIXES = ("http://", "https://", "s3://")
@@ -79,12 +80,8 @@ def from_manifest(url: str) -> list[ShardInfo]:
 
 def count_tar_samples(path: str) -> int:
     """Samples in a local shard = distinct keys, read from tar headers only."""
-    keys = set()
-    with tarfile.open(path, "r:") as tar:
-        for info in tar:
-            if info.isfile():
-                keys.add(info.name.rsplit("/", 1)[-1].split(".", 1)[0])
-    return len(keys)
+    with open(path, "rb") as stream:
+        return count_samples(stream)
 
 
 def index_counts(index_url: str) -> Counter:
@@ -130,7 +127,7 @@ def _with_counts(spec: str, urls: list[str]) -> list[ShardInfo]:
             raise ShardSpecError(f"--shards {spec}: {url} does not exist")
         try:
             shards.append(ShardInfo(url, count_tar_samples(url)))
-        except tarfile.TarError as error:
+        except (TarFormatError, OSError) as error:
             raise ShardSpecError(f"--shards {spec}: {url} is not a readable tar ({error})") from error
     return shards
 
@@ -140,7 +137,7 @@ def resolve_shards(spec: str) -> list[ShardInfo]:
     if spec.endswith(".json"):
         shards = from_manifest(spec)
     elif not is_remote(spec) and Path(spec).is_dir():
-        manifest = Path(spec) / "manifest.json"
+        manifest = Path(spec) / MANIFEST
         if manifest.is_file():
             shards = from_manifest(str(manifest))
         else:

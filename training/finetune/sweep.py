@@ -13,6 +13,7 @@ import logging
 from pathlib import Path
 
 from phileo.phileo_bench import REGRESSION_TASKS
+from phileo.schema import MANIFEST
 from training.config import ConfigError, FinetuneConfig
 from training.distributed import World
 from training.finetune.trainer import run_finetune
@@ -50,7 +51,7 @@ def sweep_datasets(data: str, task: str, n: int) -> tuple[str, str, str]:
     root = Path(data)
     train, val, test = root / f"{task}-n{n}" / "train", root / f"{task}-n{n}" / "val", root / "test"
     for path in (train, val, test):
-        if not (path / "manifest.json").is_file():
+        if not (path / MANIFEST).is_file():
             raise ConfigError(f"--data {data}: {path}/manifest.json is missing; build it with "
                               f"`phileo-shard build --source phileo-bench --task {task} --n-shot {n} ...`")
     return str(train), str(val), str(test)
