@@ -28,6 +28,7 @@ from tqdm import tqdm
 from phileo import __version__
 from phileo.schema import SCHEMA_VERSION
 from phileo.tarstream import TarFormatError, iter_sample_spans
+from phileo.urls import UnsafeURLError, inside_root
 from sharding.build.output_dir import claim_output_dir, clear_owned
 from sharding.build.writer import ShardSummary, ShardWriter, atomic_write, sha256_file
 from sharding.dataset.query import build_query, select
@@ -122,7 +123,7 @@ def copy_rows(source: Path, rows: pa.Table, output: Path, shard_size: int, desc:
             for row in (r for batch in rows.select(["key", "shard", "offset", "bytes"]).to_batches()
                         for r in batch.to_pylist()):
                 if row["shard"] != current:
-                    handle = _reopen(handle, source / row["shard"])
+                    handle = _reopen(handle, _shard_path(source, row["shard"]))
                     current = row["shard"]
                 handle.seek(row["offset"])
                 entry = writer.copy_sample(handle, row["key"], row["bytes"], f"{source / current}@{row['offset']}")
@@ -140,6 +141,14 @@ def copy_rows(source: Path, rows: pa.Table, output: Path, shard_size: int, desc:
         position = rows.schema.get_field_index(name)
         rows = rows.set_column(position, rows.schema.field(name), pa.array(values, rows.schema.field(name).type))
     return rows, shards
+
+
+def _shard_path(source: Path, url: str) -> Path:
+    """A shard the source index names, which must lie inside the source dataset."""
+    try:
+        return Path(inside_root(str(source), url, f"{source / INDEX}: shard"))
+    except UnsafeURLError as error:
+        raise InputError(str(error)) from None
 
 
 def _reopen(handle: BinaryIO | None, path: Path) -> BinaryIO:

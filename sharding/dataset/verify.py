@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from phileo.schema import SchemaError, decode_sample
+from phileo.urls import UnsafeURLError, inside_root
 from sharding.build.writer import sha256_file
 from sharding.dataset.tarread import iter_tar_samples
 from sharding.errors import InputError
@@ -20,13 +21,22 @@ log = logging.getLogger(__name__)
 
 
 def load_manifest(dataset: Path) -> dict:
+    """The dataset's manifest; its shard URLs checked to stay inside the dataset (phileo/urls.py)."""
     path = dataset / MANIFEST
     if not path.is_file():
         raise InputError(f"{dataset}: no {MANIFEST} (not a finished phileo-shard dataset)")
     try:
-        return json.loads(path.read_text())
+        manifest = json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise InputError(f"{path}: not valid JSON ({error})") from error
+    try:
+        for number, shard in enumerate(manifest["shards"]):
+            inside_root(str(dataset), shard["url"], f"{path}: shards[{number}]")
+    except UnsafeURLError as error:
+        raise InputError(str(error)) from None
+    except (TypeError, KeyError) as error:
+        raise InputError(f"{path}: not a phileo-shard manifest (no shards list of url entries: {error!r})") from None
+    return manifest
 
 
 def check_shard(dataset: Path, shard: dict, locations: dict) -> Iterator[str]:

@@ -21,10 +21,10 @@ from webdataset.shardlists import expand_urls
 
 from phileo.schema import MANIFEST
 from phileo.tarstream import TarFormatError, count_samples
+from phileo.urls import UnsafeURLError, check_readable, inside_root, url_scheme
 from training.data.remote import open_remote
 
 RESUMABLE_PREFIXES = ("http://", "https://", "s3://")
-REMOTE_PREFIXES = ("http://", "https://", "s3://", "pipe:")
 
 
 class ShardSpecError(ValueError):
@@ -38,23 +38,22 @@ class ShardInfo:
 
 
 def open_shard(url: str):
-    """A readable byte stream: local file; http(s)/s3 streamed with retry + resume; else webdataset's gopen.
+    """A readable byte stream: local file, or http(s)/s3 streamed with retry + resume. Nothing else:
+    URLs are data (phileo/urls.py), so no WebDataset `pipe:` command is ever run.
 
-    OSError (RemoteReadError for http(s)/s3) when the shard cannot be opened.
+    OSError (RemoteReadError for http(s)/s3) when the shard cannot be opened; UnsafeURLError for
+    another scheme.
     """
+    check_readable(url, "shard")
     if url.startswith("file://"):
         url = url[len("file://"):]
     if url.startswith(RESUMABLE_PREFIXES):
         return open_remote(url)
-    if not is_remote(url):
-        return open(url, "rb")
-    from webdataset import gopen
-
-    return gopen(url, "rb")
+    return open(url, "rb")
 
 
 def is_remote(url: str) -> bool:
-    return url.startswith(REMOTE_PREFIXES)
+    return url.startswith(RESUMABLE_PREFIXES)
 
 
 def _read_text(url: str) -> str:
@@ -64,16 +63,22 @@ def _read_text(url: str) -> str:
     return Path(url).read_text()
 
 
-def _join(base: str, relative: str) -> str:
-    if is_remote(relative) or relative.startswith("/"):
-        return relative
-    return posixpath.join(posixpath.dirname(base), relative)
+def _join(base: str, entry: str, where: str) -> str:
+    """An entry of a hand-written URL list: absolute URLs of a readable scheme as given, relative ones
+    resolved inside the list's directory."""
+    if url_scheme(entry) is not None or entry.startswith("/"):
+        return check_readable(entry, where)
+    return inside_root(posixpath.dirname(base), entry, where)
 
 
 def from_manifest(url: str) -> list[ShardInfo]:
     try:
         manifest = json.loads(_read_text(url))
-        return [ShardInfo(_join(url, shard["url"]), int(shard["samples"])) for shard in manifest["shards"]]
+        root = posixpath.dirname(url)
+        return [ShardInfo(inside_root(root, shard["url"], f"--shards {url}: shards[{number}]"), int(shard["samples"]))
+                for number, shard in enumerate(manifest["shards"])]
+    except UnsafeURLError as error:
+        raise ShardSpecError(str(error)) from None
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise ShardSpecError(f"--shards {url}: not a readable phileo-shard manifest ({error})") from error
 
@@ -144,9 +149,17 @@ def resolve_shards(spec: str) -> list[ShardInfo]:
             shards = _with_counts(spec, sorted(str(p) for p in Path(spec).rglob("*.tar")))
     elif spec.endswith(".txt"):
         lines = [line.split("#", 1)[0].strip() for line in _read_text(spec).splitlines()]
-        shards = _with_counts(spec, [_join(spec, line) for line in lines if line])
+        try:
+            urls = [_join(spec, line, f"--shards {spec} line {number}") for number, line in enumerate(lines, 1) if line]
+        except UnsafeURLError as error:
+            raise ShardSpecError(str(error)) from None
+        shards = _with_counts(spec, urls)
     else:
-        shards = _with_counts(spec, expand_urls(spec))
+        try:
+            urls = [check_readable(url, f"--shards {spec}") for url in expand_urls(spec)]
+        except UnsafeURLError as error:
+            raise ShardSpecError(str(error)) from None
+        shards = _with_counts(spec, urls)
     if not shards:
         raise ShardSpecError(f"--shards {spec}: no shards found")
     return shards

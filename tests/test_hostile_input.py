@@ -1,0 +1,67 @@
+"""Hostile and faulty input: nothing from data is executed, nothing leaves the dataset root."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+from tests.conftest import read_manifest, run_shard
+from training.cli import main as train_main
+from training.data.shards import ShardSpecError, resolve_shards
+
+
+def _copy_with_manifest(built, tmp_path, edit) -> str:
+    """A copy of the built dataset whose manifest's first shard URL is replaced by `edit`."""
+    dataset = tmp_path / "ds"
+    shutil.copytree(built, dataset)
+    manifest = read_manifest(dataset)
+    manifest["shards"][0]["url"] = edit
+    (dataset / "manifest.json").write_text(json.dumps(manifest))
+    return str(dataset)
+
+
+@pytest.mark.parametrize("url", ["pipe:touch {marker}", "/etc/passwd", "../outside.tar", "shards/../../x.tar",
+                                 "https://elsewhere.invalid/x.tar"])
+def test_a_manifest_url_never_runs_a_command_nor_leaves_the_dataset(built, tmp_path, url):
+    marker = tmp_path / "ran"
+    dataset = _copy_with_manifest(built, tmp_path, url.format(marker=marker))
+    with pytest.raises(ShardSpecError, match=r"manifest.json: shards\[0\]: "):
+        resolve_shards(dataset)
+    result = CliRunner().invoke(train_main, ["bench-data", "--shards", dataset, "--seconds", "1"])
+    assert result.exit_code == 2 and "shards[0]" in result.output and not marker.exists()
+    assert result.output.count("\n") == 1  # one line, no traceback
+    verified = run_shard("verify", dataset)
+    assert verified.exit_code != 0 and "shards[0]" in verified.output and not marker.exists()
+
+
+def test_url_lists_and_patterns_refuse_other_schemes(built, tmp_path):
+    marker = tmp_path / "ran"
+    listing = tmp_path / "urls.txt"
+    listing.write_text(f"shards/x.tar\npipe:touch {marker}\n")
+    with pytest.raises(ShardSpecError, match=r"urls.txt line 2: 'pipe:touch .*never followed"):
+        resolve_shards(str(listing))
+    with pytest.raises(ShardSpecError, match="never followed"):
+        resolve_shards(f"pipe:touch {marker}")
+    listing.write_text("../../etc/passwd\n")
+    with pytest.raises(ShardSpecError, match="leaves the dataset root"):
+        resolve_shards(str(listing))
+    assert not marker.exists()
+
+
+def test_subset_refuses_an_index_that_points_out_of_the_dataset(built, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    dataset = tmp_path / "ds"
+    shutil.copytree(built, dataset)
+    table = pq.read_table(dataset / "index.parquet")
+    shards = table.column("shard").to_pylist()
+    column = table.schema.get_field_index("shard")
+    pq.write_table(table.set_column(column, "shard", pa.array(["../../../etc/passwd"] + shards[1:])),
+                   dataset / "index.parquet")
+    result = run_shard("subset", str(dataset), "--output", str(tmp_path / "out"))
+    assert result.exit_code == 2 and "leaves the dataset root" in result.output
+    assert not (tmp_path / "out" / "manifest.json").exists()
