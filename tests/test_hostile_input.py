@@ -65,3 +65,41 @@ def test_subset_refuses_an_index_that_points_out_of_the_dataset(built, tmp_path)
     result = run_shard("subset", str(dataset), "--output", str(tmp_path / "out"))
     assert result.exit_code == 2 and "leaves the dataset root" in result.output
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_a_second_command_into_a_locked_output_is_refused_and_a_stale_lock_taken_over(majortom, tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock = out / ".phileo-shard.lock"
+        lock.write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname(), "started": 0}))
+        for args in (("build", "--input", str(majortom[0]), "--output", str(out)),
+                     ("build", "--source", "phileo-bench", "--input", str(tmp_path), "--output", str(out))):
+            refused = run_shard(*args)
+            assert refused.exit_code == 2 and f"in use by pid {holder.pid}" in refused.output, refused.output
+        assert lock.exists() and not (out / "build.json").exists()  # the holder's lock and output untouched
+    finally:
+        holder.kill()
+        holder.wait()
+    built = run_shard("build", "--input", str(majortom[0]), "--output", str(out))  # the holder is gone: stale
+    assert built.exit_code == 0, built.output
+    assert not lock.exists() and read_manifest(out)["totals"]["samples"] == len(majortom[1])
+    assert os.listdir(out) and not [name for name in os.listdir(out) if name.endswith(".lock")]
+
+
+def test_s3_staging_is_private_and_new_for_every_run(tmp_path, monkeypatch):
+    import os
+    import stat
+
+    from sharding.build.remote_output import staging_dir
+
+    monkeypatch.setenv("PHILEO_STAGING_DIR", str(tmp_path / "staging"))
+    first, second = staging_dir("s3://bucket/prefix"), staging_dir("s3://bucket/prefix")
+    assert first != second and first.parent == second.parent == tmp_path / "staging"
+    assert stat.S_IMODE(os.stat(first).st_mode) == 0o700 and not first.is_symlink()

@@ -28,6 +28,7 @@ from sharding.build.labels import LabelSpec, check_label_rasters, validate_label
 from sharding.build.manifest import finalize
 from sharding.build.nodes import NodeShare, finish_node, publish_shared
 from sharding.build.output_dir import open_build_output
+from sharding.build.output_lock import output_lock
 from sharding.build.plan import Filters, assign_units, select_rows
 from sharding.build.ray_executor import run_ray
 from sharding.build.remote_output import RemoteOutput
@@ -167,7 +168,15 @@ def load_units(output: Path) -> list[list[dict]]:
 
 def build(args: BuildArgs, workers: int = 1, overwrite: bool = False, executor: str = "local",
           ray_address: str | None = None, node: NodeShare | None = None, sink=None) -> BuildSummary:
-    """Build (or resume) a dataset, or only `node`'s share of it; returns the summary. Raises InputError."""
+    """Build (or resume) a dataset, or only `node`'s share of it; returns the summary. Raises InputError.
+
+    The output's lock (build/output_lock.py; one per node of a multi-node build) is held throughout."""
+    with output_lock(Path(args.output), node_rank=node.node_rank if node else None):
+        return _build(args, workers, overwrite, executor, ray_address, node, sink)
+
+
+def _build(args: BuildArgs, workers: int, overwrite: bool, executor: str, ray_address: str | None,
+           node: NodeShare | None, sink) -> BuildSummary:
     started = time.monotonic()
     check_label_rasters(args.labels)
     output = Path(args.output)
@@ -233,6 +242,6 @@ def build_to_remote(args, workers: int = 1, overwrite: bool = False, **build_kwa
                             **build_kwargs)
     except InputError as error:  # name the prefix the user gave, not the staging directory
         raise InputError(str(error).replace(str(staging), output.url)) from error
-    if not summary.failed_units:  # everything is published; a rerun rebuilds the staging from the prefix
+    finally:  # what is done is published; a rerun rebuilds its own staging from the prefix
         shutil.rmtree(staging, ignore_errors=True)
     return summary

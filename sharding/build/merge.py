@@ -15,6 +15,7 @@ from pathlib import Path
 from sharding.build.driver import BuildSummary, load_units
 from sharding.build.manifest import finalize
 from sharding.build.nodes import assign_nodes
+from sharding.build.output_lock import output_lock
 from sharding.errors import InputError
 from sharding.layout import BUILD_INFO, NODES_DIR, PLAN_REJECTED, UNITS_DIR, unit_stats_path
 
@@ -110,6 +111,12 @@ def merge(output: str) -> BuildSummary:
     out = Path(output)
     if not (out / BUILD_INFO).is_file():
         raise InputError(f"merge {output}: no {BUILD_INFO}; run `phileo-shard build ... --node-rank I` first")
+    with output_lock(out, flag="merge"):
+        return _merge(out)
+
+
+def _merge(out: Path) -> BuildSummary:
+    output = str(out)
     info = json.loads((out / BUILD_INFO).read_text())
     units = load_units(out)
     if len(units) != info["units"]:

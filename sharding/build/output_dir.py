@@ -7,6 +7,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+from sharding.build.output_lock import is_lock_file
 from sharding.errors import InputError
 from sharding.layout import BUILD_INFO, MANIFEST, TMP_SUFFIX
 
@@ -15,12 +16,14 @@ def claim_output_dir(output: Path, owned: Callable[[str], bool], flag: str = "--
                      what: str = "a phileo-shard build") -> None:
     """Create `output`; refuse a file, or a directory holding anything `owned` does not recognise.
 
-    Temp files of an interrupted run (TMP_SUFFIX) always count as owned: the command removes them.
+    Temp files of an interrupted run (TMP_SUFFIX) always count as owned: the command removes them;
+    so do the output's lock files (build/output_lock.py).
     """
     if output.exists() and not output.is_dir():
         raise InputError(f"{flag} {output}: exists and is not a directory")
     output.mkdir(parents=True, exist_ok=True)
-    foreign = sorted(p.name for p in output.iterdir() if not (owned(p.name) or p.name.endswith(TMP_SUFFIX)))
+    foreign = sorted(p.name for p in output.iterdir()
+                     if not (owned(p.name) or p.name.endswith(TMP_SUFFIX) or is_lock_file(p.name)))
     if foreign:
         raise InputError(f"{flag} {output}: holds {foreign[0]!r}, which is not part of {what}; "
                          "choose an empty or new directory")

@@ -1,8 +1,8 @@
 """`--output s3://bucket/prefix`: the same dataset layout, on object storage.
 
-The build runs unchanged in a local staging directory ($PHILEO_STAGING_DIR, default the system
-temp dir, then `phileo-shard-staging/<hash of the URL>`); what it writes is published in an
-order that keeps object storage consistent:
+The build runs unchanged in a local staging directory, new for every run (mkdtemp under
+$PHILEO_STAGING_DIR, default the system temp dir) and removed at the end; what it writes is
+published in an order that keeps object storage consistent:
 
 * after planning: plan.parquet, plan_rejected.jsonl, then build.json;
 * per unit (in the worker): every shard (a complete local file, one PUT or a multipart upload
@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -36,18 +35,23 @@ SYNCED = frozenset(PLAN_FILES)  # the plan state a rerun needs in its staging di
 
 
 def staging_dir(url: str) -> Path:
+    """A new private directory (mkdtemp: mode 0700, a fresh random name, never a path planted in
+    advance) under $PHILEO_STAGING_DIR or the system temp dir; one per run, so two runs on one
+    machine never share one."""
     root = Path(os.environ.get("PHILEO_STAGING_DIR") or tempfile.gettempdir())
-    return root / "phileo-shard-staging" / hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:16]
+    root.mkdir(parents=True, exist_ok=True)
+    tag = hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:8]
+    return Path(tempfile.mkdtemp(prefix=f"phileo-shard-staging-{tag}-", dir=root))
 
 
 class RemoteOutput:
     """An output prefix on object storage (s3://) mirrored by a local staging directory."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, staging: Path | None = None):
         if not url.startswith("s3://"):
             raise InputError(f"--output {url}: remote outputs must be s3://bucket/prefix")
         self.url = url.rstrip("/")
-        self.staging = staging_dir(self.url)
+        self.staging = staging or staging_dir(self.url)
 
     @property
     def fs(self):
@@ -73,7 +77,6 @@ class RemoteOutput:
             log.info("--overwrite: deleting %d objects under %s", len(existing), self.url)
             with_retries(self.url, "DELETE", lambda: self.fs.rm([self.remote(n) for n in existing]))
             existing = []
-        shutil.rmtree(self.staging, ignore_errors=True)
         (self.staging / UNITS_DIR).mkdir(parents=True)
         (self.staging / SHARDS_DIR).mkdir()
         wanted = [n for n in existing if n in SYNCED or n.startswith(UNITS_DIR + "/")]
@@ -108,5 +111,5 @@ class RemoteOutput:
 
 
 def publish_unit(url: str, unit: int, stats: dict, stats_path: Path) -> None:
-    """Worker-side entry point (UnitOptions carries only the URL)."""
-    RemoteOutput(url).publish_unit(unit, stats, stats_path)
+    """Worker-side entry point (UnitOptions carries only the URL; the staging directory is the output's)."""
+    RemoteOutput(url, staging=stats_path.parent.parent).publish_unit(unit, stats, stats_path)

@@ -30,6 +30,7 @@ from phileo.schema import SCHEMA_VERSION
 from phileo.tarstream import TarFormatError, iter_sample_spans
 from phileo.urls import UnsafeURLError, inside_root
 from sharding.build.output_dir import claim_output_dir, clear_owned
+from sharding.build.output_lock import output_lock
 from sharding.build.writer import ShardSummary, ShardWriter, atomic_write, sha256_file
 from sharding.dataset.query import build_query, select
 from sharding.dataset.verify import load_manifest
@@ -164,6 +165,14 @@ def write_selection(source: Path, source_manifest: dict, rows: pa.Table, output:
     """Write the samples of `rows` as a dataset in `output`; returns its manifest (written last)."""
     if shard_size < 1:
         raise InputError(f"--shard-size {shard_size}: expected a positive number of bytes")
+    if output.resolve() == source.resolve():
+        raise InputError(f"{flag} {output}: is the source dataset; choose another directory")
+    with output_lock(output, flag):
+        return _write_selection(source, source_manifest, rows, output, shard_size, derived_from, overwrite, flag)
+
+
+def _write_selection(source: Path, source_manifest: dict, rows: pa.Table, output: Path, shard_size: int,
+                     derived_from: dict, overwrite: bool, flag: str) -> dict:
     prepare_output(output, source, overwrite, flag)
     index, shards = copy_rows(source, rows, output, shard_size, desc=output.name)
     atomic_write(output / INDEX, lambda p: pq.write_table(index, p))

@@ -25,6 +25,7 @@ from phileo.schema import DEFAULT_CLEVEL, SCHEMA_VERSION
 from sharding.build.distributor import run_jobs
 from sharding.build.manifest import finalize
 from sharding.build.output_dir import open_build_output
+from sharding.build.output_lock import output_lock
 from sharding.build.writer import atomic_write
 from sharding.errors import InputError
 from sharding.layout import (
@@ -221,6 +222,11 @@ def finalize_dataset(directory: Path, name: str, dataset: dict, info: dict) -> d
 
 def build_phileo_bench(args: PhilEOBenchArgs, workers: int = 1, overwrite: bool = False) -> PhilEOBenchSummary:
     """Build (or resume) the PhilEO Bench datasets; returns the summary. Raises InputError on bad input."""
+    with output_lock(Path(args.output)):
+        return _build_phileo_bench(args, workers, overwrite)
+
+
+def _build_phileo_bench(args: PhilEOBenchArgs, workers: int, overwrite: bool) -> PhilEOBenchSummary:
     started = time.monotonic()
     output = Path(args.output)
     info = prepare_output(args, overwrite) or make_plan(args, workers)

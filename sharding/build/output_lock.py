@@ -1,0 +1,94 @@
+"""One process owns an output: a lock file in the output directory, held for the whole command.
+
+`.phileo-shard.lock` (`.phileo-shard.node-I.lock` for node I of a multi-node build, whose nodes
+share one directory but own disjoint units) is created with O_EXCL and holds the owner's pid, host
+and start time. A second command into the same output is refused with a message naming the
+holder. A lock left by a process that no longer runs on this host (kill -9, a crash, a preempted
+job) is stale: it is taken over with a warning, so a rerun resumes as before. A lock of another
+host cannot be checked from here; the message says how to remove it once that build is gone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from sharding.errors import InputError
+
+log = logging.getLogger(__name__)
+
+LOCK_PREFIX, LOCK_SUFFIX = ".phileo-shard", ".lock"
+
+
+def lock_name(node_rank: int | None = None) -> str:
+    return f"{LOCK_PREFIX}{'' if node_rank is None else f'.node-{node_rank}'}{LOCK_SUFFIX}"
+
+
+def is_lock_file(name: str) -> bool:
+    return name.startswith(LOCK_PREFIX) and name.endswith(LOCK_SUFFIX)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: it exists
+        return True
+    return True
+
+
+def _holder(path: Path) -> dict | None:
+    """The lock's owner record; None when the file vanished meanwhile; {} when it is unreadable."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}
+
+
+def _take(path: Path) -> bool:
+    try:
+        descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(descriptor, "w") as file:
+        json.dump({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}, file)
+    return True
+
+
+@contextlib.contextmanager
+def output_lock(output: Path, flag: str = "--output", node_rank: int | None = None) -> Iterator[None]:
+    """Hold the output's lock for the block; InputError naming the holder if another process has it."""
+    if output.exists() and not output.is_dir():
+        raise InputError(f"{flag} {output}: exists and is not a directory")
+    output.mkdir(parents=True, exist_ok=True)
+    path = output / lock_name(node_rank)
+    for _ in range(3):  # a stale lock is removed and the take retried; a racing winner keeps it
+        if _take(path):
+            break
+        holder = _holder(path)
+        if holder is None:
+            continue
+        same_host = holder.get("host") == socket.gethostname()
+        if same_host and isinstance(holder.get("pid"), int) and not _alive(holder["pid"]):
+            log.warning("%s: taking over the lock of pid %s, which no longer runs", output, holder["pid"])
+            path.unlink(missing_ok=True)
+            continue
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("started", 0)))
+        raise InputError(f"{flag} {output}: in use by pid {holder.get('pid', '?')} on {holder.get('host', '?')} "
+                         f"since {since}; wait for it, or delete {path} if that process is gone")
+    else:
+        raise InputError(f"{flag} {output}: could not take the lock {path}")
+    try:
+        yield
+    finally:
+        if (_holder(path) or {}).get("pid") == os.getpid():
+            path.unlink(missing_ok=True)
