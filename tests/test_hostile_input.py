@@ -103,3 +103,47 @@ def test_s3_staging_is_private_and_new_for_every_run(tmp_path, monkeypatch):
     first, second = staging_dir("s3://bucket/prefix"), staging_dir("s3://bucket/prefix")
     assert first != second and first.parent == second.parent == tmp_path / "staging"
     assert stat.S_IMODE(os.stat(first).st_mode) == 0o700 and not first.is_symlink()
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (("--start", "2021-01-01", "--end", "2020-01-01"), "--start 2021-01-01 is after --end 2020-01-01"),
+    (("--bbox", "10,10,11,11"), "the filters keep none of the 12 listed tiles"),
+    (("--max-cloud", "0", "--max-nodata", "0", "--limit", "1", "--grid-cells", "{cells}"),
+     "the filters keep none"),
+])
+def test_filters_that_keep_nothing_are_an_error_not_an_empty_dataset(majortom, tmp_path, extra, message):
+    cells = tmp_path / "cells.txt"
+    cells.write_text("999U_999R\n")
+    out = tmp_path / "out"
+    args = [a.format(cells=cells) for a in extra]
+    result = run_shard("build", "--input", str(majortom[0]), "--output", str(out), *args)
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert not (out / "manifest.json").exists() and not (out / "build.json").exists()
+    if "--bbox" in extra:
+        allowed = run_shard("build", "--input", str(majortom[0]), "--output", str(out), *args, "--allow-empty")
+        assert allowed.exit_code == 0 and read_manifest(out)["totals"]["samples"] == 0
+
+
+def test_inputs_with_nothing_readable_are_an_error(tmp_path):
+    source = tmp_path / "in" / "images"
+    source.mkdir(parents=True)
+    (source / "part_00000.parquet").write_bytes(b"")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"other": [1, 2]}), source / "part_00001.parquet")
+    result = run_shard("build", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"))
+    assert result.exit_code == 2 and "no readable tile" in result.output, result.output
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_a_build_whose_every_row_is_rejected_writes_no_dataset(tmp_path):
+    from tools.majortom_fixture import make_majortom_dataset
+
+    make_majortom_dataset(tmp_path / "in", num_files=1, rows_per_file=2, corrupt=[(0, 0, "B04"), (0, 1, "B02")])
+    out = tmp_path / "out"
+    result = run_shard("build", "--input", str(tmp_path / "in"), "--output", str(out))
+    assert result.exit_code == 2 and "every planned tile was rejected" in result.output, result.output
+    assert not (out / "manifest.json").exists()
+    allowed = run_shard("build", "--input", str(tmp_path / "in"), "--output", str(out), "--allow-empty")
+    assert allowed.exit_code == 0 and read_manifest(out)["totals"]["samples"] == 0

@@ -130,8 +130,11 @@ def prepare_output(args: BuildArgs, overwrite: bool) -> dict | None:
     return info
 
 
-def make_plan(args: BuildArgs, write: Callable = atomic_write) -> dict:
-    """List, filter and cut the input into units; saves the plan (with `write`), build.json last."""
+def make_plan(args: BuildArgs, write: Callable = atomic_write, allow_empty: bool = False) -> dict:
+    """List, filter and cut the input into units; saves the plan (with `write`), build.json last.
+
+    A plan of no tile is an InputError saying why (nothing is saved, so a rerun plans again),
+    unless `allow_empty`."""
     output = Path(args.output)
     set_footer_cache(output / FOOTERS)
     if args.tile_source == "geotiff":
@@ -139,6 +142,8 @@ def make_plan(args: BuildArgs, write: Callable = atomic_write) -> dict:
     else:
         catalog = list_source(args.input, args.metadata, lambda listed: select_rows(listed, args.filters)[0])
     rows, duplicates, filtered = select_rows(catalog, args.filters)
+    if not rows and not allow_empty:
+        raise InputError(_nothing_to_build(args, catalog, duplicates, filtered))
     units = assign_units(rows, args.shard_size, args.mix_groups, args.seed)
     planned = [row | {"unit": unit} for unit, unit_rows in enumerate(units) for row in unit_rows]
     table = pa.Table.from_pylist(planned) if planned else pa.table({"unit": pa.array([], pa.int64())})
@@ -155,6 +160,26 @@ def make_plan(args: BuildArgs, write: Callable = atomic_write) -> dict:
     return info
 
 
+def _refuse_empty(output: Path, num_units: int, allow_empty: bool) -> None:
+    """Every unit done and not one tile written (all rejected or filtered after decoding): no dataset."""
+    if allow_empty or any(json.loads(unit_stats_path(output, unit).read_text())["written"]
+                          for unit in range(num_units)):
+        return
+    raise InputError(f"--output {output}: every planned tile was rejected or filtered after decoding (see "
+                     f"units/*.json); no dataset written (--allow-empty writes an empty one)")
+
+
+def _nothing_to_build(args: BuildArgs, catalog, duplicates: list[dict], filtered: int) -> str:
+    where = f"--input {args.input}" if args.input else f"--metadata {args.metadata}"
+    if not catalog.rows:
+        first = catalog.rejected[0] if catalog.rejected else None
+        detail = f"; first: {first['file']}: {first['reason']}" if first else ""
+        return (f"{where}: no readable tile ({len(catalog.rejected)} rows or files rejected{detail}); "
+                "nothing to build (--allow-empty writes an empty dataset)")
+    return (f"{where}: the filters keep none of the {len(catalog.rows)} listed tiles ({filtered} filtered, "
+            f"{len(duplicates)} duplicates); nothing to build (--allow-empty writes an empty dataset)")
+
+
 def load_units(output: Path) -> list[list[dict]]:
     table = pq.read_table(output / PLAN)
     units: list[list[dict]] = []
@@ -167,20 +192,22 @@ def load_units(output: Path) -> list[list[dict]]:
 
 
 def build(args: BuildArgs, workers: int = 1, overwrite: bool = False, executor: str = "local",
-          ray_address: str | None = None, node: NodeShare | None = None, sink=None) -> BuildSummary:
+          ray_address: str | None = None, node: NodeShare | None = None, sink=None,
+          allow_empty: bool = False) -> BuildSummary:
     """Build (or resume) a dataset, or only `node`'s share of it; returns the summary. Raises InputError.
 
-    The output's lock (build/output_lock.py; one per node of a multi-node build) is held throughout."""
+    The output's lock (build/output_lock.py; one per node of a multi-node build) is held throughout.
+    A build that would give no tile is an InputError unless `allow_empty`."""
     with output_lock(Path(args.output), node_rank=node.node_rank if node else None):
-        return _build(args, workers, overwrite, executor, ray_address, node, sink)
+        return _build(args, workers, overwrite, executor, ray_address, node, sink, allow_empty)
 
 
 def _build(args: BuildArgs, workers: int, overwrite: bool, executor: str, ray_address: str | None,
-           node: NodeShare | None, sink) -> BuildSummary:
+           node: NodeShare | None, sink, allow_empty: bool) -> BuildSummary:
     started = time.monotonic()
     check_label_rasters(args.labels)
     output = Path(args.output)
-    info = prepare_output(args, overwrite) or make_plan(args, publish_shared if node else atomic_write)
+    info = prepare_output(args, overwrite) or make_plan(args, publish_shared if node else atomic_write, allow_empty)
     if sink is not None:  # --output s3://: output is its staging directory (sharding/build/remote_output.py)
         sink.publish_plan()
     units = load_units(output)
@@ -198,6 +225,7 @@ def _build(args: BuildArgs, workers: int, overwrite: bool, executor: str, ray_ad
         summary.rejected, summary.filtered = totals["rejected"], totals["filtered"]
         summary.bytes_in = totals["bytes_in"]
     elif not summary.failed_units:
+        _refuse_empty(output, len(units), allow_empty)
         plan_rejected = [json.loads(line) for line in (output / PLAN_REJECTED).read_text().splitlines()]
         manifest = finalize(output, info, len(units), plan_rejected, info["filtered_at_plan"])
         if sink is not None:

@@ -49,6 +49,8 @@ class Filters:
                     date.fromisoformat(value)
                 except ValueError as error:
                     raise InputError(f"{flag} {value!r}: expected a date YYYY-MM-DD") from error
+        if self.start is not None and self.end is not None and self.start > self.end:
+            raise InputError(f"--start {self.start} is after --end {self.end}: no tile can match")
         if self.limit is not None and self.limit < 1:
             raise InputError(f"--limit {self.limit}: expected a positive number of tiles")
 
