@@ -14,6 +14,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
 
 from sharding.dataset.tarread import iter_tar_samples
 from tests.conftest import read_manifest, run_shard
@@ -164,12 +165,29 @@ def test_truncated_shard_is_skipped_and_reported(uneven, tmp_path, caplog):
 def test_clear_errors_for_bad_flags_and_too_few_shards(uneven, tmp_path):
     base = ["--shards", str(uneven), "--out", str(tmp_path / "r"), "--model", "geoaware-unet-tiny"]
     cases = [(["--model", "nope"], "--model nope: unknown"), (["--batch-size", "0"], "--batch-size 0"),
-             (["--crop-size", "127"], "--crop-size 127"), (["--shards", str(tmp_path / "none.tar")], "does not exist")]
+             (["--crop-size", "127"], "--crop-size 127"), (["--shards", str(tmp_path / "none.tar")], "does not exist"),
+             (["--lr", "inf"], "--lr inf: expected a positive finite number"), (["--lr", "nan"], "--lr nan"),
+             (["--weight-decay", "inf"], "must be finite"), (["--crop-size", "64"], "cannot take 64 px inputs")]
     for extra, message in cases:
         result = train_in_process(*base, *extra)
         assert result.exit_code == 2 and message in result.output, result.output
     result = train_in_process(*base, "--num-workers", "8")
     assert result.exit_code == 2 and "error: 7 shards for 1 ranks x 8 workers" in result.output
+    assert not (tmp_path / "r" / "checkpoints").exists() or not any((tmp_path / "r" / "checkpoints").iterdir())
+
+
+@pytest.mark.slow
+def test_a_diverging_run_stops_with_the_step_before_a_checkpoint_of_nan_weights(uneven, tmp_path):
+    run = tmp_path / "run"
+    result = train_in_process("--shards", str(uneven), "--out", str(run), "--model", "geoaware-unet-tiny",
+                              "--crops-per-tile", "2", "--batch-size", "4", "--num-workers", "0", "--steps", "6",
+                              "--lr", "1e30", "--warmup-steps", "0", "--no-amp", "--ckpt-every", "1")
+    assert result.exit_code == 1 and "gradient norm not finite" in result.output, result.output
+    step = int(result.output.split("error: step ", 1)[1].split(":", 1)[0])
+    assert 1 < step <= 6
+    for checkpoint in (run / "checkpoints").glob("*.pt"):  # the ones written before are finite
+        state = torch.load(checkpoint, weights_only=True)["model"]
+        assert all(torch.isfinite(value).all() for value in state.values() if value.is_floating_point())
 
 
 @pytest.mark.slow

@@ -19,6 +19,7 @@ from training.config import (
     OptimConfig,
     PretrainConfig,
     RunConfig,
+    TrainingDiverged,
 )
 
 
@@ -52,9 +53,10 @@ def _setup_logging() -> None:
     logging.getLogger("numexpr").setLevel(logging.WARNING)
 
 
-def _fail(error: Exception) -> None:
+def _fail(error: Exception, code: int = 2) -> None:
+    """One line on stderr; exit 2 for bad input, 1 for a run that failed."""
     click.echo(f"error: {error}", err=True)
-    sys.exit(2)
+    sys.exit(code)
 
 
 @click.group()
@@ -100,6 +102,8 @@ def pretrain(**flags) -> None:
         run_pretrain(config)
     except (ConfigError, ShardSpecError, PlanError) as error:
         _fail(error)
+    except TrainingDiverged as error:
+        _fail(error, code=1)
 
 
 @main.command("bench-data")
@@ -186,6 +190,8 @@ def finetune(shards: str, val_shards: str, test_shards: str | None, init: str | 
         run(_finetune_config(flags, shards, val_shards, test_shards, init))
     except (ConfigError, ShardSpecError, PlanError) as error:
         _fail(error)
+    except TrainingDiverged as error:
+        _fail(error, code=1)
 
 
 @main.command("nshot-sweep")
@@ -214,6 +220,8 @@ def nshot_sweep(data: str, n_shot: str, inits: tuple[str, ...], **flags) -> None
             shutdown(world)
     except (ConfigError, ShardSpecError, PlanError) as error:
         _fail(error)
+    except TrainingDiverged as error:
+        _fail(error, code=1)
 
 
 def _parse_n_values(text: str) -> list[int]:

@@ -18,11 +18,16 @@ class ConfigError(ValueError):
     """A flag value is invalid; the message names the flag."""
 
 
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradients became non-finite; the message names the step. Raised before the
+    optimizer step, so no checkpoint ever holds the NaN weights it would have made."""
+
+
 def _positive(flag: str, value: float | None, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
-    if value is None or value <= 0:
-        raise ConfigError(f"{flag} {value}: expected a positive number")
+    if value is None or not math.isfinite(value) or value <= 0:  # inf and nan too: they train NaN weights
+        raise ConfigError(f"{flag} {value}: expected a positive finite number")
 
 
 def _check_loader(num_workers: int, max_bad_fraction: float) -> None:
@@ -68,8 +73,9 @@ class OptimConfig:
     def __post_init__(self) -> None:
         _positive("--lr", self.lr, allow_none=True)
         _positive("--grad-accum", self.grad_accum)
-        if (self.min_lr or 0) < 0 or self.weight_decay < 0 or self.warmup_steps < 0 or self.grad_clip < 0:
-            raise ConfigError("--min-lr, --weight-decay, --warmup-steps and --grad-clip must be >= 0")
+        values = (self.min_lr or 0, self.weight_decay, self.warmup_steps, self.grad_clip)
+        if not all(math.isfinite(value) and value >= 0 for value in values):
+            raise ConfigError("--min-lr, --weight-decay, --warmup-steps and --grad-clip must be finite and >= 0")
 
     def resolved_lrs(self, model: str, world_size: int) -> tuple[float, float]:
         """(peak, final) learning rate: flags, else the original's defaults for the model family."""
@@ -200,8 +206,9 @@ class FinetuneOptimConfig:
         _positive("--es-patience", self.es_patience)
         if self.lr_scheduler not in LR_SCHEDULERS:
             raise ConfigError(f"--lr-scheduler {self.lr_scheduler!r}: expected one of {', '.join(LR_SCHEDULERS)}")
-        if self.warmup_epochs < 0 or self.weight_decay < 0 or self.min_lr < 0 or self.es_delta < 0:
-            raise ConfigError("--warmup-epochs, --weight-decay, --min-lr and --es-delta must be >= 0")
+        values = (self.warmup_epochs, self.weight_decay, self.min_lr, self.es_delta)
+        if not all(math.isfinite(value) and value >= 0 for value in values):
+            raise ConfigError("--warmup-epochs, --weight-decay, --min-lr and --es-delta must be finite and >= 0")
 
 
 @dataclass

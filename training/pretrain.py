@@ -21,6 +21,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from phileo.bands import MODEL_BANDS
 from phileo.models import build as build_model
 from training.checkpoint import (
     latest_checkpoint,
@@ -29,7 +30,7 @@ from training.checkpoint import (
     save_checkpoint,
     save_sharded_checkpoint,
 )
-from training.config import PretrainConfig
+from training.config import ConfigError, PretrainConfig, TrainingDiverged
 from training.data.epoch import PlanError, plan_epoch
 from training.data.loader import BAND_KEYS, StreamOptions, make_loader, model_input
 from training.data.shards import resolve_shards
@@ -38,6 +39,21 @@ from training.objective import foundation_loss, make_views
 from training.parallel import parallelize
 
 log = logging.getLogger(__name__)
+
+
+def check_input_size(model: torch.nn.Module, name: str, crop_size: int, device: torch.device) -> None:
+    """ConfigError now, not at the first step, when the model cannot take crops of `crop_size` px."""
+    probe = torch.zeros(1, len(MODEL_BANDS), crop_size, crop_size, device=device)
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(probe)
+    except (RuntimeError, ValueError, AssertionError) as error:
+        detail = " ".join(str(error).split())[:200]
+        raise ConfigError(f"--crop-size {crop_size}: model {name} cannot take {crop_size} px inputs "
+                          f"({detail})") from None
+    finally:
+        model.train()
 
 
 def lr_at(step: int, base: float, min_lr: float, warmup: int, total: int) -> float:
@@ -67,6 +83,7 @@ class Trainer:
         self.shards = resolve_shards(config.data.shards)
         torch.manual_seed(config.run.seed)  # same initial weights on every rank
         self.model = build_model(config.run.model).to(world.device)
+        check_input_size(self.model, config.run.model, config.data.crop_size, world.device)
         self.amp = config.run.amp and (world.device.type == "cpu" or torch.cuda.is_bf16_supported())
         self.sharded = config.run.strategy == "fsdp" and world.distributed
         self.ddp = parallelize(self.model, world, config.run.strategy, self.amp, config.run.activation_checkpointing)
@@ -187,7 +204,11 @@ class Trainer:
                 metrics.update({k: v / accum for k, v in terms.items()})
                 crops += len(batch["keys"])
                 self._account(batch)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.optim.grad_clip)
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.optim.grad_clip)
+            if not torch.isfinite(norm):  # synced gradients: every rank stops at the same step
+                raise TrainingDiverged(f"step {self.step + 1}: loss {metrics.get('loss', float('nan')):.4g}, "
+                                       "gradient norm not finite; stopped before the optimizer step and any "
+                                       "checkpoint of these weights (lower --lr or --grad-clip?)")
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1

@@ -198,6 +198,7 @@ def build(args: BuildArgs, workers: int = 1, overwrite: bool = False, executor: 
 
     The output's lock (build/output_lock.py; one per node of a multi-node build) is held throughout.
     A build that would give no tile is an InputError unless `allow_empty`."""
+    check_label_rasters(args.labels)  # bad arguments fail before the output is touched
     with output_lock(Path(args.output), node_rank=node.node_rank if node else None):
         return _build(args, workers, overwrite, executor, ray_address, node, sink, allow_empty)
 
@@ -205,7 +206,6 @@ def build(args: BuildArgs, workers: int = 1, overwrite: bool = False, executor: 
 def _build(args: BuildArgs, workers: int, overwrite: bool, executor: str, ray_address: str | None,
            node: NodeShare | None, sink, allow_empty: bool) -> BuildSummary:
     started = time.monotonic()
-    check_label_rasters(args.labels)
     output = Path(args.output)
     info = prepare_output(args, overwrite) or make_plan(args, publish_shared if node else atomic_write, allow_empty)
     if sink is not None:  # --output s3://: output is its staging directory (sharding/build/remote_output.py)

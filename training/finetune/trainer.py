@@ -27,7 +27,7 @@ from tqdm import tqdm
 from phileo.models.task_heads import build_task_model
 from phileo.phileo_bench import IGNORE_CLASS, NUM_LANDCOVER_CLASSES, REGRESSION_TASKS, WORLDCOVER_NAMES
 from training.checkpoint import load_model_weights
-from training.config import FinetuneConfig
+from training.config import FinetuneConfig, TrainingDiverged
 from training.data.epoch import plan_epoch
 from training.data.loader import StreamOptions
 from training.data.shards import resolve_shards
@@ -137,6 +137,11 @@ class FinetuneTrainer:
                 output = self.ddp(image)
             loss = task_loss(output, target, self.task)
             loss.backward()
+            # the gradients are synced, so every rank sees the same norm and stops at the same batch
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), math.inf)
+            if not torch.isfinite(norm):
+                raise TrainingDiverged(f"epoch {epoch} batch {count + 1}: loss {loss.item():.4g}, gradient norm "
+                                       "not finite; stopped before the optimizer step (lower --lr?)")
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             total, count = total + loss.item(), count + 1
