@@ -116,7 +116,10 @@ def validate_sample(sample: Sample, skipped: frozenset[str] = frozenset()) -> No
         raise SchemaError(f"{key}: meta.json lacks {', '.join(missing)}")
     if meta["key"] != key:
         raise SchemaError(f"{key}: meta.json key is {meta['key']!r}")
-    height, width = meta["shape"]
+    shape = meta["shape"]
+    if not (isinstance(shape, list) and len(shape) == 2 and all(type(n) is int and n > 0 for n in shape)):
+        raise SchemaError(f"{key}: meta.json shape is {shape!r}, expected [height, width] in pixels")
+    height, width = shape
     if STACK_MEMBER not in sample.arrays and (height % 6 or width % 6):
         raise SchemaError(f"{key}: tile shape {height}x{width} is not divisible by 6 (60 m grid)")
     _validate_arrays(key, sample.arrays, expected_shapes(height, width), skipped)
@@ -173,6 +176,8 @@ def decode_sample(key: str, members: dict[str, bytes], validate: bool = True,
         meta = json.loads(members[META_MEMBER].decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise SchemaError(f"{key}: {META_MEMBER} is not valid UTF-8 JSON ({error})") from error
+    if not isinstance(meta, dict):
+        raise SchemaError(f"{key}: {META_MEMBER} holds a JSON {type(meta).__name__}, expected an object")
     arrays, extra = {}, {}
     for name, data in members.items():
         if name.endswith("." + ARRAY_EXT):

@@ -245,19 +245,28 @@ def verify(dataset: str) -> None:
 @click.option("--preview", help="Write an RGB preview PNG with cloud mask outlines here.")
 def inspect(path: str, max_samples: int, preview: str | None) -> None:
     """Per-sample summary (key, time, location, cloud, band min/max/mean) of a dataset or shard."""
-    from sharding.dataset.inspect_cmd import iter_samples, save_preview, summarize
+    from sharding.dataset.inspect_cmd import BadData, iter_samples, save_preview, summarize
 
-    def run():
-        samples = []
+    def run() -> list[BadData]:
+        samples, bad = [], []
         for sample in iter_samples(path, max_samples):
+            if isinstance(sample, BadData):
+                bad.append(sample)
+                click.echo(f"bad: {sample.where}: {sample.reason}")
+                continue
             click.echo(summarize(sample))
             if preview:
                 samples.append(sample)
-        if preview:
+        if preview and samples:
             save_preview(samples, preview)
             click.echo(f"preview of {len(samples)} samples written to {preview}")
+        return bad
 
-    run_or_exit(run)
+    bad = run_or_exit(run)
+    if bad:
+        click.echo(f"error: {len(bad)} bad sample(s) or shard(s) in {path} (first: {bad[0].where}: {bad[0].reason})",
+                   err=True)
+        sys.exit(1)
 
 
 @main.command()

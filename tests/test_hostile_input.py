@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -147,3 +148,63 @@ def test_a_build_whose_every_row_is_rejected_writes_no_dataset(tmp_path):
     assert not (out / "manifest.json").exists()
     allowed = run_shard("build", "--input", str(tmp_path / "in"), "--output", str(out), "--allow-empty")
     assert allowed.exit_code == 0 and read_manifest(out)["totals"]["samples"] == 0
+
+
+def _rewrite_first_meta(shard, meta_bytes: bytes) -> None:
+    """Rewrite `shard` with its first sample's meta.json replaced (the manifest's sha256 then differs)."""
+    import io
+    import tarfile
+
+    members = []
+    with tarfile.open(shard) as tar:
+        for info in tar:
+            members.append((info, tar.extractfile(info).read()))
+    first_meta = next(info.name for info, _ in members if info.name.endswith(".meta.json"))
+    with tarfile.open(shard, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for info, data in members:
+            data = meta_bytes if info.name == first_meta else data
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.mark.parametrize(("meta", "reason"), [(b"[1, 2]", "holds a JSON list, expected an object"),
+                                              (b"{not json", "not valid UTF-8 JSON")])
+def test_a_malformed_sample_is_counted_by_every_reader_never_a_crash(built, tmp_path, meta, reason):
+    dataset = tmp_path / "ds"
+    shutil.copytree(built, dataset)
+    shard = dataset / read_manifest(dataset)["shards"][0]["url"]
+    _rewrite_first_meta(shard, meta)
+    verified = run_shard("verify", str(dataset))
+    assert verified.exit_code == 1 and "Traceback" not in verified.output
+    inspected = run_shard("inspect", str(shard), "--max-samples", "3")
+    assert inspected.exit_code == 1 and reason in inspected.output and "Traceback" not in inspected.output
+    assert inspected.output.count("bad: ") == 1  # the other samples are summarised
+    bench = ["bench-data", "--shards", str(dataset), "--seconds", "1", "--crop-size", "64", "--num-workers", "0"]
+    lenient = CliRunner().invoke(train_main, [*bench, "--max-bad-fraction", "0.5"])
+    assert lenient.exit_code == 0, lenient.output
+    strict = CliRunner().invoke(train_main, [*bench, "--max-bad-fraction", "0"])
+    assert strict.exit_code == 1 and "planned tiles unreadable" in strict.output and shard.name in strict.output
+    assert "Traceback" not in strict.output
+
+
+def test_empty_and_missing_shards_are_named_not_none_recorded(built, tmp_path):
+    import tarfile
+
+    dataset = tmp_path / "ds"
+    shutil.copytree(built, dataset)
+    shards = read_manifest(dataset)["shards"]
+    with tarfile.open(dataset / shards[0]["url"], "w"):
+        pass  # an empty tar where samples were
+    (dataset / shards[1]["url"]).unlink()
+    result = CliRunner().invoke(train_main, ["bench-data", "--shards", str(dataset), "--seconds", "1",
+                                             "--crop-size", "64", "--num-workers", "0", "--max-bad-fraction", "0"])
+    assert result.exit_code == 1 and "none recorded" not in result.output, result.output
+    assert Path(shards[0]["url"]).name in result.output or Path(shards[1]["url"]).name in result.output
+    inspected = run_shard("inspect", str(dataset), "--max-samples", "100")
+    assert inspected.exit_code == 1 and "unreadable shard" in inspected.output and "Traceback" not in inspected.output
+
+
+def test_tiles_smaller_than_the_crop_fail_clearly_instead_of_looping(built):
+    result = CliRunner().invoke(train_main, ["bench-data", "--shards", str(built), "--seconds", "1",
+                                             "--num-workers", "0", "--crop-size", "128"])  # 120 px tiles
+    assert result.exit_code == 1 and "planned tiles unreadable" in result.output, result.output

@@ -4,6 +4,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -158,8 +159,10 @@ def test_truncated_shard_is_skipped_and_reported(uneven, tmp_path, caplog):
     result = train_in_process(*common, "--out", str(tmp_path / "ok"), "--max-bad-fraction", "0.9")
     assert result.exit_code == 0, result.output
     assert "part-06.tar" in caplog.text and "skipping bad data" in caplog.text
-    with pytest.raises(RuntimeError, match=r"planned tiles unreadable \(> --max-bad-fraction 0.01\)"):
-        train_in_process(*common, "--out", str(tmp_path / "strict"))
+    strict = train_in_process(*common, "--out", str(tmp_path / "strict"))
+    assert strict.exit_code == 1, strict.output
+    assert re.search(r"error: \d+ of \d+ planned tiles unreadable \(> --max-bad-fraction 0.01\); bad shards: "
+                     r"\S+part-06.tar", strict.output), strict.output
 
 
 def test_clear_errors_for_bad_flags_and_too_few_shards(uneven, tmp_path):

@@ -114,7 +114,10 @@ def mean_sample_bytes(shards: list[ShardInfo]) -> float | None:
     samples = sum(s.samples for s in shards)
     if not samples or any(is_remote(s.url) for s in shards):
         return None
-    return sum(os.path.getsize(s.url) for s in shards) / samples
+    try:
+        return sum(os.path.getsize(s.url) for s in shards) / samples
+    except OSError:  # a missing shard: the loader counts it as bad data; the figure is just unknown
+        return None
 
 
 class RssMonitor:

@@ -55,7 +55,10 @@ def _setup_logging() -> None:
 
 def _fail(error: Exception, code: int = 2) -> None:
     """One line on stderr; exit 2 for bad input, 1 for a run that failed."""
-    click.echo(f"error: {error}", err=True)
+    text = str(error).strip()
+    if "Original Traceback" in text:  # re-raised from a DataLoader worker: the worker's own message
+        text = text.splitlines()[-1].split(": ", 1)[-1]
+    click.echo(f"error: {' '.join(text.split())}", err=True)
     sys.exit(code)
 
 
@@ -91,6 +94,7 @@ def pretrain(**flags) -> None:
     """Pretrain a model by streaming shards (launch with torchrun for several ranks)."""
     from phileo.models import list_models
     from training.data.epoch import PlanError
+    from training.data.loader import BadDataError
     from training.data.shards import ShardSpecError
     from training.pretrain import pretrain as run_pretrain
 
@@ -102,7 +106,7 @@ def pretrain(**flags) -> None:
         run_pretrain(config)
     except (ConfigError, ShardSpecError, PlanError) as error:
         _fail(error)
-    except TrainingDiverged as error:
+    except (TrainingDiverged, BadDataError) as error:
         _fail(error, code=1)
 
 
@@ -115,6 +119,7 @@ def bench_data(seconds: float, seed: int, **flags) -> None:
     """Time the training data pipeline alone (no model): crops/s, tiles/s, MB/s, batch diversity, peak RSS."""
     from training.bench_data import format_report, run_bench
     from training.data.epoch import PlanError
+    from training.data.loader import BadDataError
     from training.data.shards import ShardSpecError
 
     _setup_logging()
@@ -122,6 +127,8 @@ def bench_data(seconds: float, seed: int, **flags) -> None:
         result = run_bench(BenchConfig(DataConfig(**flags), seconds, seed))
     except (ConfigError, ShardSpecError, PlanError) as error:
         _fail(error)
+    except BadDataError as error:
+        _fail(error, code=1)
     for line in format_report(result):
         click.echo(line)
 
@@ -181,6 +188,7 @@ def _check_model(name: str) -> None:
 def finetune(shards: str, val_shards: str, test_shards: str | None, init: str | None, **flags) -> None:
     """Fine-tune on a PhilEO Bench task (launch with torchrun for several ranks)."""
     from training.data.epoch import PlanError
+    from training.data.loader import BadDataError
     from training.data.shards import ShardSpecError
     from training.finetune.trainer import finetune as run
 
@@ -190,7 +198,7 @@ def finetune(shards: str, val_shards: str, test_shards: str | None, init: str | 
         run(_finetune_config(flags, shards, val_shards, test_shards, init))
     except (ConfigError, ShardSpecError, PlanError) as error:
         _fail(error)
-    except TrainingDiverged as error:
+    except (TrainingDiverged, BadDataError) as error:
         _fail(error, code=1)
 
 
@@ -202,6 +210,7 @@ def finetune(shards: str, val_shards: str, test_shards: str | None, init: str | 
 def nshot_sweep(data: str, n_shot: str, inits: tuple[str, ...], **flags) -> None:
     """Fine-tune every (init, n) pair; write results.csv, results.md and the n-shot curve to --out."""
     from training.data.epoch import PlanError
+    from training.data.loader import BadDataError
     from training.data.shards import ShardSpecError
     from training.distributed import init_world, shutdown
     from training.finetune.sweep import parse_inits, run_sweep
@@ -220,7 +229,7 @@ def nshot_sweep(data: str, n_shot: str, inits: tuple[str, ...], **flags) -> None
             shutdown(world)
     except (ConfigError, ShardSpecError, PlanError) as error:
         _fail(error)
-    except TrainingDiverged as error:
+    except (TrainingDiverged, BadDataError) as error:
         _fail(error, code=1)
 
 

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from phileo.bands import MODEL_BANDS, RESOLUTION_GROUPS, STACK_MEMBER
-from phileo.schema import Sample, decode_sample
+from phileo.schema import Sample, SchemaError, decode_sample
+from phileo.tarstream import TarFormatError
 from sharding.dataset.tarread import iter_tar_samples
 from sharding.dataset.verify import load_manifest
 from sharding.errors import InputError
@@ -17,8 +19,17 @@ from sharding.errors import InputError
 PREVIEW_TILE = 256
 
 
-def iter_samples(path: str, max_samples: int) -> Iterator[Sample]:
-    """Samples of a shard tar, or of a dataset directory (shards in manifest order)."""
+@dataclass(frozen=True)
+class BadData:
+    """A sample that does not decode, or a shard that cannot be read: where, and why."""
+
+    where: str
+    reason: str
+
+
+def iter_samples(path: str, max_samples: int) -> Iterator[Sample | BadData]:
+    """Samples of a shard tar, or of a dataset directory (shards in manifest order); a bad sample or an
+    unreadable shard is yielded as BadData (and counts toward `max_samples`) instead of stopping."""
     root = Path(path)
     if root.is_dir():
         shards = [root / shard["url"] for shard in load_manifest(root)["shards"]]
@@ -28,11 +39,20 @@ def iter_samples(path: str, max_samples: int) -> Iterator[Sample]:
         raise InputError(f"{path}: expected a dataset directory or a .tar shard")
     count = 0
     for shard in shards:
-        for raw in iter_tar_samples(shard):
+        try:
+            for raw in iter_tar_samples(shard):
+                if count >= max_samples:
+                    return
+                count += 1
+                try:
+                    yield decode_sample(raw.key, raw.members)
+                except SchemaError as error:
+                    yield BadData(f"{shard}", str(error))
+        except (TarFormatError, OSError) as error:  # missing, empty, truncated, not a tar
+            count += 1
+            yield BadData(str(shard), f"unreadable shard ({type(error).__name__}: {error})")
             if count >= max_samples:
                 return
-            count += 1
-            yield decode_sample(raw.key, raw.members)
 
 
 def band_arrays(sample: Sample) -> Iterator[tuple[str, np.ndarray]]:

@@ -63,6 +63,10 @@ def worker_position() -> tuple[int, int]:
     return (0, 1) if info is None else (info.id, info.num_workers)
 
 
+class BadDataError(RuntimeError):
+    """More unreadable data than --max-bad-fraction allows, or none readable at all; names the shards."""
+
+
 class BadDataPolicy:
     """Counts corrupt shards/samples, logs them (rate-limited), fails past `max_bad_fraction`."""
 
@@ -86,9 +90,8 @@ class BadDataPolicy:
         lost = max(self.bad, planned - self.good)
         if planned and lost / planned > self.max_bad_fraction:
             shards = ", ".join(list(self.urls)[:5]) + (" ..." if len(self.urls) > 5 else "")
-            raise RuntimeError(f"{lost} of {planned} planned tiles unreadable (> --max-bad-fraction "
-                               f"{self.max_bad_fraction}); bad shards: {shards or 'none recorded'}; see the "
-                               "warnings above")
+            raise BadDataError(f"{lost} of {planned} planned tiles unreadable (> --max-bad-fraction "
+                               f"{self.max_bad_fraction}); bad shards: {shards}; see the warnings above")
 
 
 class EpochTiles(torch.utils.data.IterableDataset):
@@ -115,7 +118,7 @@ class EpochTiles(torch.utils.data.IterableDataset):
             if repeat == 0:
                 policy.check(assignment.tiles)
             if delivered == 0:
-                raise RuntimeError(f"rank {self.rank} worker {worker}: no readable tile in {assignment.shards}")
+                raise BadDataError(f"rank {self.rank} worker {worker}: no readable tile in {assignment.shards}")
 
     def _one_pass(self, urls: list[str], policy: BadDataPolicy) -> Iterator[dict]:
         """Interleave `shards_in_parallel` shards so consecutive tiles come from different shards."""
@@ -147,12 +150,16 @@ def read_tiles(url: str, policy: BadDataPolicy, skip_keys: frozenset = frozenset
     except OSError as error:
         policy.record(url, error)
         return
+    samples = 0
     try:
         for raw in iter_samples(stream, url):
+            samples += 1
             if raw["__key__"] not in skip_keys:
                 tile = _decode(raw, url, policy, lazy)
                 if tile is not None:
                     yield tile
+        if samples == 0:  # an empty tar: its planned tiles are lost, and it is the shard to name
+            policy.record(url, TarFormatError(f"{url}: no samples"))
     except (TarFormatError, OSError, UnicodeDecodeError) as error:
         policy.record(url, error)
     finally:
@@ -188,8 +195,9 @@ class CutCrops:
         scratch: dict = {}  # decode buffers reused tile after tile: crops are copies, cut before the next decode
         for tile in tiles:
             height, width = tile["meta"]["shape"]
-            if height < size or width < size:
-                log.warning("skipping %s: %dx%d is smaller than a %d crop", tile["key"], height, width, size)
+            if height < size or width < size:  # counted as unusable: all tiles too small fails, never loops
+                tile["policy"].record_undecodable(tile["url"], SchemaError(
+                    f"{tile['key']}: {height}x{width} tile is smaller than --crop-size {size}"))
                 continue
             origins = [(2 * int(rng.integers(0, (height - size) // 2 + 1)),
                         2 * int(rng.integers(0, (width - size) // 2 + 1))) for _ in range(self.options.crops_per_tile)]
