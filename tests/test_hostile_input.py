@@ -208,3 +208,22 @@ def test_tiles_smaller_than_the_crop_fail_clearly_instead_of_looping(built):
     result = CliRunner().invoke(train_main, ["bench-data", "--shards", str(built), "--seconds", "1",
                                              "--num-workers", "0", "--crop-size", "128"])  # 120 px tiles
     assert result.exit_code == 1 and "planned tiles unreadable" in result.output, result.output
+
+
+def test_a_resume_says_when_the_input_gained_files_after_planning(tmp_path, caplog):
+    import os
+    import time
+
+    from tools.majortom_fixture import make_majortom_dataset
+
+    make_majortom_dataset(tmp_path / "in", num_files=2, rows_per_file=2)
+    first = run_shard("build", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"))
+    assert first.exit_code == 0, first.output
+    added = tmp_path / "in" / "images" / "part_00003.parquet"
+    shutil.copy(tmp_path / "in" / "images" / "part_00001.parquet", added)
+    later = time.time() + 5
+    os.utime(added, (later, later))
+    caplog.set_level("WARNING")
+    again = run_shard("build", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"))
+    assert again.exit_code == 0 and "1 parquet file(s) under --input changed or appeared" in caplog.text
+    assert "part_00003.parquet" in caplog.text and read_manifest(tmp_path / "out")["totals"]["samples"] == 4

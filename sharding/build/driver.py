@@ -46,6 +46,7 @@ from sharding.layout import (
     unit_stats_path,
 )
 from sharding.sources.geotiff_catalog import list_geotiff_folders
+from sharding.sources.majortom_catalog import parquet_files
 from sharding.sources.remote import is_remote, set_footer_cache
 from sharding.sources.remote_catalog import list_source
 
@@ -160,6 +161,21 @@ def make_plan(args: BuildArgs, write: Callable = atomic_write, allow_empty: bool
     return info
 
 
+def _warn_unplanned_files(args: BuildArgs, output: Path) -> None:
+    """A resume builds the saved plan: say so when the local input gained files since it was made."""
+    if args.tile_source != "majortom" or args.metadata or not args.input or is_remote(args.input):
+        return
+    source = Path(args.input)
+    if not source.is_dir():
+        return
+    planned_at = (output / BUILD_INFO).stat().st_mtime
+    newer = [path for path in parquet_files(source) if path.stat().st_mtime > planned_at]
+    if newer:
+        log.warning("%d parquet file(s) under --input changed or appeared after this build was planned (first: "
+                    "%s) and are not part of it; build them into another --output, or add --overwrite to plan "
+                    "again", len(newer), newer[0])
+
+
 def _refuse_empty(output: Path, num_units: int, allow_empty: bool) -> None:
     """Every unit done and not one tile written (all rejected or filtered after decoding): no dataset."""
     if allow_empty or any(json.loads(unit_stats_path(output, unit).read_text())["written"]
@@ -207,7 +223,11 @@ def _build(args: BuildArgs, workers: int, overwrite: bool, executor: str, ray_ad
            node: NodeShare | None, sink, allow_empty: bool) -> BuildSummary:
     started = time.monotonic()
     output = Path(args.output)
-    info = prepare_output(args, overwrite) or make_plan(args, publish_shared if node else atomic_write, allow_empty)
+    info = prepare_output(args, overwrite)
+    if info:
+        _warn_unplanned_files(args, output)
+    else:
+        info = make_plan(args, publish_shared if node else atomic_write, allow_empty)
     if sink is not None:  # --output s3://: output is its staging directory (sharding/build/remote_output.py)
         sink.publish_plan()
     units = load_units(output)

@@ -152,6 +152,12 @@ def apply_metadata(metadata_path: Path, images: dict[str, Path], catalog: Catalo
     catalog.rows = kept
 
 
+def parquet_files(directory: Path) -> list[Path]:
+    """The tile parquet files of a local MajorTOM directory (`images/*.parquet`, else `*.parquet`)."""
+    images_dir = directory / "images" if (directory / "images").is_dir() else directory
+    return sorted(p for p in images_dir.glob("*.parquet") if p.name != "metadata.parquet")
+
+
 def list_majortom(input_path: str) -> Catalog:
     """Catalog of every row under `input_path`; InputError when nothing usable is there."""
     path = Path(input_path)
@@ -163,8 +169,7 @@ def list_majortom(input_path: str) -> Catalog:
             raise InputError(f"--input {input_path}: expected a .parquet file or a directory")
         list_parquet_file(path, catalog)
         return catalog
-    images_dir = path / "images" if (path / "images").is_dir() else path
-    files = sorted(p for p in images_dir.glob("*.parquet") if p.name != "metadata.parquet")
+    files = parquet_files(path)
     if not files:
         list_extracted(path, catalog)
         if not catalog.rows and not catalog.rejected:
