@@ -8,6 +8,7 @@ import sys
 import click
 
 from phileo.cli import output_option
+from phileo.urls import redact_text
 from sharding.build.driver import BuildArgs
 from sharding.build.fasttom import FastTomRules
 from sharding.errors import InputError
@@ -63,7 +64,7 @@ def run_or_exit(function, *args, **kwargs):
     try:
         return function(*args, **kwargs)
     except InputError as error:
-        click.echo(f"error: {error}", err=True)
+        click.echo(f"error: {redact_text(str(error))}", err=True)
         sys.exit(2)
 
 
@@ -187,7 +188,13 @@ def _run_majortom_build(input_path: str | None, output: str, shard_size: str, gr
     from sharding.build.labels import parse_label_spec
     from sharding.build.nodes import distributed_kwargs
     from sharding.build.plan import Filters, read_grid_cells_file
+    from sharding.sources.remote import hide_credentials
 
+    if "@" in output.split("://", 1)[-1].split("/", 1)[0] and output.startswith("s3://"):
+        raise InputError(f"--output {hide_credentials(output)}: S3 credentials go in the AWS environment "
+                         "(AWS_ACCESS_KEY_ID, ...), never in the URL")
+    input_path = hide_credentials(input_path) if input_path else input_path  # stored and logged redacted
+    options["metadata"] = hide_credentials(options["metadata"]) if options["metadata"] else None
     grid_cells = read_grid_cells_file(grid_cells_file) if grid_cells_file else None
     filters = Filters(max_cloud=options["max_cloud"], max_nodata=options["max_nodata"],
                       bbox=_parse_bbox(options["bbox"]), start=options["start"], end=options["end"],

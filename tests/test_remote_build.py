@@ -392,3 +392,31 @@ def test_build_into_s3_killed_mid_way_resumes_with_every_key_exactly_once(majort
     keys = pq.read_table(pa.BufferReader(objects["index.parquet"])).column("key").to_pylist()
     expected = pq.read_table(built / "index.parquet").column("key").to_pylist()
     assert len(keys) == len(set(keys)) == manifest["totals"]["samples"] and sorted(keys) == sorted(expected)
+
+
+def test_credentials_in_input_urls_are_never_written_nor_logged(majortom, built, http, tmp_path, caplog):
+    base, _ = http
+    images = sorted((majortom[0] / "images").glob("*.parquet"))
+    secrets = ("s3cr3t-pw", "tok-XYZ123", "sig-ABC456")
+    # relative entries read through the list's userinfo; one absolute presigned-style entry with its own token
+    entries = [f"images/{p.name}" for p in images[1:]] + [f"{base}/images/{images[0].name}?X-Amz-Signature=sig-ABC456"]
+    (majortom[0] / "parts.txt").write_text("".join(f"{entry}\n" for entry in entries))
+    host = base.split("://", 1)[1]
+    caplog.set_level("INFO")  # what the CLI logs (a library's DEBUG lines are theirs to guard)
+    try:
+        result = run_shard("build", "--input", f"http://user:s3cr3t-pw@{host}/parts.txt?token=tok-XYZ123",
+                           "--output", str(tmp_path / "out"), *BUILD_ARGS)
+        assert result.exit_code == 0, result.output
+        again = run_shard("build", "--input", f"http://user:s3cr3t-pw@{host}/parts.txt?token=tok-XYZ123",
+                          "--output", str(tmp_path / "out"), *BUILD_ARGS)  # a resume reads the list again
+        assert again.exit_code == 0, again.output
+    finally:
+        (majortom[0] / "parts.txt").unlink()
+    assert read_manifest(tmp_path / "out")["totals"]["samples"] == read_manifest(built)["totals"]["samples"]
+    written = [path.read_bytes() for path in (tmp_path / "out").rglob("*") if path.is_file()]
+    for secret in secrets:
+        assert not any(secret.encode() in data for data in written), secret
+        leaked = [line for line in (result.output + again.output + caplog.text).splitlines() if secret in line]
+        assert not leaked, leaked[:3]
+    refused = run_shard("build", "--input", str(majortom[0]), "--output", "s3://AKIA:s3cr3t-pw@bucket/x")
+    assert refused.exit_code == 2 and "AWS environment" in refused.output and "s3cr3t-pw" not in refused.output

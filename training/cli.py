@@ -8,6 +8,7 @@ import sys
 import click
 
 from phileo.cli import output_option
+from phileo.urls import redact_text
 from training.config import (
     LR_SCHEDULERS,
     BenchConfig,
@@ -58,7 +59,7 @@ def _fail(error: Exception, code: int = 2) -> None:
     text = str(error).strip()
     if "Original Traceback" in text:  # re-raised from a DataLoader worker: the worker's own message
         text = text.splitlines()[-1].split(": ", 1)[-1]
-    click.echo(f"error: {' '.join(text.split())}", err=True)
+    click.echo(f"error: {redact_text(' '.join(text.split()))}", err=True)
     sys.exit(code)
 
 

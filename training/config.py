@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
+from phileo.urls import redact
+
 # Pretraining (peak lr before x sqrt(world size), final lr) of the original scripts: train_model_ddp.py (CNN)
 # and train_model_vit_ddp.py (ViT; its schedule never ran: it sets param_group['flr'], line 307).
 DEFAULT_LRS = {"cnn": (1e-4, 1e-6), "vit": (3e-5, 1e-8)}
@@ -119,7 +121,10 @@ class PretrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """As saved in config.json and checkpoints: URLs without their credentials (phileo/urls.py)."""
+        values = asdict(self)
+        values["data"]["shards"] = redact(values["data"]["shards"])
+        return values
 
     @classmethod
     def from_dict(cls, values: dict) -> PretrainConfig:
@@ -218,4 +223,8 @@ class FinetuneConfig:
     optim: FinetuneOptimConfig = field(default_factory=FinetuneOptimConfig)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """As saved in config.json and best.pt: URLs without their credentials (phileo/urls.py)."""
+        values = asdict(self)
+        for name in ("shards", "val_shards", "test_shards"):
+            values["data"][name] = redact(values["data"][name]) if values["data"][name] else values["data"][name]
+        return values

@@ -47,8 +47,8 @@ from sharding.layout import (
 )
 from sharding.sources.geotiff_catalog import list_geotiff_folders
 from sharding.sources.majortom_catalog import parquet_files
-from sharding.sources.remote import is_remote, set_footer_cache
-from sharding.sources.remote_catalog import list_source
+from sharding.sources.remote import credentials, is_remote, set_footer_cache
+from sharding.sources.remote_catalog import list_source, remote_files
 
 log = logging.getLogger(__name__)
 
@@ -226,6 +226,8 @@ def _build(args: BuildArgs, workers: int, overwrite: bool, executor: str, ray_ad
     info = prepare_output(args, overwrite)
     if info:
         _warn_unplanned_files(args, output)
+        if args.input and is_remote(args.input) and args.input.endswith((".txt", ".json")):
+            remote_files(args.input)  # its entries' credentials, kept in memory only, for the units to read
     else:
         info = make_plan(args, publish_shared if node else atomic_write, allow_empty)
     if sink is not None:  # --output s3://: output is its staging directory (sharding/build/remote_output.py)
@@ -234,7 +236,8 @@ def _build(args: BuildArgs, workers: int, overwrite: bool, executor: str, ray_ad
     pending = [(unit, rows) for unit, rows in enumerate(units) if not unit_stats_path(output, unit).is_file()]
     pending = node.select(pending, units) if node else pending
     options = UnitOptions(str(output), info["layout"], args.shard_size, args.filters, args.clevel, args.thumbnails,
-                          args.labels, args.fasttom, sink=sink.url if sink is not None else None)
+                          args.labels, args.fasttom, sink=sink.url if sink is not None else None,
+                          credentials=credentials())
     summary = BuildSummary()
     log.info("%d of %d units to build (%d already complete)", len(pending), len(units), len(units) - len(pending))
     runner = run_local if executor == "local" else partial(run_ray, address=ray_address)

@@ -11,7 +11,7 @@ import json
 import logging
 import zlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import groupby
 from pathlib import Path
 
@@ -30,7 +30,7 @@ from sharding.errors import RowError
 from sharding.layout import FOOTERS, SHARDS_DIR, TMP_SUFFIX, unit_stats_path
 from sharding.sources.majortom import BAND_COLUMNS, decode_majortom_row, iter_parquet_rows, read_extracted_product
 from sharding.sources.majortom_catalog import reject
-from sharding.sources.remote import retry_count, set_footer_cache
+from sharding.sources.remote import restore_credentials, retry_count, set_footer_cache
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,8 @@ class UnitOptions:
     labels: tuple[LabelSpec, ...] = ()
     fasttom: FastTomRules | None = None
     sink: str | None = None  # s3:// output URL: publish the unit's files there (sharding/build/remote_output.py)
+    # URLs given with credentials (redacted -> as given), handed to workers in memory, never written
+    credentials: dict[str, str] = field(default_factory=dict, repr=False)
 
 
 def iter_unit_rows(rows: list[dict], layout: str, with_thumbnail: bool) -> Iterator[tuple[dict, dict | str]]:
@@ -90,6 +92,7 @@ Progress = Callable[[int, int], None]  # (bytes read, bytes written) after each 
 def build_unit(unit: int, rows: list[dict], options: UnitOptions, progress: Progress | None = None) -> dict:
     """Convert one unit; returns (and writes last) its stats. `progress` is called once per tile."""
     output = Path(options.output)
+    restore_credentials(options.credentials)
     set_footer_cache(output / FOOTERS)  # footers fetched at plan time or by other units: no GET again
     shards_dir = output / SHARDS_DIR
     for leftover in shards_dir.glob(f"{unit:06d}-*.tar{TMP_SUFFIX}"):

@@ -33,6 +33,7 @@ from typing import TypeVar
 import pyarrow.parquet as pq
 
 from phileo.remote import RetryPolicy, is_transient, s3_filesystem
+from phileo.urls import redact, secrets_in
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,45 @@ SCHEMES = ("s3://", "http://", "https://", "hf://")
 FOOTER_BYTES = int(os.environ.get("PHILEO_REMOTE_FOOTER_KB", 2048)) << 10  # the footer sample, one GET
 RETRIES = {"count": 0}  # per process; units report the difference over their run
 T = TypeVar("T")
+
+
+_CREDENTIALS: dict[str, str] = {}  # redacted URL -> the URL as given: memory only, never stored nor logged
+
+
+def hide_credentials(url: str) -> str:
+    """The URL to store and log (phileo/urls.py `redact`); reads of it (or of files under it) use `url`."""
+    redacted = redact(url)
+    if redacted != url:
+        _CREDENTIALS[redacted] = url
+    return redacted
+
+
+def credentials() -> dict[str, str]:
+    """The credentials known to this process, for its workers (handed over in memory, never on disk)."""
+    return dict(_CREDENTIALS)
+
+
+def restore_credentials(known: dict[str, str]) -> None:
+    _CREDENTIALS.update(known)
+
+
+def with_credentials(url: str) -> str:
+    """The URL to read: the one given with its credentials, or a file under a root given with them."""
+    if url in _CREDENTIALS:
+        return _CREDENTIALS[url]
+    for redacted, real in _CREDENTIALS.items():
+        root = redacted.rstrip("/") + "/"
+        if url.startswith(root) and "?" not in real:
+            return real.rstrip("/") + "/" + url[len(root):]
+    return url
+
+
+def scrub(text: str) -> str:
+    """`text` (an error message) with every known credential replaced by ***."""
+    for real in _CREDENTIALS.values():
+        for secret in secrets_in(real):
+            text = text.replace(secret, "***")
+    return text
 
 
 class RemoteUnavailable(RuntimeError):
@@ -79,7 +119,7 @@ def with_retries(url: str, what: str, action: Callable[[], T]) -> T:
                 raise
             failures += 1
             if failures > policy.retries:
-                detail = (str(error).splitlines() or [""])[0]
+                detail = scrub((str(error).splitlines() or [""])[0])
                 raise RemoteUnavailable(f"{url}: {what} failed after {policy.retries} retries: "
                                         f"{type(error).__name__}: {detail}") from error
             delay = policy.delay(failures, error)  # a rate-limited server (the Hub's 429) may say how long
@@ -96,7 +136,7 @@ def _hf_range(url: str, start: int, end: int) -> bytes:
     """hf://: HfFileSystem's file without a cache: each read is exactly one ranged GET."""
     file = _HF_FILES.get(url)
     if file is None:
-        file = _HF_FILES[url] = filesystem(url).open(url, "rb", cache_type="none")
+        file = _HF_FILES[url] = filesystem(url).open(with_credentials(url), "rb", cache_type="none")
     try:
         file.seek(start)
         return file.read(end - start)
@@ -107,10 +147,10 @@ def _hf_range(url: str, start: int, end: int) -> bytes:
 
 def read_range(url: str, start: int, end: int) -> bytes:
     """Bytes [start, end) of a remote object in one ranged GET (retried; a short body is retried too)."""
-    fs = filesystem(url)
+    fs, real = filesystem(url), with_credentials(url)
 
     def fetch() -> bytes:
-        data = _hf_range(url, start, end) if url.startswith("hf://") else fs.cat_file(url, start=start, end=end)
+        data = _hf_range(url, start, end) if url.startswith("hf://") else fs.cat_file(real, start=start, end=end)
         if len(data) != end - start:
             raise ConnectionResetError(f"got {len(data)} bytes of range {start}-{end}")
         return data
@@ -121,12 +161,12 @@ def read_range(url: str, start: int, end: int) -> bytes:
 def read_bytes(url: str) -> bytes:
     """A whole (small) remote object: list files, metadata.parquet."""
     fs = filesystem(url)
-    return with_retries(url, "GET", lambda: fs.cat_file(url))
+    return with_retries(url, "GET", lambda: fs.cat_file(with_credentials(url)))
 
 
 def object_size(url: str) -> int:
     fs = filesystem(url)
-    return int(with_retries(url, "HEAD", lambda: fs.size(url)))
+    return int(with_retries(url, "HEAD", lambda: fs.size(with_credentials(url))))
 
 
 class CachedRanges(io.RawIOBase):

@@ -34,7 +34,15 @@ from sharding.sources.majortom_catalog import (
     make_row,
     reject,
 )
-from sharding.sources.remote import RemoteUnavailable, filesystem, is_remote, open_parquet, read_bytes
+from sharding.sources.remote import (
+    RemoteUnavailable,
+    filesystem,
+    hide_credentials,
+    is_remote,
+    open_parquet,
+    read_bytes,
+    scrub,
+)
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +79,7 @@ def _read_small(path: str, flag: str) -> bytes:
         with open(path, "rb") as file:
             return file.read()
     except (OSError, RemoteUnavailable) as error:
-        raise InputError(f"{flag} {path}: cannot be read ({type(error).__name__}: {error})") from error
+        raise InputError(f"{flag} {path}: cannot be read ({type(error).__name__}: {scrub(str(error))})") from None
 
 
 def remote_files(input_url: str) -> tuple[list[str], str | None]:
@@ -86,7 +94,7 @@ def remote_files(input_url: str) -> tuple[list[str], str | None]:
         if not isinstance(entries, list) or not all(isinstance(e, str) for e in entries):
             raise InputError(f"--input {input_url}: expected a JSON list of parquet URLs")
         folder = base.rsplit("/", 1)[0]
-        return [e if is_remote(e) else f"{folder}/{e}" for e in entries], None
+        return [hide_credentials(e) if is_remote(e) else f"{folder}/{e}" for e in entries], None
     if base.startswith(("http://", "https://")):
         raise InputError(f"--input {input_url}: HTTP has no listing; give a .parquet URL, a .txt/.json list "
                          "of parquet URLs, or --metadata")
