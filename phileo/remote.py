@@ -63,6 +63,10 @@ def is_transient(error: BaseException) -> bool:
     status = http_status(error)
     if status is not None and (status >= 400 or isinstance(error, urllib.error.HTTPError)):
         return status in RETRY_STATUS or status >= 500
+    if isinstance(error, FileNotFoundError) and error.__cause__ is not None:
+        # fsspec's HTTP size lookup turns every failure (a 503, a refused connection) into
+        # FileNotFoundError: judge the cause, so an overloaded server is not a missing file
+        return is_transient(error.__cause__)
     if isinstance(error, PERMANENT_ERRORS) or (isinstance(error, OSError) and error.errno == errno.EINVAL):
         return False
     if unknown_host(error):

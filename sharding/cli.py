@@ -60,12 +60,17 @@ def main(verbose: bool) -> None:
 
 
 def run_or_exit(function, *args, **kwargs):
-    """Bad user input -> one line on stderr and exit 2, no traceback."""
+    """Bad user input -> one line on stderr and exit 2; a remote source that stays unavailable -> exit 1."""
+    from sharding.sources.remote import RemoteUnavailable, scrub
+
     try:
         return function(*args, **kwargs)
     except InputError as error:
         click.echo(f"error: {redact_text(str(error))}", err=True)
         sys.exit(2)
+    except RemoteUnavailable as error:  # nothing was recorded for what failed: a rerun retries it
+        click.echo(f"error: {redact_text(scrub(str(error)))}; rerun the same command when it is back", err=True)
+        sys.exit(1)
 
 
 @main.command()

@@ -56,6 +56,12 @@ class RangeFiles(BaseHTTPRequestHandler):
 
     def _serve(self, head: bool) -> None:
         path = Path(self.state["root"]) / self.path.lstrip("/").split("?")[0]
+        with self.state["lock"]:
+            overloaded = self.state["unavailable"] > 0 and path.name.startswith("part_")
+            self.state["unavailable"] -= overloaded
+        if overloaded:  # the next N requests of tile files: the server is briefly overloaded
+            self.send_error(503)
+            return
         if not path.is_file():
             self.send_error(404)
             return
@@ -92,7 +98,7 @@ class RangeFiles(BaseHTTPRequestHandler):
 def http(majortom):
     """(base URL, state) of a Range server over the fixture; state["fail_every"] turns faults on."""
     state = {"root": str(majortom[0]), "lock": threading.Lock(), "ranged": 0, "faults": 0, "gets": [],
-             "fail_every": 0, "down_except_footers": False}
+             "fail_every": 0, "down_except_footers": False, "unavailable": 0}
     server = ThreadingHTTPServer(("127.0.0.1", 0), partial(RangeFiles, state=state))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -297,7 +303,7 @@ def test_label_raster_over_http_equals_the_local_raster(majortom, tmp_path):
     water = make_label_rasters(tmp_path / "rasters", layers=("water",))["water"]
     region = sorted((water.parent / "water").glob("region_*.tif"))[0]
     state = {"root": str(region.parent), "lock": threading.Lock(), "ranged": 0, "faults": 0, "gets": [],
-             "fail_every": 0, "down_except_footers": False}
+             "fail_every": 0, "down_except_footers": False, "unavailable": 0}
     server = ThreadingHTTPServer(("127.0.0.1", 0), partial(RangeFiles, state=state))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}/{region.name}"
@@ -420,3 +426,23 @@ def test_credentials_in_input_urls_are_never_written_nor_logged(majortom, built,
         assert not leaked, leaked[:3]
     refused = run_shard("build", "--input", str(majortom[0]), "--output", "s3://AKIA:s3cr3t-pw@bucket/x")
     assert refused.exit_code == 2 and "AWS environment" in refused.output and "s3cr3t-pw" not in refused.output
+
+
+def test_transient_errors_while_planning_are_retried_and_never_lose_a_file(majortom, built, http, tmp_path,
+                                                                          monkeypatch):
+    base, state = http
+    monkeypatch.setenv("PHILEO_REMOTE_BACKOFF_S", "0.01")
+    monkeypatch.setenv("PHILEO_REMOTE_RETRIES", "3")
+    args = ("--metadata", f"{base}/metadata.parquet", "--input", base, *BUILD_ARGS)
+    state["unavailable"] = 2  # the size lookups of planning meet 503s, then the server recovers
+    result = run_shard("build", "--output", str(tmp_path / "a"), *args)
+    assert result.exit_code == 0, result.output
+    assert read_manifest(tmp_path / "a")["totals"]["samples"] == read_manifest(built)["totals"]["samples"]
+    assert (tmp_path / "a" / "rejected.jsonl").read_text() == ""
+    state["unavailable"] = 10**6  # down for good while planning: the build fails and records nothing
+    failed = run_shard("build", "--output", str(tmp_path / "b"), *args)
+    assert failed.exit_code != 0 and "503" in failed.output and not (tmp_path / "b" / "build.json").exists()
+    state["unavailable"] = 0  # back: the rerun plans every file
+    rerun = run_shard("build", "--output", str(tmp_path / "b"), *args)
+    assert rerun.exit_code == 0, rerun.output
+    assert read_manifest(tmp_path / "b")["totals"]["samples"] == read_manifest(built)["totals"]["samples"]

@@ -118,12 +118,13 @@ def with_retries(url: str, what: str, action: Callable[[], T]) -> T:
             if not is_transient(error):
                 raise
             failures += 1
+            shown = error.__cause__ if isinstance(error, FileNotFoundError) and error.__cause__ else error
             if failures > policy.retries:
-                detail = scrub((str(error).splitlines() or [""])[0])
+                detail = scrub((str(shown).splitlines() or [""])[0])
                 raise RemoteUnavailable(f"{url}: {what} failed after {policy.retries} retries: "
-                                        f"{type(error).__name__}: {detail}") from error
+                                        f"{type(shown).__name__}: {detail}") from error
             delay = policy.delay(failures, error)  # a rate-limited server (the Hub's 429) may say how long
-            log.warning("%s: %s failed (%s); retry %d/%d in %.2f s", url, what, type(error).__name__,
+            log.warning("%s: %s failed (%s); retry %d/%d in %.2f s", url, what, type(shown).__name__,
                         failures, policy.retries, delay)
             RETRIES["count"] += 1
             time.sleep(delay)
