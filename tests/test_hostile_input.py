@@ -227,3 +227,24 @@ def test_a_resume_says_when_the_input_gained_files_after_planning(tmp_path, capl
     again = run_shard("build", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"))
     assert again.exit_code == 0 and "1 parquet file(s) under --input changed or appeared" in caplog.text
     assert "part_00003.parquet" in caplog.text and read_manifest(tmp_path / "out")["totals"]["samples"] == 4
+
+
+@pytest.mark.parametrize("column", ["product_id", "B04"])  # read while planning / while building the unit
+def test_a_corrupt_row_group_rejects_only_its_own_row(tmp_path, column):
+    import pyarrow.parquet as pq
+
+    from tools.majortom_fixture import make_majortom_dataset
+
+    rows = make_majortom_dataset(tmp_path / "in", num_files=1, rows_per_file=3, rows_per_row_group=1)
+    path = tmp_path / "in" / "images" / "part_00001.parquet"
+    group = pq.ParquetFile(path).metadata.row_group(1)
+    chunk = next(group.column(i) for i in range(group.num_columns) if group.column(i).path_in_schema == column)
+    data = bytearray(path.read_bytes())
+    start = chunk.data_page_offset
+    data[start: start + 64] = b"\xff" * 64  # garbage where row group 1's page header of `column` is
+    path.write_bytes(bytes(data))
+    result = run_shard("build", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"))
+    assert result.exit_code == 0, result.output
+    rejected = [json.loads(line) for line in (tmp_path / "out" / "rejected.jsonl").read_text().splitlines()]
+    assert [(r["row"], "row group 1" in r["reason"]) for r in rejected] == [(1, True)], rejected
+    assert read_manifest(tmp_path / "out")["totals"]["samples"] == len(rows) - 1

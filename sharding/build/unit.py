@@ -65,14 +65,14 @@ def iter_unit_rows(rows: list[dict], layout: str, with_thumbnail: bool) -> Itera
                 yield row, read_extracted_product(source_file, with_thumbnail)
             continue
         by_number = {row["source_row"]: row for row in file_rows}
-        done = 0
-        try:
-            for number, columns in iter_parquet_rows(source_file, sorted(by_number), with_thumbnail):
+        numbers, done = sorted(by_number), 0
+        try:  # a bad row group comes back as its rows' reasons; what raises here is the file itself
+            for number, columns in iter_parquet_rows(source_file, numbers, with_thumbnail):
                 done += 1
                 yield by_number[number], columns
         except (OSError, ValueError, pa.ArrowException) as error:
-            for row in file_rows[done:]:
-                yield row, f"unreadable parquet data: {error}"
+            for number in numbers[done:]:
+                yield by_number[number], f"unreadable parquet file: {error}"
 
 
 def sample_band_histogram(sample: Sample, histogram: np.ndarray) -> None:

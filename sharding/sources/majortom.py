@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import rasterio
 from rasterio.errors import RasterioError
 from rasterio.io import MemoryFile
@@ -31,8 +32,11 @@ BAND_COLUMNS = [*ALL_BANDS, CLOUD_MASK]
 READ_COLUMNS = ["product_id", "grid_cell", "product_datetime", "thumbnail", *BAND_COLUMNS]
 
 
-def iter_parquet_rows(path: str, rows: list[int], with_thumbnail: bool) -> Iterator[tuple[int, dict]]:
-    """Yield (row, {column: value}) for the sorted `rows` of one file, one row group in memory at a time."""
+def iter_parquet_rows(path: str, rows: list[int], with_thumbnail: bool) -> Iterator[tuple[int, dict | str]]:
+    """Yield (row, {column: value}) for the sorted `rows` of one file, one row group in memory at a time.
+
+    A row group that cannot be read yields (row, reason) for its own rows only; the file's other
+    row groups are still read. (A file that cannot be opened raises.)"""
     parquet, remote = open_parquet(path)
     columns = [c for c in READ_COLUMNS if c != "thumbnail" or with_thumbnail]
     columns = [c for c in columns if c in parquet.schema_arrow.names]
@@ -40,16 +44,22 @@ def iter_parquet_rows(path: str, rows: list[int], with_thumbnail: bool) -> Itera
     for index in range(parquet.metadata.num_row_groups):
         starts.append(start)
         start += parquet.metadata.row_group(index).num_rows
-    group_index, group = -1, None
+    group_index, group, failure = -1, None, None
     for row in rows:
         if not 0 <= row < start:
             raise ValueError(f"{path}: row {row} out of range (the file has {start} rows)")
         wanted = bisect.bisect_right(starts, row) - 1
         if wanted != group_index:
-            group_index, group = wanted, None  # free the previous row group before reading the next
-            if remote is not None:  # one ranged GET spanning the row group's columns
-                remote.fetch_spans(column_spans(parquet, wanted, columns), keep=False)
-            group = parquet.read_row_group(wanted, columns=columns)
+            group_index, group, failure = wanted, None, None  # free the previous row group before the next
+            try:
+                if remote is not None:  # one ranged GET spanning the row group's columns
+                    remote.fetch_spans(column_spans(parquet, wanted, columns), keep=False)
+                group = parquet.read_row_group(wanted, columns=columns)
+            except (OSError, ValueError, pa.ArrowException) as error:
+                failure = f"unreadable parquet data in row group {wanted}: {error}"
+        if failure is not None:
+            yield row, failure
+            continue
         offset = row - starts[group_index]
         yield row, {name: group.column(name)[offset].as_py() for name in columns}
 

@@ -80,17 +80,28 @@ def list_parquet_file(path: Path | str, catalog: Catalog) -> None:
         reason = f"missing column(s) {', '.join(missing)}"
         catalog.rejected.extend(reject(path, row, reason) for row in range(num_rows))
         return
-    if remote is not None:  # one ranged GET per row group for the id columns, not one per page
-        for group in range(parquet.metadata.num_row_groups):
-            remote.fetch_spans(column_spans(parquet, group, ID_COLUMNS))
-    ids = parquet.read(columns=ID_COLUMNS).to_pydict()
-    row_bytes = _row_bytes(parquet)
-    for row in range(num_rows):
-        values = [ids[name][row] for name in ID_COLUMNS]
+    row_bytes, first = _row_bytes(parquet), 0
+    for group in range(parquet.metadata.num_row_groups):
+        count = parquet.metadata.row_group(group).num_rows
         try:
-            catalog.rows.append(make_row(str(path), str(path), row, *values, row_bytes[row]))
-        except ValueError as error:
-            catalog.rejected.append(reject(path, row, str(error)))
+            if remote is not None:  # one ranged GET per row group for the id columns, not one per page
+                remote.fetch_spans(column_spans(parquet, group, ID_COLUMNS))
+            ids = parquet.read_row_group(group, columns=ID_COLUMNS).to_pydict()
+        except (OSError, ValueError, pa.ArrowException) as error:  # this row group's rows only
+            catalog.rejected.extend(reject(path, row, f"unreadable parquet data in row group {group}: {error}")
+                                    for row in range(first, first + count))
+        else:
+            for offset in range(count):
+                _add_row(catalog, path, first + offset, [ids[name][offset] for name in ID_COLUMNS],
+                         row_bytes[first + offset])
+        first += count
+
+
+def _add_row(catalog: Catalog, path: Path | str, row: int, values: list, est_bytes: int) -> None:
+    try:
+        catalog.rows.append(make_row(str(path), str(path), row, *values, est_bytes))
+    except ValueError as error:
+        catalog.rejected.append(reject(path, row, str(error)))
 
 
 def _row_bytes(parquet: pq.ParquetFile) -> list[int]:
