@@ -248,3 +248,46 @@ def test_a_corrupt_row_group_rejects_only_its_own_row(tmp_path, column):
     rejected = [json.loads(line) for line in (tmp_path / "out" / "rejected.jsonl").read_text().splitlines()]
     assert [(r["row"], "row group 1" in r["reason"]) for r in rejected] == [(1, True)], rejected
     assert read_manifest(tmp_path / "out")["totals"]["samples"] == len(rows) - 1
+
+
+def _edit_metadata(root, edit) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(root / "metadata.parquet").to_pylist()
+    edit(rows)
+    pq.write_table(pa.Table.from_pylist(rows), root / "metadata.parquet")
+
+
+def test_metadata_out_of_range_or_elsewhere_is_rejected_with_the_reason(tmp_path):
+    from tools.majortom_fixture import make_majortom_dataset
+
+    make_majortom_dataset(tmp_path / "in", num_files=1, rows_per_file=4)
+
+    def corrupt(rows):
+        rows[0]["cloud_cover"] = 1e308
+        rows[1]["nodata"] = -5.0
+        rows[2]["centre_lat"] = -rows[2]["centre_lat"]  # the other hemisphere
+    _edit_metadata(tmp_path / "in", corrupt)
+    result = run_shard("build", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--bbox",
+                       "-180,-90,180,90")
+    assert result.exit_code == 0, result.output
+    reasons = {r["row"]: r["reason"] for r in map(json.loads, (tmp_path / "out" / "rejected.jsonl").open())}
+    assert "cloud_cover 1e+308 outside 0..100" in reasons[0] and "nodata -5.0 outside 0..1" in reasons[1]
+    assert "degrees from grid cell" in reasons[2] and sorted(reasons) == [0, 1, 2]
+    import pyarrow.parquet as pq
+
+    cloud = pq.read_table(tmp_path / "out" / "index.parquet").column("cloud_cover").to_pylist()
+    assert len(cloud) == 1 and 0 <= cloud[0] <= 100
+
+
+def test_metadata_cannot_keep_a_tile_whose_pixels_fail_the_filter(tmp_path):
+    from tools.majortom_fixture import make_majortom_dataset
+
+    rows = make_majortom_dataset(tmp_path / "in", num_files=2, rows_per_file=3)
+    _edit_metadata(tmp_path / "in", lambda entries: [entry.update(cloud_cover=0.0) for entry in entries])
+    result = run_shard("build", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"),
+                       "--max-cloud", "10", "--allow-empty")
+    assert result.exit_code == 0, result.output
+    clear = sum(row["cloud_cover"] <= 10 for row in rows)  # the fixture records the pixels' own cover
+    assert clear < len(rows) and read_manifest(tmp_path / "out")["totals"]["samples"] == clear

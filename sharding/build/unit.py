@@ -28,7 +28,13 @@ from sharding.build.unit_files import index_schema, new_histogram, write_unit_fi
 from sharding.build.writer import ShardWriter, atomic_write
 from sharding.errors import RowError
 from sharding.layout import FOOTERS, SHARDS_DIR, TMP_SUFFIX, unit_stats_path
-from sharding.sources.majortom import BAND_COLUMNS, decode_majortom_row, iter_parquet_rows, read_extracted_product
+from sharding.sources.majortom import (
+    BAND_COLUMNS,
+    decode_majortom_row,
+    iter_parquet_rows,
+    nodata_fraction,
+    read_extracted_product,
+)
 from sharding.sources.majortom_catalog import reject
 from sharding.sources.remote import restore_credentials, retry_count, set_footer_cache
 
@@ -144,7 +150,11 @@ def _convert(row: dict, columns: dict | str, options: UnitOptions, rejected: lis
     except RowError as error:
         rejected.append(reject(row["source_file"], row["source_row"], str(error), row["key"]))
         return None
-    if options.filters.passes_pixels(sample.meta["cloud_cover"], sample.meta["nodata"]) is not None:
+    # the metadata's values, then the pixels' own: metadata saying "no cloud" cannot keep a cloudy tile
+    filters = options.filters
+    pixel_nodata = nodata_fraction(sample.arrays["s2_10m"]) if filters.max_nodata is not None else 0.0
+    if (filters.passes_pixels(sample.meta["cloud_cover"], sample.meta["nodata"]) is not None
+            or filters.passes_pixels(sample.meta["cloud_cover_pixels"], pixel_nodata) is not None):
         counts["filtered"] += 1
         return None
     return sample

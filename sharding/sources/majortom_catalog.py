@@ -133,6 +133,32 @@ def list_extracted(root: Path, catalog: Catalog) -> None:
         catalog.rows.append(row)
 
 
+METADATA_VALUES = ("cloud_cover", "nodata", "centre_lat", "centre_lon")
+CENTRE_TOLERANCE_DEG = 0.5  # a MajorTOM tile spans ~0.1 degree: half a degree off is another place
+
+
+def metadata_problem(entry: dict, row: dict) -> str | None:
+    """Why metadata.parquet's values for `row` cannot be trusted (None if they can): out-of-range
+    cloud cover or no-data, or a centre away from the row's own grid cell."""
+    values = {}
+    for name in METADATA_VALUES:
+        try:
+            values[name] = float(entry[name])
+        except (TypeError, ValueError):
+            return f"metadata.parquet: {name} {entry[name]!r} is not a number"
+    ranges = {"cloud_cover": (0, 100), "nodata": (0, 1), "centre_lat": (-90, 90), "centre_lon": (-180, 180)}
+    for name, (low, high) in ranges.items():
+        if not low <= values[name] <= high:  # NaN and inf fail too
+            return f"metadata.parquet: {name} {values[name]!r} outside {low}..{high}"
+    d_lat = abs(values["centre_lat"] - row["centre_lat"])
+    d_lon = abs((values["centre_lon"] - row["centre_lon"] + 180) % 360 - 180)  # across the antimeridian too
+    d_lon *= math.cos(math.radians(row["centre_lat"]))
+    if max(d_lat, d_lon) > CENTRE_TOLERANCE_DEG:
+        return (f"metadata.parquet: centre {values['centre_lat']:.4f},{values['centre_lon']:.4f} is "
+                f"{max(d_lat, d_lon):.2f} degrees from grid cell {row['grid_cell']}")
+    return None
+
+
 def apply_metadata(metadata_path: Path, images: dict[str, Path], catalog: Catalog) -> None:
     """Take cloud_cover/nodata/centre from metadata.parquet for the rows of the input's files.
 
@@ -157,8 +183,11 @@ def apply_metadata(metadata_path: Path, images: dict[str, Path], catalog: Catalo
             catalog.rejected.append(reject(row["source_file"], row["source_row"], "metadata.parquet "
                                     f"says {entry['product_id']}, the file holds {row['product_id']}", row["key"]))
             continue
+        elif (problem := metadata_problem(entry, row)) is not None:
+            catalog.rejected.append(reject(row["source_file"], row["source_row"], problem, row["key"]))
+            continue
         else:
-            row.update({k: float(entry[k]) for k in ("cloud_cover", "nodata", "centre_lat", "centre_lon")})
+            row.update({k: float(entry[k]) for k in METADATA_VALUES})
         kept.append(row)
     catalog.rows = kept
 

@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 
 from sharding.errors import InputError
 from sharding.sources.majortom_catalog import (
+    METADATA_VALUES,
     REQUIRED_COLUMNS,
     Catalog,
     _row_bytes,
@@ -32,6 +33,7 @@ from sharding.sources.majortom_catalog import (
     list_majortom,
     list_parquet_file,
     make_row,
+    metadata_problem,
     reject,
 )
 from sharding.sources.remote import (
@@ -142,7 +144,11 @@ def catalog_from_metadata(metadata: str, root: str | None, kept_rows: Callable[[
         except ValueError as error:
             catalog.rejected.append(reject(url, number, f"metadata.parquet: {error}"))
             continue
-        row.update({k: float(entry[k]) for k in ("cloud_cover", "nodata", "centre_lat", "centre_lon")})
+        problem = metadata_problem(entry, row)
+        if problem is not None:
+            catalog.rejected.append(reject(url, number, problem, row["key"]))
+            continue
+        row.update({k: float(entry[k]) for k in METADATA_VALUES})
         catalog.rows.append(row)
     kept = kept_rows(catalog)
     needed = sorted({row["source_file"] for row in kept})
