@@ -1,4 +1,5 @@
-"""Atomic checkpoints (temp + rename), keeping the newest few; loaded with weights_only=True.
+"""Atomic checkpoints (temp + rename), keeping the newest few; loaded with weights_only=True, and
+sharded ones through training/safe_dcp.py: no checkpoint can run code when it is loaded.
 
 DDP runs write one file `ckpt-<step>.pt` (rank 0). FSDP runs write a directory
 `ckpt-<step>/` holding a torch.distributed.checkpoint (every rank writes its shards) plus
@@ -11,10 +12,11 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
+
+from training.safe_dcp import load_into, load_whole
 
 log = logging.getLogger(__name__)
 
@@ -78,12 +80,11 @@ def save_sharded_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, op
 
 def load_sharded_into(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     """Load a sharded checkpoint into an (FSDP) model + optimizer on any number of ranks; returns trainer state."""
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     model_state, optimizer_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optimizer_state}
-    dcp.load(state, checkpoint_id=str(path))
+    load_into(state, path)  # never unpickles code from the directory (training/safe_dcp.py)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     return load_checkpoint(path / TRAINER_STATE)
 
@@ -102,9 +103,4 @@ def load_model_weights(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if path.is_file():
         return load_checkpoint(path)["model"]
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    with tempfile.TemporaryDirectory() as scratch:
-        merged = Path(scratch) / "merged.pt"
-        dcp_to_torch_save(str(path), str(merged))
-        return load_checkpoint(merged)["model"]
+    return load_whole(path)["model"]  # never unpickles code from the directory (training/safe_dcp.py)

@@ -98,6 +98,7 @@ def pretrain(**flags) -> None:
     from training.data.loader import BadDataError
     from training.data.shards import ShardSpecError
     from training.pretrain import pretrain as run_pretrain
+    from training.safe_dcp import CheckpointError
 
     _setup_logging()
     try:
@@ -109,6 +110,8 @@ def pretrain(**flags) -> None:
         _fail(error)
     except (TrainingDiverged, BadDataError) as error:
         _fail(error, code=1)
+    except CheckpointError as error:
+        _fail(error)
 
 
 @main.command("bench-data")
@@ -192,6 +195,7 @@ def finetune(shards: str, val_shards: str, test_shards: str | None, init: str | 
     from training.data.loader import BadDataError
     from training.data.shards import ShardSpecError
     from training.finetune.trainer import finetune as run
+    from training.safe_dcp import CheckpointError
 
     _setup_logging()
     try:
@@ -201,6 +205,8 @@ def finetune(shards: str, val_shards: str, test_shards: str | None, init: str | 
         _fail(error)
     except (TrainingDiverged, BadDataError) as error:
         _fail(error, code=1)
+    except CheckpointError as error:
+        _fail(error)
 
 
 @main.command("nshot-sweep")
@@ -215,6 +221,7 @@ def nshot_sweep(data: str, n_shot: str, inits: tuple[str, ...], **flags) -> None
     from training.data.shards import ShardSpecError
     from training.distributed import init_world, shutdown
     from training.finetune.sweep import parse_inits, run_sweep
+    from training.safe_dcp import CheckpointError
 
     _setup_logging()
     try:
@@ -232,6 +239,8 @@ def nshot_sweep(data: str, n_shot: str, inits: tuple[str, ...], **flags) -> None
         _fail(error)
     except (TrainingDiverged, BadDataError) as error:
         _fail(error, code=1)
+    except CheckpointError as error:
+        _fail(error)
 
 
 def _parse_n_values(text: str) -> list[int]:
