@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import sys
 
@@ -59,6 +60,10 @@ def main(verbose: bool) -> None:
     logging.getLogger("numexpr").setLevel(logging.WARNING)  # blosc2 imports it; its INFO line is noise
 
 
+# the machine's state, not a bug: a full disk or quota, a read-only or forbidden path
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
 def run_or_exit(function, *args, **kwargs):
     """Bad user input -> one line on stderr and exit 2; a remote source that stays unavailable -> exit 1."""
     from sharding.sources.remote import RemoteUnavailable, scrub
@@ -70,6 +75,12 @@ def run_or_exit(function, *args, **kwargs):
         sys.exit(2)
     except RemoteUnavailable as error:  # nothing was recorded for what failed: a rerun retries it
         click.echo(f"error: {redact_text(scrub(str(error)))}; rerun the same command when it is back", err=True)
+        sys.exit(1)
+    except OSError as error:
+        if error.errno not in _ENVIRONMENT_ERRNOS:
+            raise
+        click.echo(f"error: {error.filename or 'output'}: {error.strerror}; fix that and rerun the same command "
+                   "(what is finished is kept)", err=True)
         sys.exit(1)
 
 

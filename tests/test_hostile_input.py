@@ -291,3 +291,45 @@ def test_metadata_cannot_keep_a_tile_whose_pixels_fail_the_filter(tmp_path):
     assert result.exit_code == 0, result.output
     clear = sum(row["cloud_cover"] <= 10 for row in rows)  # the fixture records the pixels' own cover
     assert clear < len(rows) and read_manifest(tmp_path / "out")["totals"]["samples"] == clear
+
+
+@pytest.fixture
+def small_disk(tmp_path, built):
+    """A tmpfs of 60% of the `built` dataset's shard bytes (needs root and mount, as in CI)."""
+    import subprocess
+
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    size_kb = int(0.6 * read_manifest(built)["totals"]["bytes"]) // 1024
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(mount)],
+                          capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_is_a_clear_error_leaves_no_temp_files_and_a_rerun_recovers(majortom, built, small_disk):
+    import subprocess
+
+    out = small_disk / "out"
+    args = ("build", "--input", str(majortom[0]), "--output", str(out), "--shard-size", "300KB", "--mix-files", "2")
+    full = run_shard(*args)
+    assert full.exit_code == 1 and "No space left on device" in full.output, full.output
+    assert "Traceback" not in full.output
+    assert not list(out.rglob("*.tmp")), list(out.rglob("*.tmp"))  # nothing half-written keeps the disk full
+    finished = [json.loads(path.read_text()) for path in (out / "units").glob("*.json")]
+    written = sum(unit["written"] for unit in finished)
+    assert finished and written and f"wrote {written} tiles" in full.output, full.output  # counted truthfully
+    subprocess.run(["mount", "-o", "remount,size=20m", str(small_disk)], check=True)
+    again = run_shard(*args)
+    assert again.exit_code == 0, again.output
+    keys = [raw.key for shard in read_manifest(out)["shards"] for raw in _tar_samples(out / shard["url"])]
+    expected = [raw.key for shard in read_manifest(built)["shards"] for raw in _tar_samples(built / shard["url"])]
+    assert sorted(keys) == sorted(expected) and len(keys) == len(set(keys))
+
+
+def _tar_samples(path):
+    from sharding.dataset.tarread import iter_tar_samples
+
+    return list(iter_tar_samples(path))

@@ -280,6 +280,13 @@ def _run_with_progress(pending: list, options: UnitOptions, workers: int, summar
             if "error" in result:
                 log.error("unit %d failed: %s\n%s", result["unit"], result["error"], result["traceback"])
                 summary.failed_units.append(result)
+            else:  # what this run finished (the totals of a finalized build replace these)
+                summary.written += result["written"]
+                summary.shards += len(result["shards"])
+                summary.bytes_out += result["bytes_out"]
+                summary.bytes_in += result["bytes_in"]
+                summary.rejected += len(result["rejected"])
+                summary.filtered += result["filtered"]
     if summary.failed_units:
         log.error("%d unit(s) failed; rerun the same command to retry them", len(summary.failed_units))
 

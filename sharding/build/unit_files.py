@@ -1,8 +1,8 @@
 """A work unit's index rows and band histogram: written by every unit, assembled by `finalize`.
 
 One format for the MajorTOM-family and the PhilEO Bench builds. The histogram of sampled DNs
-per band is stored sparse (band rows, DN values, counts): a unit fills a few thousand of its
-12 x 65536 bins. `read_histogram` also reads the dense `histogram` array that units of earlier
+per band is stored sparse (band rows, DN values, counts): a unit fills some thousands of its
+12 x 65536 bins (compressed: a few kB). `read_histogram` also reads the dense `histogram` array that units of earlier
 builds wrote, so those builds still resume and finalize.
 """
 
@@ -39,9 +39,10 @@ def write_unit_files(output: Path, unit: int, index: list[dict], schema: pa.Sche
     atomic_write(output / unit_file(unit, "index.parquet"), lambda path: pq.write_table(table, path))
     rows, values = np.nonzero(histogram)
 
-    def save_histogram(path: Path) -> None:
+    def save_histogram(path: Path) -> None:  # compressed: tens of thousands of bins for a unit of real tiles
         with open(path, "wb") as file:
-            np.savez(file, rows=rows, values=values, counts=histogram[rows, values])
+            np.savez_compressed(file, rows=rows.astype(np.uint8), values=values.astype(np.uint16),
+                                counts=histogram[rows, values])
 
     atomic_write(output / unit_file(unit, "hist.npz"), save_histogram)
 

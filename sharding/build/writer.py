@@ -26,7 +26,11 @@ CLOUD_HISTOGRAM_BINS = 10  # 0-10%, ..., 90-100%
 def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     """Call `write(tmp_path)`, then rename onto `path`: readers never see a partial file."""
     tmp = path.with_name(path.name + TMP_SUFFIX)
-    write(tmp)
+    try:
+        write(tmp)
+    except BaseException:  # a full disk must not stay full of our half-written files
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
 
 
