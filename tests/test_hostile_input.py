@@ -314,6 +314,16 @@ def test_a_full_disk_is_a_clear_error_leaves_no_temp_files_and_a_rerun_recovers(
 
     out = small_disk / "out"
     args = ("build", "--input", str(majortom[0]), "--output", str(out), "--shard-size", "300KB", "--mix-files", "2")
+    filler = small_disk / "filler"
+    with open(filler, "wb") as file:  # no room even for the plan
+        with pytest.raises(OSError):
+            while True:
+                file.write(bytes(64 << 10))
+                file.flush()
+    planless = run_shard(*args)
+    assert planless.exit_code == 1 and "No space left on device; fix that and rerun" in planless.output
+    assert "Traceback" not in planless.output and f"error: {out}/" in planless.output
+    filler.unlink()
     full = run_shard(*args)
     assert full.exit_code == 1 and "No space left on device" in full.output, full.output
     assert "Traceback" not in full.output

@@ -59,8 +59,12 @@ def _take(path: Path) -> bool:
         descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:
         return False
-    with os.fdopen(descriptor, "w") as file:
-        json.dump({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}, file)
+    try:
+        with os.fdopen(descriptor, "w") as file:
+            json.dump({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}, file)
+    except OSError as error:  # a full disk: no half-written lock left behind, and say which path
+        path.unlink(missing_ok=True)
+        raise OSError(error.errno, error.strerror, str(path)) from error
     return True
 
 

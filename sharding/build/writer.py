@@ -28,7 +28,12 @@ def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     tmp = path.with_name(path.name + TMP_SUFFIX)
     try:
         write(tmp)
-    except BaseException:  # a full disk must not stay full of our half-written files
+    except OSError as error:  # a full disk must not stay full of our half-written files
+        tmp.unlink(missing_ok=True)
+        if error.filename is None:  # a write into an open file names no path: name ours
+            raise OSError(error.errno, error.strerror, str(path)) from error
+        raise
+    except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     os.replace(tmp, path)
