@@ -343,3 +343,27 @@ def _tar_samples(path):
     from sharding.dataset.tarread import iter_tar_samples
 
     return list(iter_tar_samples(path))
+
+
+def test_flipped_bytes_inside_a_member_are_a_bad_sample_not_wrong_pixels(built, tmp_path):
+    import tarfile
+
+    from phileo.schema import SchemaError, decode_sample
+    from sharding.dataset.tarread import iter_tar_samples
+
+    dataset = tmp_path / "ds"
+    shutil.copytree(built, dataset)
+    shard = dataset / read_manifest(dataset)["shards"][0]["url"]
+    with tarfile.open(shard) as tar:
+        member = next(info for info in tar if info.name.endswith(".s2_10m.b2nd"))
+    data = bytearray(shard.read_bytes())
+    data[member.offset_data + member.size // 2] ^= 0x40  # one bit, in the middle of the compressed bands
+    shard.write_bytes(bytes(data))
+    first = next(iter(iter_tar_samples(shard)))
+    with pytest.raises(SchemaError, match=r"s2_10m.b2nd: xxh3 [0-9a-f]{16}, meta.json says [0-9a-f]{16}"):
+        decode_sample(first.key, first.members)
+    inspected = run_shard("inspect", str(shard), "--max-samples", "2")
+    assert inspected.exit_code == 1 and "corrupt member" in inspected.output
+    strict = CliRunner().invoke(train_main, ["bench-data", "--shards", str(dataset), "--seconds", "1",
+                                             "--crop-size", "64", "--num-workers", "0", "--max-bad-fraction", "0"])
+    assert strict.exit_code == 1 and shard.name in strict.output, strict.output

@@ -89,8 +89,15 @@ def test_bad_keys_and_frames():
     with pytest.raises(SchemaError, match="key"):
         encode_sample(make_sample(key="a.b"))
     members = encode_sample(make_sample())
-    with pytest.raises(SchemaError, match="cloud.b2nd: not a valid Blosc2 frame"):
+    corrupt = r"cloud.b2nd: xxh3 [0-9a-f]{16}, meta.json says [0-9a-f]{16} \(corrupt member\)"
+    with pytest.raises(SchemaError, match=corrupt):
         decode_sample("454U_120R_20200612T104021", members | {"cloud.b2nd": b"garbage"})
+    meta = json.loads(members["meta.json"])
+    meta.pop("xxh3")  # a sample written before members carried checksums
+    older = members | {"meta.json": json.dumps(meta).encode()}
+    assert decode_sample("454U_120R_20200612T104021", older).meta == make_sample().meta
+    with pytest.raises(SchemaError, match="cloud.b2nd: not a valid Blosc2 frame"):
+        decode_sample("454U_120R_20200612T104021", older | {"cloud.b2nd": b"garbage"})
     with pytest.raises(SchemaError, match="meta.json is not valid"):
         decode_sample("k", members | {"meta.json": b"{"})
 
