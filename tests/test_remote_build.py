@@ -446,3 +446,22 @@ def test_transient_errors_while_planning_are_retried_and_never_lose_a_file(major
     rerun = run_shard("build", "--output", str(tmp_path / "b"), *args)
     assert rerun.exit_code == 0, rerun.output
     assert read_manifest(tmp_path / "b")["totals"]["samples"] == read_manifest(built)["totals"]["samples"]
+
+
+def test_a_second_build_into_an_s3_prefix_in_use_is_refused(majortom, s3_env):
+    import socket
+    import subprocess
+
+    lock = f"{s3_env.bucket}/locked/.phileo-shard.lock"
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        s3_env.client().pipe_file(lock, json.dumps({"pid": holder.pid, "host": socket.gethostname()}).encode())
+        refused = run_shard("build", "--input", str(majortom[0]), "--output", s3_env.url("locked"), *BUILD_ARGS)
+        assert refused.exit_code == 2 and f"in use by pid {holder.pid}" in refused.output, refused.output
+    finally:
+        holder.kill()
+        holder.wait()
+    built = run_shard("build", "--input", str(majortom[0]), "--output", s3_env.url("locked"), *BUILD_ARGS)
+    assert built.exit_code == 0, built.output  # the holder is gone: its lock is stale
+    objects = s3_objects(s3_env, "locked")
+    assert "manifest.json" in objects and ".phileo-shard.lock" not in objects

@@ -294,6 +294,14 @@ def _run_with_progress(pending: list, options: UnitOptions, workers: int, summar
 def build_to_remote(args, workers: int = 1, overwrite: bool = False, **build_kwargs):
     """`phileo-shard build` with --output s3://...: stage locally, publish as units complete."""
     output = RemoteOutput(args.output)
+    output.acquire()
+    try:
+        return _build_to_remote(output, args, workers, overwrite, **build_kwargs)
+    finally:
+        output.release()
+
+
+def _build_to_remote(output: RemoteOutput, args, workers: int, overwrite: bool, **build_kwargs):
     staging = output.prepare(overwrite, BUILD_OWNED)
     try:
         summary = build(replace(args, output=str(staging)), workers=workers, overwrite=overwrite, sink=output,

@@ -34,7 +34,10 @@ def is_lock_file(name: str) -> bool:
     return name.startswith(LOCK_PREFIX) and name.endswith(LOCK_SUFFIX)
 
 
-def _alive(pid: int) -> bool:
+def is_alive(pid: int) -> bool:
+    """Whether process `pid` runs on this host (an unusable pid counts as running: never take over on a guess)."""
+    if not isinstance(pid, int) or pid <= 0:
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -82,7 +85,7 @@ def output_lock(output: Path, flag: str = "--output", node_rank: int | None = No
         if holder is None:
             continue
         same_host = holder.get("host") == socket.gethostname()
-        if same_host and isinstance(holder.get("pid"), int) and not _alive(holder["pid"]):
+        if same_host and isinstance(holder.get("pid"), int) and not is_alive(holder["pid"]):
             log.warning("%s: taking over the lock of pid %s, which no longer runs", output, holder["pid"])
             path.unlink(missing_ok=True)
             continue

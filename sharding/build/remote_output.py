@@ -19,12 +19,17 @@ time, as for a local directory.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import logging
 import os
+import socket
 import tempfile
+import time
 from pathlib import Path
 
+from sharding.build.output_lock import is_alive, is_lock_file, lock_name
 from sharding.errors import InputError
 from sharding.layout import FINAL_FILES, PLAN_FILES, SHARDS_DIR, UNITS_DIR, unit_file
 from sharding.sources.remote import filesystem, with_retries
@@ -66,9 +71,33 @@ class RemoteOutput:
         found = with_retries(self.url, "LIST", lambda: self.fs.find(bucket_path))
         return sorted(path[len(bucket_path) + 1:] for path in found)
 
+    def acquire(self) -> None:
+        """Put the prefix's lock object (pid, host, start), refusing a prefix another build holds.
+
+        Object storage has no exclusive create here, so this is a check then a write: it keeps a
+        second build out unless both start in the same instant. A lock of a process that no longer
+        runs on this host is stale and taken over; another host's lock names how to remove it."""
+        lock = self.remote(lock_name())
+        self.fs.invalidate_cache()
+        if with_retries(self.url, "HEAD lock", lambda: self.fs.exists(lock)):
+            holder = json.loads(with_retries(self.url, "GET lock", lambda: self.fs.cat_file(lock)) or b"{}")
+            if not (holder.get("host") == socket.gethostname() and not is_alive(holder.get("pid"))):
+                raise InputError(f"--output {self.url}: in use by pid {holder.get('pid', '?')} on "
+                                 f"{holder.get('host', '?')}; wait for it, or delete {lock} if that build is gone")
+            log.warning("%s: taking over the lock of pid %s, which no longer runs", self.url, holder.get("pid"))
+        record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
+        with_retries(self.url, "PUT lock", lambda: self.fs.pipe_file(lock, json.dumps(record).encode()))
+
+    def release(self) -> None:
+        lock = self.remote(lock_name())
+        with contextlib.suppress(Exception):  # best effort: a lock left behind is taken over as stale
+            self.fs.invalidate_cache()
+            if json.loads(self.fs.cat_file(lock)).get("pid") == os.getpid():
+                self.fs.rm_file(lock)
+
     def prepare(self, overwrite: bool, owned: set[str]) -> Path:
         """Check/clean the prefix; rebuild the staging directory from it. Returns the staging path."""
-        existing = self.list_relative()
+        existing = [name for name in self.list_relative() if not is_lock_file(name)]
         foreign = [name for name in existing if name.split("/", 1)[0] not in owned]
         if foreign:
             raise InputError(f"--output {self.url}: holds {foreign[0]!r}, which is not part of a phileo-shard "
