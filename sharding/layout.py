@@ -6,6 +6,7 @@ build, subset, verify...) takes its names from here, so the layout is spelled on
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from phileo.schema import INDEX, MANIFEST, SHARDS_DIR  # what a reader opens: part of the shard contract
@@ -26,6 +27,11 @@ BUILD_OWNED = frozenset({BUILD_INFO, PLAN, PLAN_REJECTED, MANIFEST, INDEX, REJEC
                          NODES_DIR, FOOTERS})
 PLAN_FILES = (PLAN, PLAN_REJECTED, BUILD_INFO)  # published in this order: build.json last
 FINAL_FILES = (INDEX, REJECTED, MANIFEST)  # published in this order: manifest.json last
+
+
+def temp_name(name: str) -> str:
+    """`name.<pid>.tmp`: a temp file of this process, which no other process writing beside it can clobber."""
+    return f"{name}.{os.getpid()}{TMP_SUFFIX}"
 
 
 def unit_file(unit: int, suffix: str = "json") -> str:
@@ -54,4 +60,4 @@ def node_report_path(output: Path, rank: int) -> Path:
 
 __all__ = ["BUILD_INFO", "BUILD_OWNED", "FINAL_FILES", "FOOTERS", "INDEX", "MANIFEST", "NODES_DIR",
            "PHILEO_BENCH_PLAN", "PLAN", "PLAN_FILES", "PLAN_REJECTED", "REJECTED", "SHARDS_DIR", "TMP_SUFFIX",
-           "UNITS_DIR", "node_report_path", "shard_name", "shard_url", "unit_file", "unit_stats_path"]
+           "UNITS_DIR", "node_report_path", "shard_name", "shard_url", "temp_name", "unit_file", "unit_stats_path"]

@@ -27,3 +27,14 @@ def test_dense_histograms_of_earlier_builds_still_read(tmp_path):
     dense[2, 1234] = 7
     np.savez_compressed(tmp_path / "old.hist.npz", histogram=dense)
     np.testing.assert_array_equal(read_histogram(tmp_path / "old.hist.npz"), dense)
+
+
+def test_temp_files_are_this_process_own(tmp_path):
+    import os
+
+    from sharding.build.writer import atomic_write
+
+    seen = []
+    atomic_write(tmp_path / "build.json", lambda path: (seen.append(path.name), path.write_text("{}")))
+    assert seen == [f"build.json.{os.getpid()}.tmp"] and (tmp_path / "build.json").read_text() == "{}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["build.json"]

@@ -101,7 +101,7 @@ def build_unit(unit: int, rows: list[dict], options: UnitOptions, progress: Prog
     restore_credentials(options.credentials)
     set_footer_cache(output / FOOTERS)  # footers fetched at plan time or by other units: no GET again
     shards_dir = output / SHARDS_DIR
-    for leftover in shards_dir.glob(f"{unit:06d}-*.tar{TMP_SUFFIX}"):
+    for leftover in shards_dir.glob(f"{unit:06d}-*.tar*{TMP_SUFFIX}"):  # of any earlier process
         leftover.unlink()
     writer = ShardWriter(shards_dir, unit, options.shard_size, options.clevel)
     histogram = new_histogram()

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from phileo.schema import DEFAULT_CLEVEL, Sample, encode_sample
-from sharding.layout import TMP_SUFFIX, shard_name, shard_url
+from sharding.layout import shard_name, shard_url, temp_name
 
 FIXED_MTIME = 1_600_000_000  # any constant: reruns must produce identical bytes
 CLOUD_HISTOGRAM_BINS = 10  # 0-10%, ..., 90-100%
@@ -25,7 +25,7 @@ CLOUD_HISTOGRAM_BINS = 10  # 0-10%, ..., 90-100%
 
 def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     """Call `write(tmp_path)`, then rename onto `path`: readers never see a partial file."""
-    tmp = path.with_name(path.name + TMP_SUFFIX)
+    tmp = path.with_name(temp_name(path.name))
     try:
         write(tmp)
     except OSError as error:  # a full disk must not stay full of our half-written files
@@ -105,7 +105,7 @@ class ShardWriter:
         self._offset = 0
 
     def _tmp_path(self, name: str) -> Path:
-        return self.shards_dir / f"{name}{TMP_SUFFIX}"
+        return self.shards_dir / temp_name(name)
 
     def _open_next(self) -> None:
         self._current = self.summary_type(shard_name(self.unit, len(self.shards)))

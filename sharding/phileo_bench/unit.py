@@ -209,7 +209,7 @@ def build_phileo_bench_unit(dataset_dir: str, unit: int, job: dict, options: Phi
                      progress: Callable[[int], None] | None = None) -> dict:
     """Convert one unit; returns (and writes last) its stats. `progress(1)` after each patch."""
     output = Path(dataset_dir)
-    for leftover in (output / SHARDS_DIR).glob(f"{unit:06d}-*.tar{TMP_SUFFIX}"):
+    for leftover in (output / SHARDS_DIR).glob(f"{unit:06d}-*.tar*{TMP_SUFFIX}"):  # of any earlier process
         leftover.unlink()
     tile = TileFiles.from_json(job["tile"])
     writer = PhilEOBenchShardWriter(output / SHARDS_DIR, unit, options.shard_size, options.clevel)
