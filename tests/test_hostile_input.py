@@ -150,8 +150,9 @@ def test_a_build_whose_every_row_is_rejected_writes_no_dataset(tmp_path):
     assert allowed.exit_code == 0 and read_manifest(out)["totals"]["samples"] == 0
 
 
-def _rewrite_first_meta(shard, meta_bytes: bytes) -> None:
-    """Rewrite `shard` with its first sample's meta.json replaced (the manifest's sha256 then differs)."""
+def _rewrite_first_meta(shard, meta_bytes) -> None:
+    """Rewrite `shard` with its first sample's meta.json replaced by `meta_bytes` (or by what that function
+    makes of the original); the manifest's sha256 then differs."""
     import io
     import tarfile
 
@@ -162,13 +163,21 @@ def _rewrite_first_meta(shard, meta_bytes: bytes) -> None:
     first_meta = next(info.name for info, _ in members if info.name.endswith(".meta.json"))
     with tarfile.open(shard, "w", format=tarfile.USTAR_FORMAT) as tar:
         for info, data in members:
-            data = meta_bytes if info.name == first_meta else data
+            if info.name == first_meta:
+                data = meta_bytes(data) if callable(meta_bytes) else meta_bytes
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
 
 
+def _with_bad_shape(meta: bytes) -> bytes:
+    values = json.loads(meta)
+    values["shape"] = "120x120"
+    return json.dumps(values).encode()
+
+
 @pytest.mark.parametrize(("meta", "reason"), [(b"[1, 2]", "holds a JSON list, expected an object"),
-                                              (b"{not json", "not valid UTF-8 JSON")])
+                                              (b"{not json", "not valid UTF-8 JSON"),
+                                              (_with_bad_shape, "shape is '120x120', expected [height, width]")])
 def test_a_malformed_sample_is_counted_by_every_reader_never_a_crash(built, tmp_path, meta, reason):
     dataset = tmp_path / "ds"
     shutil.copytree(built, dataset)
