@@ -186,3 +186,21 @@ def read_shard_keys(url: str) -> list[str]:
     from sharding.dataset.tarread import iter_tar_samples
 
     return [raw.key for raw in iter_tar_samples(url)]
+
+
+def test_plan_command_reports_the_trainers_own_plan(built):
+    from click.testing import CliRunner
+
+    from training.cli import main
+
+    result = CliRunner().invoke(main, ["plan", "--shards", str(built), "--world-size", "2", "--num-workers", "1",
+                                       "--batch-size", "2", "--crops-per-tile", "3"])
+    assert result.exit_code == 0, result.output
+    shards = resolve_shards(str(built))
+    plan = plan_epoch(shards, 2, 1, 2, 3, 0, 0)
+    dropped, repeated = plan.totals(3)
+    assert f"steps per rank: {plan.steps} optimizer steps" in result.output
+    assert f"crops per epoch: {plan.steps * 2 * 2} (K=3 per tile)" in result.output
+    assert f"{dropped} crops dropped, {repeated} repeated" in result.output
+    too_many = CliRunner().invoke(main, ["plan", "--shards", str(built), "--world-size", "512"])
+    assert too_many.exit_code == 2 and "every worker needs a shard" in too_many.output

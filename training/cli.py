@@ -137,6 +137,32 @@ def bench_data(seconds: float, seed: int, **flags) -> None:
         click.echo(line)
 
 
+@main.command("plan")
+@click.option("--shards", required=True, help="manifest.json (path/URL), dataset dir, URL list or pattern.")
+@click.option("--world-size", type=int, required=True, help="Ranks of the run to plan (e.g. 512).")
+@_default(DataConfig, "num_workers", help="DataLoader workers per rank.")
+@_default(DataConfig, "batch_size", help="Crops per rank per micro-step.")
+@_default(DataConfig, "crops_per_tile")
+@_default(OptimConfig, "grad_accum")
+@click.option("--epoch", default=0, show_default=True)
+@_default(RunConfig, "seed")
+def plan(**flags) -> None:
+    """What an epoch will do on a cluster (the trainer's own planner): steps, crops, drops, shards per worker."""
+    from training.data.epoch import PlanError
+    from training.data.shards import ShardSpecError
+    from training.plan_report import PlanRequest, plan_report
+
+    try:
+        for name in ("world_size", "num_workers", "batch_size", "crops_per_tile", "grad_accum"):
+            if flags[name] < (0 if name == "num_workers" else 1):
+                raise ConfigError(f"--{name.replace('_', '-')} {flags[name]}: expected a positive number")
+        lines = plan_report(PlanRequest(**flags))
+    except (ConfigError, ShardSpecError, PlanError) as error:
+        _fail(error)
+    for line in lines:
+        click.echo(line)
+
+
 def _finetune_options(function):
     return _apply(function, [
         click.option("--task", required=True, type=click.Choice(["roads", "buildings", "landcover"])),
