@@ -127,6 +127,8 @@ def run_or_exit(function, *args, **kwargs):
 @click.option("--overwrite", is_flag=True, help="Delete a previous build in --output and start over.")
 @click.option("--strict", is_flag=True, help="Exit non-zero if any row was rejected.")
 @click.option("--allow-empty", is_flag=True, help="Write a dataset even when no tile passes (else an error).")
+@click.option("--dry-run", is_flag=True, help="majortom: plan (tiles kept, dropped by each filter, units, bytes, "
+                                            "each node's share) and stop; the same command without it builds.")
 @click.option("--task", help="phileo-bench n-shot: roads, buildings and/or landcover, comma-separated.")
 @click.option("--n-shot", "n_shot", help="phileo-bench n-shot: patches per region bucket, e.g. 50,100,500.")
 @click.option("--indices", help="phileo-bench n-shot: directory of the benchmark's indices_*_{name}_{task}_{n}.json "
@@ -169,8 +171,8 @@ def build(input_path: tuple[str, ...], output: str, shard_size: str, grid_cells_
         sys.exit(1)
 
 
-_MAJORTOM_ONLY = ("allow_empty", "max_cloud", "max_nodata", "bbox", "start", "end", "grid_cells_file", "limit",
-                  "mix_files", "thumbnails", "labels", "executor", "ray_address", "num_nodes", "node_rank")
+_MAJORTOM_ONLY = ("allow_empty", "dry_run", "max_cloud", "max_nodata", "bbox", "start", "end", "grid_cells_file",
+                  "limit", "mix_files", "thumbnails", "labels", "executor", "ray_address", "num_nodes", "node_rank")
 _BENCH_ONLY = ("task", "n_shot", "indices", "indices_name", "density_scale")
 _FASTTOM_ONLY = ("min_clear", "max_water")
 
@@ -230,9 +232,9 @@ def _run_majortom_build(input_path: str | None, output: str, shard_size: str, gr
         if options.get("num_nodes"):
             raise InputError(f"--output {output}: --num-nodes with an s3:// output is not supported yet")
         return build_to_remote(args, workers=workers, overwrite=overwrite, allow_empty=options["allow_empty"],
-                               **distributed_kwargs(options, overwrite))
+                               dry_run=options["dry_run"], **distributed_kwargs(options, overwrite))
     return run_build(args, workers=workers, overwrite=overwrite, allow_empty=options["allow_empty"],
-                     **distributed_kwargs(options, overwrite))
+                     dry_run=options["dry_run"], **distributed_kwargs(options, overwrite))
 
 
 def _run_phileo_bench_build(inputs: tuple[str, ...], output: str, shard_size: str, workers: int, overwrite: bool,

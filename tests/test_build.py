@@ -209,3 +209,19 @@ def test_unreadable_parquet_and_partial_download(majortom, tmp_path):
     assert len(rejected) == 1 and "unreadable parquet file" in rejected[0]["reason"]
     assert rejected[0]["file"].endswith("part_00003.parquet")
     assert sorted(read_dataset(out)) == sorted(r["key"] for r in records if r["file_index"] < 2)
+
+
+def test_dry_run_plans_reports_and_the_same_command_builds_from_that_plan(majortom, built, tmp_path):
+    out = tmp_path / "ds"
+    args = ("build", "--input", str(majortom[0]), "--output", str(out), "--shard-size", "300KB", "--mix-files", "2")
+    planned = run_shard(*args, "--dry-run")
+    assert planned.exit_code == 0, planned.output
+    info = json.loads((out / "build.json").read_text())
+    assert f"plan: {info['planned_tiles']} tiles in {info['units']} units" in planned.output
+    assert "the same command without --dry-run builds it" in planned.output
+    assert not list((out / "shards").glob("*.tar")) and not (out / "manifest.json").exists()
+    filtered = run_shard("build", "--input", str(majortom[0]), "--output", str(tmp_path / "f"), "--dry-run",
+                         "--bbox", "0,0,180,90", "--num-nodes", "2")
+    assert filtered.exit_code == 0 and "bbox 9" in filtered.output and "node 1: " in filtered.output, filtered.output
+    assert run_shard(*args).exit_code == 0  # continues from the saved plan: the same shards as a direct build
+    assert [s["sha256"] for s in read_manifest(out)["shards"]] == [s["sha256"] for s in read_manifest(built)["shards"]]

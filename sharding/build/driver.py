@@ -26,7 +26,7 @@ from sharding.build.distributor import run_local
 from sharding.build.fasttom import FastTomRules
 from sharding.build.labels import LabelSpec, check_label_rasters, validate_label_specs
 from sharding.build.manifest import finalize
-from sharding.build.nodes import NodeShare, finish_node, publish_shared
+from sharding.build.nodes import NodeShare, assign_nodes, finish_node, publish_shared
 from sharding.build.output_dir import open_build_output
 from sharding.build.output_lock import output_lock
 from sharding.build.plan import Filters, assign_units, select_rows
@@ -122,6 +122,32 @@ class BuildSummary:
                                                                     if self.retries else ""))
 
 
+@dataclass
+class PlanSummary:
+    """What `--dry-run` reports: the saved plan, and each node's share with --num-nodes."""
+
+    output: Path
+    info: dict
+    units: list[list[dict]]
+    node: NodeShare | None = None
+    failed_units: list[dict] = field(default_factory=list)
+    rejected: int = 0
+
+    def line(self) -> str:
+        info, units = self.info, self.units
+        dropped = ", ".join(f"{name} {count}" for name, count in info.get("filtered_by", {}).items()) or "none"
+        rejected = len((self.output / PLAN_REJECTED).read_text().splitlines())
+        lines = [f"plan: {info['planned_tiles']} tiles in {len(units)} units (shards), ~"
+                 f"{info.get('planned_source_bytes', 0) / 1e9:.2f} GB of source; dropped by the filters: "
+                 f"{info['filtered_at_plan']} ({dropped}); rejected: {rejected} (plan_rejected.jsonl)"]
+        if self.node is not None:
+            sizes = [sum(row.get("est_bytes") or 0 for row in rows) for rows in units]
+            for rank, share in enumerate(assign_nodes(units, self.node.num_nodes)):
+                lines.append(f"node {rank}: {len(share)} units, ~{sum(sizes[u] for u in share) / 1e9:.2f} GB")
+        lines.append(f"saved in {self.output}: the same command without --dry-run builds it")
+        return "\n".join(lines)
+
+
 def prepare_output(args: BuildArgs, overwrite: bool) -> dict | None:
     """Create/clean the output; return the saved build info when resuming, else None."""
     output = Path(args.output)
@@ -142,7 +168,8 @@ def make_plan(args: BuildArgs, write: Callable = atomic_write, allow_empty: bool
         catalog = list_geotiff_folders(args.input)
     else:
         catalog = list_source(args.input, args.metadata, lambda listed: select_rows(listed, args.filters)[0])
-    rows, duplicates, filtered = select_rows(catalog, args.filters)
+    rows, duplicates, dropped = select_rows(catalog, args.filters)
+    filtered = sum(dropped.values())
     if not rows and not allow_empty:
         raise InputError(_nothing_to_build(args, catalog, duplicates, filtered))
     units = assign_units(rows, args.shard_size, args.mix_groups, args.seed)
@@ -154,7 +181,8 @@ def make_plan(args: BuildArgs, write: Callable = atomic_write, allow_empty: bool
     source = "fasttom" if args.fasttom else args.tile_source
     info = {"schema": SCHEMA_VERSION, "source": source, "layout": catalog.layout, "tool_version": __version__,
             "args": args.defining(), "units": len(units), "planned_tiles": len(planned),
-            "filtered_at_plan": filtered}
+            "filtered_at_plan": filtered, "filtered_by": dict(sorted(dropped.items())),
+            "planned_source_bytes": sum(row.get("est_bytes") or 0 for row in planned)}
     write(output / BUILD_INFO, lambda p: p.write_text(json.dumps(info, indent=1)))
     log.info("planned %d tiles in %d units (%d rejected, %d filtered)", len(planned), len(units),
              len(rejected), filtered)
@@ -209,18 +237,19 @@ def load_units(output: Path) -> list[list[dict]]:
 
 def build(args: BuildArgs, workers: int = 1, overwrite: bool = False, executor: str = "local",
           ray_address: str | None = None, node: NodeShare | None = None, sink=None,
-          allow_empty: bool = False) -> BuildSummary:
+          allow_empty: bool = False, dry_run: bool = False) -> BuildSummary | PlanSummary:
     """Build (or resume) a dataset, or only `node`'s share of it; returns the summary. Raises InputError.
 
     The output's lock (build/output_lock.py; one per node of a multi-node build) is held throughout.
-    A build that would give no tile is an InputError unless `allow_empty`."""
+    A build that would give no tile is an InputError unless `allow_empty`. `dry_run` plans (or loads
+    the saved plan) and stops: the same command without it continues from that plan."""
     check_label_rasters(args.labels)  # bad arguments fail before the output is touched
     with output_lock(Path(args.output), node_rank=node.node_rank if node else None):
-        return _build(args, workers, overwrite, executor, ray_address, node, sink, allow_empty)
+        return _build(args, workers, overwrite, executor, ray_address, node, sink, allow_empty, dry_run)
 
 
 def _build(args: BuildArgs, workers: int, overwrite: bool, executor: str, ray_address: str | None,
-           node: NodeShare | None, sink, allow_empty: bool) -> BuildSummary:
+           node: NodeShare | None, sink, allow_empty: bool, dry_run: bool = False) -> BuildSummary | PlanSummary:
     started = time.monotonic()
     output = Path(args.output)
     info = prepare_output(args, overwrite)
@@ -233,6 +262,8 @@ def _build(args: BuildArgs, workers: int, overwrite: bool, executor: str, ray_ad
     if sink is not None:  # --output s3://: output is its staging directory (sharding/build/remote_output.py)
         sink.publish_plan()
     units = load_units(output)
+    if dry_run:
+        return PlanSummary(output, info, units, node)
     pending = [(unit, rows) for unit, rows in enumerate(units) if not unit_stats_path(output, unit).is_file()]
     pending = node.select(pending, units) if node else pending
     options = UnitOptions(str(output), info["layout"], args.shard_size, args.filters, args.clevel, args.thumbnails,

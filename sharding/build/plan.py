@@ -11,6 +11,7 @@ the output) fully determines every shard name and its content.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -80,25 +81,28 @@ def read_grid_cells_file(path: str) -> frozenset[str]:
     return frozenset(cells)
 
 
-def _keep(row: dict, filters: Filters) -> bool:
+def drop_reason(row: dict, filters: Filters) -> str | None:
+    """The filter that drops `row` at plan time (grid_cells, time, bbox, cloud, nodata), None if kept."""
     if filters.grid_cells is not None and row["grid_cell"] not in filters.grid_cells:
-        return False
+        return "grid_cells"
     day = row["timestamp"][:10]
     if (filters.start and day < filters.start) or (filters.end and day > filters.end):
-        return False
+        return "time"
     if filters.bbox is not None:
         west, south, east, north = filters.bbox
         if not (west <= row["centre_lon"] <= east and south <= row["centre_lat"] <= north):
-            return False
+            return "bbox"
     known = {name: row[name] for name in ("cloud_cover", "nodata") if not math.isnan(row[name])}
-    return filters.passes_pixels(known.get("cloud_cover", -1.0), known.get("nodata", -1.0)) is None
+    return filters.passes_pixels(known.get("cloud_cover", -1.0), known.get("nodata", -1.0))
 
 
-def select_rows(catalog: Catalog, filters: Filters) -> tuple[list[dict], list[dict], int]:
-    """(kept rows in source order, rejected duplicates, number filtered out at plan time)."""
-    kept, duplicates, seen = [], [], set()
+def select_rows(catalog: Catalog, filters: Filters) -> tuple[list[dict], list[dict], Counter]:
+    """(kept rows in source order, rejected duplicates, rows dropped at plan time by each filter)."""
+    kept, duplicates, seen, dropped = [], [], set(), Counter()
     for row in catalog.rows:
-        if not _keep(row, filters):
+        reason = drop_reason(row, filters)
+        if reason is not None:
+            dropped[reason] += 1
             continue
         if row["key"] in seen:
             duplicates.append(reject(row["source_file"], row["source_row"],
@@ -106,11 +110,10 @@ def select_rows(catalog: Catalog, filters: Filters) -> tuple[list[dict], list[di
             continue
         seen.add(row["key"])
         kept.append(row)
-    filtered = len(catalog.rows) - len(kept) - len(duplicates)
     if filters.limit is not None and len(kept) > filters.limit:
-        filtered += len(kept) - filters.limit
+        dropped["limit"] += len(kept) - filters.limit
         kept = kept[: filters.limit]
-    return kept, duplicates, filtered
+    return kept, duplicates, dropped
 
 
 def assign_units(rows: list[dict], shard_size: int, mix_groups: int, seed: int) -> list[list[dict]]:
