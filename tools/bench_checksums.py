@@ -28,7 +28,7 @@ from training.data.loader import UNUSED_MEMBERS, decode_crop_windows
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tools/ is not installed
 from sharding.dataset.tarread import iter_tar_samples  # noqa: E402
-from tools.docs_section import write_docs_section  # noqa: E402
+from tools.docs_section import report  # noqa: E402
 from tools.majortom_fixture import make_majortom_dataset  # noqa: E402
 
 SECTION = "## Member checksums (tools/bench_checksums.py)"
@@ -103,9 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         f"The check adds {100 * (ratio - 1):.1f}% to this decode path, an upper bound of its share of the loader's "
         "crops/s, whose workers also read tars, cut labels, shuffle and batch.",
     ]
-    print("\n".join(lines))
-    if args.write_docs:
-        write_docs_section(SECTION, "\n".join(lines) + "\n")
+    report(SECTION, lines, args.write_docs)
     return 0
 
 

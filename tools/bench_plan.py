@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tools/ is not installed
-from tools.docs_section import write_docs_section  # noqa: E402
+from tools.docs_section import report  # noqa: E402
 
 SECTION = "## Epoch plan at full size (tools/bench_plan.py)"
 
@@ -58,9 +58,7 @@ def main(argv: list[str] | None = None) -> int:
              "included).", "", "| measure | value | target |", "|---|---|---|",
              f"| wall time | {wall:.1f} s | <= 60 s |", f"| peak RSS | {peak_mb:.0f} MB | <= 1024 MB |", "",
              "Its report:", "", "```", *done.stdout.strip().splitlines(), "```"]
-    print("\n".join(lines))
-    if args.write_docs:
-        write_docs_section(SECTION, "\n".join(lines) + "\n")
+    report(SECTION, lines, args.write_docs)
     return 0
 
 

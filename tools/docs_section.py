@@ -24,3 +24,11 @@ def write_docs_section(title: str, section: str, docs: Path = DOCS) -> None:
     docs.parent.mkdir(parents=True, exist_ok=True)
     docs.write_text(text.rstrip("\n") + "\n")
     print(f"wrote {docs}")
+
+
+def report(title: str, lines: list[str], write_docs: bool) -> None:
+    """Print a benchmark's Markdown section; with `write_docs` also put it into docs/benchmarks.md."""
+    text = "\n".join(lines)
+    print(text)
+    if write_docs:
+        write_docs_section(title, text + "\n")
