@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +14,9 @@ import pyarrow.parquet as pq
 from phileo import __version__
 from phileo.bands import ALL_BANDS
 from phileo.schema import SCHEMA_VERSION
-from sharding.build.unit_files import index_schema, new_histogram, read_histogram
+from sharding.build.unit_files import add_histogram, index_schema, new_histogram
 from sharding.build.writer import atomic_write
-from sharding.layout import INDEX, MANIFEST, REJECTED, unit_file, unit_stats_path
+from sharding.layout import INDEX, MANIFEST, REJECTED, temp_name, unit_file, unit_stats_path
 
 
 def band_statistics(histogram: np.ndarray) -> dict[str, dict[str, float]]:
@@ -38,6 +40,30 @@ def band_statistics(histogram: np.ndarray) -> dict[str, dict[str, float]]:
     return stats
 
 
+ROWS_PER_GROUP = 65_536  # index rows buffered into one parquet row group
+
+
+def _assemble(output: Path, num_units: int, schema: pa.Schema, plan_rejected: list[dict], index_path: Path,
+              rejected_path: Path) -> tuple[list[dict], Counter, np.ndarray]:
+    """Stream every unit's index rows and rejects into the two files; (shard entries, totals, histogram)."""
+    shards, totals, histogram, pending = [], Counter(), new_histogram(), []
+    with pq.ParquetWriter(index_path, schema) as index, open(rejected_path, "w") as rejected:
+        rejected.writelines(json.dumps(row) + "\n" for row in plan_rejected)
+        for unit in range(num_units):
+            stats = json.loads(unit_stats_path(output, unit).read_text())
+            rejected.writelines(json.dumps(row) + "\n" for row in stats["rejected"])
+            totals.update(bytes_in=stats["bytes_in"], filtered=stats["filtered"], rejected=len(stats["rejected"]))
+            shards += stats["shards"]
+            pending.append(pq.read_table(output / unit_file(unit, "index.parquet")))
+            if sum(table.num_rows for table in pending) >= ROWS_PER_GROUP:
+                index.write_table(pa.concat_tables(pending))
+                pending = []
+            add_histogram(histogram, output / unit_file(unit, "hist.npz"))
+        if pending:
+            index.write_table(pa.concat_tables(pending))
+    return shards, totals, histogram
+
+
 def finalize(output: Path, build_info: dict, num_units: int, plan_rejected: list[dict], filtered_at_plan: int,
              schema: pa.Schema | None = None, describe: dict | None = None, selection: dict | None = None) -> dict:
     """Write index, rejected list and manifest (last) from every unit's files; returns the manifest.
@@ -46,23 +72,24 @@ def finalize(output: Path, build_info: dict, num_units: int, plan_rejected: list
     `describe` adds keys after `build_args` (a PhilEO Bench dataset's name and split), `selection`
     records an n-shot selection.
     """
-    stats = [json.loads(unit_stats_path(output, unit).read_text()) for unit in range(num_units)]
-    tables = [pq.read_table(output / unit_file(unit, "index.parquet")) for unit in range(num_units)]
-    index = pa.concat_tables(tables) if tables else (schema or index_schema()).empty_table()
-    atomic_write(output / INDEX, lambda p: pq.write_table(index, p))
-    rejected = plan_rejected + [row for unit in stats for row in unit["rejected"]]
-    atomic_write(output / REJECTED, lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in rejected)))
-    histogram = new_histogram()
-    for unit in range(num_units):
-        histogram += read_histogram(output / unit_file(unit, "hist.npz"))
-    shards = sorted((shard for unit in stats for shard in unit["shards"]), key=lambda s: s["url"])
+    index_tmp, rejected_tmp = output / temp_name(INDEX), output / temp_name(REJECTED)
+    try:  # one pass over the units, streamed: no unit's rows are held once written
+        shards, totals, histogram = _assemble(output, num_units, schema or index_schema(), plan_rejected,
+                                              index_tmp, rejected_tmp)
+    except BaseException:
+        index_tmp.unlink(missing_ok=True)
+        rejected_tmp.unlink(missing_ok=True)
+        raise
+    os.replace(index_tmp, output / INDEX)
+    os.replace(rejected_tmp, output / REJECTED)
+    shards.sort(key=lambda shard: shard["url"])
     manifest = {
         "schema": SCHEMA_VERSION, "source": build_info["source"], "tool_version": __version__,
         "build_args": build_info["args"], **(describe or {}), "shards": shards,
         "totals": {"samples": sum(s["samples"] for s in shards), "shards": len(shards),
-                   "bytes": sum(s["bytes"] for s in shards), "bytes_in": sum(u["bytes_in"] for u in stats),
-                   "rejected": len(rejected),
-                   "filtered": filtered_at_plan + sum(u["filtered"] for u in stats)},
+                   "bytes": sum(s["bytes"] for s in shards), "bytes_in": totals["bytes_in"],
+                   "rejected": totals["rejected"] + len(plan_rejected),
+                   "filtered": filtered_at_plan + totals["filtered"]},
         "band_stats": band_statistics(histogram),
     }
     if selection is not None:

@@ -47,12 +47,17 @@ def write_unit_files(output: Path, unit: int, index: list[dict], schema: pa.Sche
     atomic_write(output / unit_file(unit, "hist.npz"), save_histogram)
 
 
+def add_histogram(into: np.ndarray, path: Path) -> None:
+    """Add a unit's histogram file to the dense (bands, 65536) `into`, in place (no 6 MB array per unit)."""
+    with np.load(path) as saved:
+        if "histogram" in saved:  # dense, as units of earlier builds wrote it
+            into += saved["histogram"]
+        else:  # (band, DN) pairs are unique within a file, so fancy-index += adds each once
+            into[saved["rows"], saved["values"]] += saved["counts"]
+
+
 def read_histogram(path: Path) -> np.ndarray:
     """A unit's histogram as a dense (bands, 65536) int64 array."""
     histogram = new_histogram()
-    with np.load(path) as saved:
-        if "histogram" in saved:  # dense, as units of earlier builds wrote it
-            histogram += saved["histogram"]
-        else:
-            histogram[saved["rows"], saved["values"]] += saved["counts"]
+    add_histogram(histogram, path)
     return histogram
