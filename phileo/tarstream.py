@@ -169,5 +169,5 @@ def iter_sample_spans(stream: BinaryIO, where: str) -> Iterator[tuple[str, dict[
 
 def count_samples(stream: BinaryIO) -> int:
     """Distinct sample keys of a seekable shard, from its headers alone (data is seeked over)."""
-    return len({split_key(name)[0] for name, _, _, _ in iter_member_spans(stream, headers_only=True)
-                if split_key(name)[1]})
+    keys = (split_key(name) for name, _, _, _ in iter_member_spans(stream, headers_only=True))
+    return len({key for key, extension in keys if extension})

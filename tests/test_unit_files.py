@@ -5,7 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pyarrow.parquet as pq
 
-from sharding.build.unit_files import HISTOGRAM_SHAPE, index_schema, new_histogram, read_histogram, write_unit_files
+from sharding.build.unit_files import HISTOGRAM_SHAPE, add_histogram, index_schema, new_histogram, write_unit_files
+
+
+def _read(path) -> np.ndarray:
+    histogram = new_histogram()
+    add_histogram(histogram, path)
+    return histogram
 
 
 def test_sparse_histogram_round_trip_and_index_rows(tmp_path):
@@ -15,7 +21,7 @@ def test_sparse_histogram_round_trip_and_index_rows(tmp_path):
     np.add.at(histogram, (rng.integers(0, HISTOGRAM_SHAPE[0], 500), rng.integers(0, 65536, 500)), 3)
     rows = [{"key": "a", "shard": "shards/000004-0000.tar", "offset": 0, "bytes": 10}]
     write_unit_files(tmp_path, 4, rows, index_schema(), histogram)
-    np.testing.assert_array_equal(read_histogram(tmp_path / "units" / "000004.hist.npz"), histogram)
+    np.testing.assert_array_equal(_read(tmp_path / "units" / "000004.hist.npz"), histogram)
     with np.load(tmp_path / "units" / "000004.hist.npz") as saved:
         assert sorted(saved.files) == ["counts", "rows", "values"] and saved["counts"].size < 600
     table = pq.read_table(tmp_path / "units" / "000004.index.parquet")
@@ -26,7 +32,7 @@ def test_dense_histograms_of_earlier_builds_still_read(tmp_path):
     dense = new_histogram()
     dense[2, 1234] = 7
     np.savez_compressed(tmp_path / "old.hist.npz", histogram=dense)
-    np.testing.assert_array_equal(read_histogram(tmp_path / "old.hist.npz"), dense)
+    np.testing.assert_array_equal(_read(tmp_path / "old.hist.npz"), dense)
 
 
 def test_temp_files_are_this_process_own(tmp_path):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
+from collections.abc import Iterator
 
 import click
 
@@ -54,6 +56,22 @@ def _setup_logging() -> None:
     logging.getLogger("numexpr").setLevel(logging.WARNING)
 
 
+@contextlib.contextmanager
+def _one_line_errors() -> Iterator[None]:
+    """Bad input -> exit 2, a run that failed -> exit 1; one line on stderr each, no traceback."""
+    from training.data.epoch import PlanError
+    from training.data.loader import BadDataError
+    from training.data.shards import ShardSpecError
+    from training.safe_dcp import CheckpointError
+
+    try:
+        yield
+    except (ConfigError, ShardSpecError, PlanError, CheckpointError) as error:
+        _fail(error)
+    except (TrainingDiverged, BadDataError) as error:
+        _fail(error, code=1)
+
+
 def _fail(error: Exception, code: int = 2) -> None:
     """One line on stderr; exit 2 for bad input, 1 for a run that failed."""
     text = str(error).strip()
@@ -93,25 +111,12 @@ def main() -> None:
 @click.option("--activation-checkpointing", is_flag=True, help="Recompute blocks in backward to save memory.")
 def pretrain(**flags) -> None:
     """Pretrain a model by streaming shards (launch with torchrun for several ranks)."""
-    from phileo.models import list_models
-    from training.data.epoch import PlanError
-    from training.data.loader import BadDataError
-    from training.data.shards import ShardSpecError
     from training.pretrain import pretrain as run_pretrain
-    from training.safe_dcp import CheckpointError
 
     _setup_logging()
-    try:
-        if flags["model"] not in list_models():
-            raise ConfigError(f"--model {flags['model']}: unknown; choose one of {', '.join(list_models())}")
-        config = PretrainConfig(_pick(RunConfig, flags), _pick(DataConfig, flags), _pick(OptimConfig, flags))
-        run_pretrain(config)
-    except (ConfigError, ShardSpecError, PlanError) as error:
-        _fail(error)
-    except (TrainingDiverged, BadDataError) as error:
-        _fail(error, code=1)
-    except CheckpointError as error:
-        _fail(error)
+    with _one_line_errors():
+        _check_model(flags["model"])
+        run_pretrain(PretrainConfig(_pick(RunConfig, flags), _pick(DataConfig, flags), _pick(OptimConfig, flags)))
 
 
 @main.command("bench-data")
@@ -122,17 +127,10 @@ def pretrain(**flags) -> None:
 def bench_data(seconds: float, seed: int, **flags) -> None:
     """Time the training data pipeline alone (no model): crops/s, tiles/s, MB/s, batch diversity, peak RSS."""
     from training.bench_data import format_report, run_bench
-    from training.data.epoch import PlanError
-    from training.data.loader import BadDataError
-    from training.data.shards import ShardSpecError
 
     _setup_logging()
-    try:
+    with _one_line_errors():
         result = run_bench(BenchConfig(DataConfig(**flags), seconds, seed))
-    except (ConfigError, ShardSpecError, PlanError) as error:
-        _fail(error)
-    except BadDataError as error:
-        _fail(error, code=1)
     for line in format_report(result):
         click.echo(line)
 
@@ -148,17 +146,10 @@ def bench_data(seconds: float, seed: int, **flags) -> None:
 @_default(RunConfig, "seed")
 def plan(**flags) -> None:
     """What an epoch will do on a cluster (the trainer's own planner): steps, crops, drops, shards per worker."""
-    from training.data.epoch import PlanError
-    from training.data.shards import ShardSpecError
     from training.plan_report import PlanRequest, plan_report
 
-    try:
-        for name in ("world_size", "num_workers", "batch_size", "crops_per_tile", "grad_accum"):
-            if flags[name] < (0 if name == "num_workers" else 1):
-                raise ConfigError(f"--{name.replace('_', '-')} {flags[name]}: expected a positive number")
+    with _one_line_errors():
         lines = plan_report(PlanRequest(**flags))
-    except (ConfigError, ShardSpecError, PlanError) as error:
-        _fail(error)
     for line in lines:
         click.echo(line)
 
@@ -217,22 +208,12 @@ def _check_model(name: str) -> None:
 @click.option("--init", help="Pretraining checkpoint (file or sharded dir); default: random init.")
 def finetune(shards: str, val_shards: str, test_shards: str | None, init: str | None, **flags) -> None:
     """Fine-tune on a PhilEO Bench task (launch with torchrun for several ranks)."""
-    from training.data.epoch import PlanError
-    from training.data.loader import BadDataError
-    from training.data.shards import ShardSpecError
     from training.finetune.trainer import finetune as run
-    from training.safe_dcp import CheckpointError
 
     _setup_logging()
-    try:
+    with _one_line_errors():
         _check_model(flags["model"])
         run(_finetune_config(flags, shards, val_shards, test_shards, init))
-    except (ConfigError, ShardSpecError, PlanError) as error:
-        _fail(error)
-    except (TrainingDiverged, BadDataError) as error:
-        _fail(error, code=1)
-    except CheckpointError as error:
-        _fail(error)
 
 
 @main.command("nshot-sweep")
@@ -242,15 +223,11 @@ def finetune(shards: str, val_shards: str, test_shards: str | None, init: str | 
 @click.option("--init", "inits", multiple=True, help="Repeatable: random, CKPT or NAME=CKPT [default: random].")
 def nshot_sweep(data: str, n_shot: str, inits: tuple[str, ...], **flags) -> None:
     """Fine-tune every (init, n) pair; write results.csv, results.md and the n-shot curve to --out."""
-    from training.data.epoch import PlanError
-    from training.data.loader import BadDataError
-    from training.data.shards import ShardSpecError
     from training.distributed import init_world, shutdown
     from training.finetune.sweep import parse_inits, run_sweep
-    from training.safe_dcp import CheckpointError
 
     _setup_logging()
-    try:
+    with _one_line_errors():
         _check_model(flags["model"])
         n_values = _parse_n_values(n_shot)
         named = parse_inits(inits)
@@ -261,12 +238,6 @@ def nshot_sweep(data: str, n_shot: str, inits: tuple[str, ...], **flags) -> None
             run_sweep(base, world, data, n_values, named, flags["out"])
         finally:
             shutdown(world)
-    except (ConfigError, ShardSpecError, PlanError) as error:
-        _fail(error)
-    except (TrainingDiverged, BadDataError) as error:
-        _fail(error, code=1)
-    except CheckpointError as error:
-        _fail(error)
 
 
 def _parse_n_values(text: str) -> list[int]:

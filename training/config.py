@@ -25,14 +25,14 @@ class TrainingDiverged(RuntimeError):
     optimizer step, so no checkpoint ever holds the NaN weights it would have made."""
 
 
-def _positive(flag: str, value: float | None, allow_none: bool = False) -> None:
+def positive(flag: str, value: float | None, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
     if value is None or not math.isfinite(value) or value <= 0:  # inf and nan too: they train NaN weights
         raise ConfigError(f"{flag} {value}: expected a positive finite number")
 
 
-def _check_loader(num_workers: int, max_bad_fraction: float) -> None:
+def check_loader(num_workers: int, max_bad_fraction: float) -> None:
     """The loader flags shared by pretraining and fine-tuning."""
     if num_workers < 0:
         raise ConfigError(f"--num-workers {num_workers}: expected 0 or more")
@@ -57,10 +57,10 @@ class DataConfig:
         for flag, value in (("--crops-per-tile", self.crops_per_tile), ("--batch-size", self.batch_size),
                             ("--shuffle-buffer", self.shuffle_buffer), ("--crop-size", self.crop_size),
                             ("--shards-in-parallel", self.shards_in_parallel)):
-            _positive(flag, value)
+            positive(flag, value)
         if self.crop_size % 2:
             raise ConfigError(f"--crop-size {self.crop_size}: expected an even number (20 m grid alignment)")
-        _check_loader(self.num_workers, self.max_bad_fraction)
+        check_loader(self.num_workers, self.max_bad_fraction)
 
 
 @dataclass
@@ -73,8 +73,8 @@ class OptimConfig:
     grad_accum: int = 1
 
     def __post_init__(self) -> None:
-        _positive("--lr", self.lr, allow_none=True)
-        _positive("--grad-accum", self.grad_accum)
+        positive("--lr", self.lr, allow_none=True)
+        positive("--grad-accum", self.grad_accum)
         values = (self.min_lr or 0, self.weight_decay, self.warmup_steps, self.grad_clip)
         if not all(math.isfinite(value) and value >= 0 for value in values):
             raise ConfigError("--min-lr, --weight-decay, --warmup-steps and --grad-clip must be finite and >= 0")
@@ -105,11 +105,11 @@ class RunConfig:
     def __post_init__(self) -> None:
         if not self.out:
             raise ConfigError("--output: required (the run directory)")
-        _positive("--epochs", self.epochs, allow_none=self.steps is not None)
-        _positive("--steps", self.steps, allow_none=True)
+        positive("--epochs", self.epochs, allow_none=self.steps is not None)
+        positive("--steps", self.steps, allow_none=True)
         for flag, value in (("--ckpt-every", self.ckpt_every), ("--keep-checkpoints", self.keep_checkpoints),
                             ("--log-every", self.log_every)):
-            _positive(flag, value)
+            positive(flag, value)
         if self.strategy not in ("ddp", "fsdp"):
             raise ConfigError(f"--strategy {self.strategy}: expected ddp or fsdp")
 
@@ -187,9 +187,9 @@ class FinetuneDataConfig:
     def __post_init__(self) -> None:
         if not self.shards or not self.val_shards:
             raise ConfigError("--shards and --val-shards: both required (train and validation datasets)")
-        _positive("--batch-size", self.batch_size)
-        _positive("--shuffle-buffer", self.shuffle_buffer)
-        _check_loader(self.num_workers, self.max_bad_fraction)
+        positive("--batch-size", self.batch_size)
+        positive("--shuffle-buffer", self.shuffle_buffer)
+        check_loader(self.num_workers, self.max_bad_fraction)
 
 
 @dataclass
@@ -205,10 +205,10 @@ class FinetuneOptimConfig:
     es_delta: float = 0.0
 
     def __post_init__(self) -> None:
-        _positive("--epochs", self.epochs)
-        _positive("--lr", self.lr, allow_none=True)
-        _positive("--warmup-gamma", self.warmup_gamma)
-        _positive("--es-patience", self.es_patience)
+        positive("--epochs", self.epochs)
+        positive("--lr", self.lr, allow_none=True)
+        positive("--warmup-gamma", self.warmup_gamma)
+        positive("--es-patience", self.es_patience)
         if self.lr_scheduler not in LR_SCHEDULERS:
             raise ConfigError(f"--lr-scheduler {self.lr_scheduler!r}: expected one of {', '.join(LR_SCHEDULERS)}")
         values = (self.warmup_epochs, self.weight_decay, self.min_lr, self.es_delta)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from training.config import check_loader, positive
 from training.data.epoch import plan_epoch
 from training.data.shards import resolve_shards
 
@@ -25,6 +26,12 @@ class PlanRequest:
     grad_accum: int = 1
     epoch: int = 0
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        for flag, value in (("--world-size", self.world_size), ("--batch-size", self.batch_size),
+                            ("--crops-per-tile", self.crops_per_tile), ("--grad-accum", self.grad_accum)):
+            positive(flag, value)
+        check_loader(self.num_workers, 0.0)
 
 
 def plan_report(request: PlanRequest) -> list[str]:

@@ -114,6 +114,12 @@ class BuildSummary:
     failed_units: list[dict] = field(default_factory=list)
     retries: int = 0  # remote reads retried in this run
 
+    def take_totals(self, totals: dict) -> BuildSummary:
+        """The counts of a finished dataset (a manifest's or a node report's `totals`)."""
+        self.written, self.shards, self.bytes_out = totals["samples"], totals["shards"], totals["bytes"]
+        self.rejected, self.filtered, self.bytes_in = totals["rejected"], totals["filtered"], totals["bytes_in"]
+        return self
+
     def line(self) -> str:
         rate = self.written / self.seconds if self.seconds else 0.0
         return (f"wrote {self.written} tiles in {self.shards} shards ({self.bytes_out / 1e6:.1f} MB from "
@@ -204,15 +210,6 @@ def _warn_unplanned_files(args: BuildArgs, output: Path) -> None:
                     "again", len(newer), newer[0])
 
 
-def _refuse_empty(output: Path, num_units: int, allow_empty: bool) -> None:
-    """Every unit done and not one tile written (all rejected or filtered after decoding): no dataset."""
-    if allow_empty or any(json.loads(unit_stats_path(output, unit).read_text())["written"]
-                          for unit in range(num_units)):
-        return
-    raise InputError(f"--output {output}: every planned tile was rejected or filtered after decoding (see "
-                     f"units/*.json); no dataset written (--allow-empty writes an empty one)")
-
-
 def _nothing_to_build(args: BuildArgs, catalog, duplicates: list[dict], filtered: int) -> str:
     where = f"--input {args.input}" if args.input else f"--metadata {args.metadata}"
     if not catalog.rows:
@@ -274,20 +271,14 @@ def _build(args: BuildArgs, workers: int, overwrite: bool, executor: str, ray_ad
     runner = run_local if executor == "local" else partial(run_ray, address=ray_address)
     _run_with_progress(pending, options, workers, summary, started, runner)
     if node and not summary.failed_units:
-        totals = finish_node(output, node, units)["totals"]
-        summary.written, summary.shards, summary.bytes_out = totals["samples"], totals["shards"], totals["bytes"]
-        summary.rejected, summary.filtered = totals["rejected"], totals["filtered"]
-        summary.bytes_in = totals["bytes_in"]
+        summary.take_totals(finish_node(output, node, units)["totals"])
     elif not summary.failed_units:
-        _refuse_empty(output, len(units), allow_empty)
         plan_rejected = [json.loads(line) for line in (output / PLAN_REJECTED).read_text().splitlines()]
-        manifest = finalize(output, info, len(units), plan_rejected, info["filtered_at_plan"])
+        manifest = finalize(output, info, len(units), plan_rejected, info["filtered_at_plan"],
+                            refuse_empty=not allow_empty)
         if sink is not None:
             sink.publish_final()
-        totals = manifest["totals"]
-        summary.written, summary.shards, summary.bytes_out = totals["samples"], totals["shards"], totals["bytes"]
-        summary.rejected, summary.filtered = totals["rejected"], totals["filtered"]
-        summary.bytes_in = totals["bytes_in"]
+        summary.take_totals(manifest["totals"])
     summary.seconds = time.monotonic() - started
     return summary
 

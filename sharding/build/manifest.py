@@ -16,6 +16,7 @@ from phileo.bands import ALL_BANDS
 from phileo.schema import SCHEMA_VERSION
 from sharding.build.unit_files import add_histogram, index_schema, new_histogram
 from sharding.build.writer import atomic_write
+from sharding.errors import InputError
 from sharding.layout import INDEX, MANIFEST, REJECTED, temp_name, unit_file, unit_stats_path
 
 
@@ -46,7 +47,7 @@ ROWS_PER_GROUP = 65_536  # index rows buffered into one parquet row group
 def _assemble(output: Path, num_units: int, schema: pa.Schema, plan_rejected: list[dict], index_path: Path,
               rejected_path: Path) -> tuple[list[dict], Counter, np.ndarray]:
     """Stream every unit's index rows and rejects into the two files; (shard entries, totals, histogram)."""
-    shards, totals, histogram, pending = [], Counter(), new_histogram(), []
+    shards, totals, histogram, pending, pending_rows = [], Counter(), new_histogram(), [], 0
     with pq.ParquetWriter(index_path, schema) as index, open(rejected_path, "w") as rejected:
         rejected.writelines(json.dumps(row) + "\n" for row in plan_rejected)
         for unit in range(num_units):
@@ -55,9 +56,10 @@ def _assemble(output: Path, num_units: int, schema: pa.Schema, plan_rejected: li
             totals.update(bytes_in=stats["bytes_in"], filtered=stats["filtered"], rejected=len(stats["rejected"]))
             shards += stats["shards"]
             pending.append(pq.read_table(output / unit_file(unit, "index.parquet")))
-            if sum(table.num_rows for table in pending) >= ROWS_PER_GROUP:
+            pending_rows += pending[-1].num_rows
+            if pending_rows >= ROWS_PER_GROUP:
                 index.write_table(pa.concat_tables(pending))
-                pending = []
+                pending, pending_rows = [], 0
             add_histogram(histogram, output / unit_file(unit, "hist.npz"))
         if pending:
             index.write_table(pa.concat_tables(pending))
@@ -65,17 +67,22 @@ def _assemble(output: Path, num_units: int, schema: pa.Schema, plan_rejected: li
 
 
 def finalize(output: Path, build_info: dict, num_units: int, plan_rejected: list[dict], filtered_at_plan: int,
-             schema: pa.Schema | None = None, describe: dict | None = None, selection: dict | None = None) -> dict:
+             schema: pa.Schema | None = None, describe: dict | None = None, selection: dict | None = None,
+             refuse_empty: bool = False) -> dict:
     """Write index, rejected list and manifest (last) from every unit's files; returns the manifest.
 
     One finalizer for every build: `schema` is the index schema (default: `index_schema()`),
     `describe` adds keys after `build_args` (a PhilEO Bench dataset's name and split), `selection`
-    records an n-shot selection.
+    records an n-shot selection. `refuse_empty`: units that wrote no sample at all are an InputError,
+    and nothing is written.
     """
     index_tmp, rejected_tmp = output / temp_name(INDEX), output / temp_name(REJECTED)
     try:  # one pass over the units, streamed: no unit's rows are held once written
         shards, totals, histogram = _assemble(output, num_units, schema or index_schema(), plan_rejected,
                                               index_tmp, rejected_tmp)
+        if refuse_empty and not any(shard["samples"] for shard in shards):
+            raise InputError(f"--output {output}: every planned tile was rejected or filtered after decoding (see "
+                             "units/*.json); no dataset written (--allow-empty writes an empty one)")
     except BaseException:
         index_tmp.unlink(missing_ok=True)
         rejected_tmp.unlink(missing_ok=True)

@@ -126,5 +126,4 @@ def _merge(out: Path) -> BuildSummary:
     manifest = finalize(out, info, len(units), plan_rejected, info["filtered_at_plan"])
     totals = manifest["totals"]
     log.info("merged %d units into %s", len(units), out)
-    return BuildSummary(written=totals["samples"], rejected=totals["rejected"], filtered=totals["filtered"],
-                        shards=totals["shards"], bytes_out=totals["bytes"], bytes_in=totals["bytes_in"])
+    return BuildSummary().take_totals(totals)

@@ -7,7 +7,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from sharding.build.output_lock import is_lock_file
+from sharding.build.output_lock import is_lock_file, make_output_dir
 from sharding.errors import InputError
 from sharding.layout import BUILD_INFO, MANIFEST, TMP_SUFFIX
 
@@ -19,9 +19,7 @@ def claim_output_dir(output: Path, owned: Callable[[str], bool], flag: str = "--
     Temp files of an interrupted run (TMP_SUFFIX) always count as owned: the command removes them;
     so do the output's lock files (build/output_lock.py).
     """
-    if output.exists() and not output.is_dir():
-        raise InputError(f"{flag} {output}: exists and is not a directory")
-    output.mkdir(parents=True, exist_ok=True)
+    make_output_dir(output, flag)
     foreign = sorted(p.name for p in output.iterdir()
                      if not (owned(p.name) or p.name.endswith(TMP_SUFFIX) or is_lock_file(p.name)))
     if foreign:

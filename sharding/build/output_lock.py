@@ -47,6 +47,30 @@ def is_alive(pid: int) -> bool:
     return True
 
 
+def owner_record() -> dict:
+    """What a lock holds: this process, its host and when it started."""
+    return {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
+
+
+def is_stale(holder: dict) -> bool:
+    """A lock of a process that no longer runs on this host; another host's cannot be judged from here."""
+    return holder.get("host") == socket.gethostname() and not is_alive(holder.get("pid"))
+
+
+def in_use(flag: str, output: Path | str, holder: dict, lock: Path | str) -> InputError:
+    """The refusal naming the holder, and how to remove its lock once that process is gone."""
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("started", 0)))
+    return InputError(f"{flag} {output}: in use by pid {holder.get('pid', '?')} on {holder.get('host', '?')} "
+                      f"since {since}; wait for it, or delete {lock} if that process is gone")
+
+
+def make_output_dir(output: Path, flag: str) -> None:
+    """Create `output` (and its parents); refuse a path that is a file."""
+    if output.exists() and not output.is_dir():
+        raise InputError(f"{flag} {output}: exists and is not a directory")
+    output.mkdir(parents=True, exist_ok=True)
+
+
 def _holder(path: Path) -> dict | None:
     """The lock's owner record; None when the file vanished meanwhile; {} when it is unreadable."""
     try:
@@ -64,7 +88,7 @@ def _take(path: Path) -> bool:
         return False
     try:
         with os.fdopen(descriptor, "w") as file:
-            json.dump({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}, file)
+            json.dump(owner_record(), file)
     except OSError as error:  # a full disk: no half-written lock left behind, and say which path
         path.unlink(missing_ok=True)
         raise OSError(error.errno, error.strerror, str(path)) from error
@@ -74,9 +98,7 @@ def _take(path: Path) -> bool:
 @contextlib.contextmanager
 def output_lock(output: Path, flag: str = "--output", node_rank: int | None = None) -> Iterator[None]:
     """Hold the output's lock for the block; InputError naming the holder if another process has it."""
-    if output.exists() and not output.is_dir():
-        raise InputError(f"{flag} {output}: exists and is not a directory")
-    output.mkdir(parents=True, exist_ok=True)
+    make_output_dir(output, flag)
     path = output / lock_name(node_rank)
     for _ in range(3):  # a stale lock is removed and the take retried; a racing winner keeps it
         if _take(path):
@@ -84,14 +106,11 @@ def output_lock(output: Path, flag: str = "--output", node_rank: int | None = No
         holder = _holder(path)
         if holder is None:
             continue
-        same_host = holder.get("host") == socket.gethostname()
-        if same_host and isinstance(holder.get("pid"), int) and not is_alive(holder["pid"]):
+        if is_stale(holder):
             log.warning("%s: taking over the lock of pid %s, which no longer runs", output, holder["pid"])
             path.unlink(missing_ok=True)
             continue
-        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("started", 0)))
-        raise InputError(f"{flag} {output}: in use by pid {holder.get('pid', '?')} on {holder.get('host', '?')} "
-                         f"since {since}; wait for it, or delete {path} if that process is gone")
+        raise in_use(flag, output, holder, path)
     else:
         raise InputError(f"{flag} {output}: could not take the lock {path}")
     try:

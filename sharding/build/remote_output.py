@@ -24,12 +24,10 @@ import hashlib
 import json
 import logging
 import os
-import socket
 import tempfile
-import time
 from pathlib import Path
 
-from sharding.build.output_lock import is_alive, is_lock_file, lock_name
+from sharding.build.output_lock import in_use, is_lock_file, is_stale, lock_name, owner_record
 from sharding.errors import InputError
 from sharding.layout import FINAL_FILES, PLAN_FILES, SHARDS_DIR, UNITS_DIR, unit_file
 from sharding.sources.remote import filesystem, with_retries
@@ -81,12 +79,11 @@ class RemoteOutput:
         self.fs.invalidate_cache()
         if with_retries(self.url, "HEAD lock", lambda: self.fs.exists(lock)):
             holder = json.loads(with_retries(self.url, "GET lock", lambda: self.fs.cat_file(lock)) or b"{}")
-            if not (holder.get("host") == socket.gethostname() and not is_alive(holder.get("pid"))):
-                raise InputError(f"--output {self.url}: in use by pid {holder.get('pid', '?')} on "
-                                 f"{holder.get('host', '?')}; wait for it, or delete {lock} if that build is gone")
+            if not is_stale(holder):
+                raise in_use("--output", self.url, holder, lock)
             log.warning("%s: taking over the lock of pid %s, which no longer runs", self.url, holder.get("pid"))
-        record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
-        with_retries(self.url, "PUT lock", lambda: self.fs.pipe_file(lock, json.dumps(record).encode()))
+        record = json.dumps(owner_record()).encode()
+        with_retries(self.url, "PUT lock", lambda: self.fs.pipe_file(lock, record))
 
     def release(self) -> None:
         lock = self.remote(lock_name())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -152,7 +153,12 @@ def _convert(row: dict, columns: dict | str, options: UnitOptions, rejected: lis
         return None
     # the metadata's values, then the pixels' own: metadata saying "no cloud" cannot keep a cloudy tile
     filters = options.filters
-    pixel_nodata = nodata_fraction(sample.arrays["s2_10m"]) if filters.max_nodata is not None else 0.0
+    if filters.max_nodata is None:
+        pixel_nodata = 0.0
+    elif math.isnan(row["nodata"]):  # no metadata value: meta["nodata"] is the pixels' own already
+        pixel_nodata = sample.meta["nodata"]
+    else:
+        pixel_nodata = nodata_fraction(sample.arrays["s2_10m"])
     if (filters.passes_pixels(sample.meta["cloud_cover"], sample.meta["nodata"]) is not None
             or filters.passes_pixels(sample.meta["cloud_cover_pixels"], pixel_nodata) is not None):
         counts["filtered"] += 1

@@ -2,8 +2,8 @@
 
 One format for the MajorTOM-family and the PhilEO Bench builds. The histogram of sampled DNs
 per band is stored sparse (band rows, DN values, counts): a unit fills some thousands of its
-12 x 65536 bins (compressed: a few kB). `read_histogram` also reads the dense `histogram` array that units of earlier
-builds wrote, so those builds still resume and finalize.
+12 x 65536 bins (compressed: a few kB). `add_histogram` also reads the dense `histogram` array
+that units of earlier builds wrote, so those builds still resume and finalize.
 """
 
 from __future__ import annotations
@@ -55,9 +55,3 @@ def add_histogram(into: np.ndarray, path: Path) -> None:
         else:  # (band, DN) pairs are unique within a file, so fancy-index += adds each once
             into[saved["rows"], saved["values"]] += saved["counts"]
 
-
-def read_histogram(path: Path) -> np.ndarray:
-    """A unit's histogram as a dense (bands, 65536) int64 array."""
-    histogram = new_histogram()
-    add_histogram(histogram, path)
-    return histogram

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from phileo.tarstream import iter_sample_spans, split_key
+from phileo.tarstream import iter_sample_spans
 
 BUFFER = 1 << 20
 
@@ -17,11 +17,6 @@ class TarSample:
     members: dict[str, bytes]  # extension ("meta.json") -> bytes
     offset: int  # offset of the sample's first tar header in the shard
     size: int  # bytes from that header to the next sample's header
-
-
-def split_member_name(name: str) -> tuple[str, str]:
-    """`KEY.ext.more` -> (`KEY`, `ext.more`): keys hold no dots, extensions may."""
-    return split_key(name)
 
 
 def iter_tar_samples(path: str | Path) -> Iterator[TarSample]:
