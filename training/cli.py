@@ -13,7 +13,9 @@ from phileo.cli import output_option
 from phileo.urls import redact_text
 from training.config import (
     LR_SCHEDULERS,
+    BadDataError,
     BenchConfig,
+    CheckpointError,
     ConfigError,
     DataConfig,
     FinetuneDataConfig,
@@ -60,9 +62,7 @@ def _setup_logging() -> None:
 def _one_line_errors() -> Iterator[None]:
     """Bad input -> exit 2, a run that failed -> exit 1; one line on stderr each, no traceback."""
     from training.data.epoch import PlanError
-    from training.data.loader import BadDataError
     from training.data.shards import ShardSpecError
-    from training.safe_dcp import CheckpointError
 
     try:
         yield

@@ -20,6 +20,14 @@ class ConfigError(ValueError):
     """A flag value is invalid; the message names the flag."""
 
 
+class BadDataError(RuntimeError):
+    """More unreadable data than --max-bad-fraction allows, or none readable at all; names the shards."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that is not one this project loads; the message names the file."""
+
+
 class TrainingDiverged(RuntimeError):
     """The loss or the gradients became non-finite; the message names the step. Raised before the
     optimizer step, so no checkpoint ever holds the NaN weights it would have made."""

@@ -21,6 +21,8 @@ from torch.distributed.checkpoint.filesystem import FileSystemReader
 from torch.distributed.checkpoint.metadata import StorageMeta
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
+from training.config import CheckpointError
+
 _METADATA_CLASSES = {
     ("torch.distributed.checkpoint.metadata", name) for name in (
         "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
@@ -28,10 +30,6 @@ _METADATA_CLASSES = {
 } | {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
      ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
      ("collections", "OrderedDict")}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory that is not one this project loads; the message names the file."""
 
 
 class _MetadataUnpickler(pickle.Unpickler):

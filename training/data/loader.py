@@ -24,7 +24,7 @@ import webdataset as wds
 from phileo.bands import REFLECTANCE_SCALE
 from phileo.schema import SchemaError, decode_sample
 from phileo.tarstream import TarFormatError, iter_samples
-from training.config import DataConfig
+from training.config import BadDataError, DataConfig
 from training.data.batches import CollateCrops, WorkerMixedBatches, collate_crops
 from training.data.crop_labels import crop_labels
 from training.data.epoch import EpochPlan, WorkerPlan
@@ -61,10 +61,6 @@ class StreamOptions:
 def worker_position() -> tuple[int, int]:
     info = torch.utils.data.get_worker_info()
     return (0, 1) if info is None else (info.id, info.num_workers)
-
-
-class BadDataError(RuntimeError):
-    """More unreadable data than --max-bad-fraction allows, or none readable at all; names the shards."""
 
 
 class BadDataPolicy:
