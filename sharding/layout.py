@@ -34,6 +34,13 @@ def temp_name(name: str) -> str:
     return f"{name}.{os.getpid()}{TMP_SUFFIX}"
 
 
+def unit_temp_files(output: Path, unit: int) -> list[Path]:
+    """Temp files of `unit` left by any earlier process (its shards and unit files): temp names carry
+    the writer's pid, so a rerun's own writes never replace them; the unit's next run removes them."""
+    return [*(output / SHARDS_DIR).glob(f"{unit:06d}-*.tar*{TMP_SUFFIX}"),
+            *(output / UNITS_DIR).glob(f"{unit:06d}.*{TMP_SUFFIX}")]
+
+
 def unit_file(unit: int, suffix: str = "json") -> str:
     """`units/NNNNNN.<suffix>` relative to the dataset root (suffix json, index.parquet or hist.npz)."""
     return f"{UNITS_DIR}/{unit:06d}.{suffix}"
@@ -60,4 +67,5 @@ def node_report_path(output: Path, rank: int) -> Path:
 
 __all__ = ["BUILD_INFO", "BUILD_OWNED", "FINAL_FILES", "FOOTERS", "INDEX", "MANIFEST", "NODES_DIR",
            "PHILEO_BENCH_PLAN", "PLAN", "PLAN_FILES", "PLAN_REJECTED", "REJECTED", "SHARDS_DIR", "TMP_SUFFIX",
-           "UNITS_DIR", "node_report_path", "shard_name", "shard_url", "temp_name", "unit_file", "unit_stats_path"]
+           "UNITS_DIR", "node_report_path", "shard_name", "shard_url", "temp_name", "unit_file", "unit_stats_path",
+           "unit_temp_files"]

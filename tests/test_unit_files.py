@@ -44,3 +44,16 @@ def test_temp_files_are_this_process_own(tmp_path):
     atomic_write(tmp_path / "build.json", lambda path: (seen.append(path.name), path.write_text("{}")))
     assert seen == [f"build.json.{os.getpid()}.tmp"] and (tmp_path / "build.json").read_text() == "{}"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["build.json"]
+
+
+def test_a_units_next_run_removes_the_temp_files_dead_processes_left(tmp_path):
+    from sharding.layout import unit_temp_files
+
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "units").mkdir()
+    dead = ["shards/000005-0000.tar.999999.tmp", "shards/000005-0001.tar.tmp", "units/000005.hist.npz.999999.tmp",
+            "units/000005.json.999999.tmp"]
+    kept = ["shards/000050-0000.tar.999999.tmp", "units/000050.hist.npz.999999.tmp", "units/000005.json"]
+    for name in dead + kept:
+        (tmp_path / name).write_text("x")
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in unit_temp_files(tmp_path, 5)) == sorted(dead)

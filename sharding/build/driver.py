@@ -27,7 +27,7 @@ from sharding.build.fasttom import FastTomRules
 from sharding.build.labels import LabelSpec, check_label_rasters, validate_label_specs
 from sharding.build.manifest import finalize
 from sharding.build.nodes import NodeShare, assign_nodes, finish_node, publish_shared
-from sharding.build.output_dir import open_build_output
+from sharding.build.output_dir import open_build_output, remove_temp_files
 from sharding.build.output_lock import output_lock
 from sharding.build.plan import Filters, assign_units, select_rows
 from sharding.build.ray_executor import run_ray
@@ -250,6 +250,8 @@ def _build(args: BuildArgs, workers: int, overwrite: bool, executor: str, ray_ad
     started = time.monotonic()
     output = Path(args.output)
     info = prepare_output(args, overwrite)
+    if node is None:  # nodes of a multi-node build share this directory: one may be publishing the plan
+        remove_temp_files(output)
     if info:
         _warn_unplanned_files(args, output)
         if args.input and is_remote(args.input) and args.input.endswith((".txt", ".json")):

@@ -15,6 +15,7 @@ from pathlib import Path
 from sharding.build.driver import BuildSummary, load_units
 from sharding.build.manifest import finalize
 from sharding.build.nodes import assign_nodes
+from sharding.build.output_dir import remove_temp_files
 from sharding.build.output_lock import output_lock
 from sharding.errors import InputError
 from sharding.layout import BUILD_INFO, NODES_DIR, PLAN_REJECTED, UNITS_DIR, unit_stats_path
@@ -117,6 +118,7 @@ def merge(output: str) -> BuildSummary:
 
 def _merge(out: Path) -> BuildSummary:
     output = str(out)
+    remove_temp_files(out)  # of a killed merge: every node has finished, this process holds the lock
     info = json.loads((out / BUILD_INFO).read_text())
     units = load_units(out)
     if len(units) != info["units"]:

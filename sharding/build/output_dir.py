@@ -46,6 +46,13 @@ def clear_owned(output: Path, owned: Callable[[str], bool]) -> None:
         shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
 
 
+def remove_temp_files(output: Path) -> None:
+    """Top-level temp files of earlier, dead runs (a killed plan or finalize). Temp names carry the
+    writer's pid, so no later write replaces them; only the output lock's sole holder may call this."""
+    for leftover in output.glob(f"*{TMP_SUFFIX}"):
+        leftover.unlink(missing_ok=True)
+
+
 def open_build_output(output: Path, owned: Callable[[str], bool], overwrite: bool, defining: dict,
                       source: str | None = None) -> dict | None:
     """Claim (and with `overwrite` clear) a build's output; the saved build info when resuming, else None.

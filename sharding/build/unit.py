@@ -28,7 +28,7 @@ from sharding.build.remote_output import publish_unit
 from sharding.build.unit_files import index_schema, new_histogram, write_unit_files
 from sharding.build.writer import ShardWriter, atomic_write
 from sharding.errors import RowError
-from sharding.layout import FOOTERS, SHARDS_DIR, TMP_SUFFIX, unit_stats_path
+from sharding.layout import FOOTERS, SHARDS_DIR, unit_stats_path, unit_temp_files
 from sharding.sources.majortom import (
     BAND_COLUMNS,
     decode_majortom_row,
@@ -102,8 +102,8 @@ def build_unit(unit: int, rows: list[dict], options: UnitOptions, progress: Prog
     restore_credentials(options.credentials)
     set_footer_cache(output / FOOTERS)  # footers fetched at plan time or by other units: no GET again
     shards_dir = output / SHARDS_DIR
-    for leftover in shards_dir.glob(f"{unit:06d}-*.tar*{TMP_SUFFIX}"):  # of any earlier process
-        leftover.unlink()
+    for leftover in unit_temp_files(output, unit):
+        leftover.unlink(missing_ok=True)
     writer = ShardWriter(shards_dir, unit, options.shard_size, options.clevel)
     histogram = new_histogram()
     index, rejected = [], []

@@ -24,7 +24,7 @@ from phileo.phileo_bench import PATCH_SIZE, REGRESSION_TASKS, SOURCE, TASKS
 from phileo.schema import DEFAULT_CLEVEL, SCHEMA_VERSION, Sample
 from sharding.build.unit_files import index_schema, new_histogram, write_unit_files
 from sharding.build.writer import ShardSummary, ShardWriter, atomic_write
-from sharding.layout import SHARDS_DIR, TMP_SUFFIX, shard_url, unit_stats_path
+from sharding.layout import SHARDS_DIR, shard_url, unit_stats_path, unit_temp_files
 from sharding.phileo_bench.nshot import check_label_stream, density_scale, scan_label_file
 from sharding.sources.phileo_bench import NpyReadError, TileFiles, open_npy
 
@@ -209,8 +209,8 @@ def build_phileo_bench_unit(dataset_dir: str, unit: int, job: dict, options: Phi
                      progress: Callable[[int], None] | None = None) -> dict:
     """Convert one unit; returns (and writes last) its stats. `progress(1)` after each patch."""
     output = Path(dataset_dir)
-    for leftover in (output / SHARDS_DIR).glob(f"{unit:06d}-*.tar*{TMP_SUFFIX}"):  # of any earlier process
-        leftover.unlink()
+    for leftover in unit_temp_files(output, unit):
+        leftover.unlink(missing_ok=True)
     tile = TileFiles.from_json(job["tile"])
     writer = PhilEOBenchShardWriter(output / SHARDS_DIR, unit, options.shard_size, options.clevel)
     histogram = new_histogram()
