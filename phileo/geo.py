@@ -68,6 +68,13 @@ def grid_cell_centre(name: str) -> tuple[float, float]:
     return lat + ROW_HEIGHT_DEG / 2, lon + column_width_deg(lat) / 2
 
 
+def grid_cell_centres(rows: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`grid_cell_centre` for arrays of signed grid rows and columns (the planner's millions of rows)."""
+    lat = rows * ROW_HEIGHT_DEG
+    width = 360.0 / np.ceil(2 * np.pi * EARTH_RADIUS_EQUATOR_KM * np.cos(np.radians(lat)) / GRID_DISTANCE_KM)
+    return lat + ROW_HEIGHT_DEG / 2, cols * width + width / 2
+
+
 def utm_epsg(lat: float, lon: float) -> int:
     """EPSG code of the UTM zone of a point (with the Norway/Svalbard exceptions, as MajorTOM)."""
     zone = math.floor((lon + 180) / 6) % 60 + 1

@@ -57,6 +57,7 @@ class RangeFiles(BaseHTTPRequestHandler):
     def _serve(self, head: bool) -> None:
         path = Path(self.state["root"]) / self.path.lstrip("/").split("?")[0]
         with self.state["lock"]:
+            self.state["requests"].append(("HEAD" if head else "GET", path.name))
             overloaded = self.state["unavailable"] > 0 and path.name.startswith("part_")
             self.state["unavailable"] -= overloaded
         if overloaded:  # the next N requests of tile files: the server is briefly overloaded
@@ -98,13 +99,24 @@ class RangeFiles(BaseHTTPRequestHandler):
 def http(majortom):
     """(base URL, state) of a Range server over the fixture; state["fail_every"] turns faults on."""
     state = {"root": str(majortom[0]), "lock": threading.Lock(), "ranged": 0, "faults": 0, "gets": [],
-             "fail_every": 0, "down_except_footers": False, "unavailable": 0}
+             "fail_every": 0, "down_except_footers": False, "unavailable": 0, "requests": []}
     server = ThreadingHTTPServer(("127.0.0.1", 0), partial(RangeFiles, state=state))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.server_address[1]}", state
     server.shutdown()
     server.server_close()
+
+
+@pytest.fixture(scope="module")
+def built_from_metadata(majortom, tmp_path_factory) -> Path:
+    """The local build planned from the fixture's metadata.parquet (est. tile sizes, so other units than
+    `built`): what a --metadata build over HTTP or S3 must equal byte for byte."""
+    out = tmp_path_factory.mktemp("built-metadata") / "ds"
+    result = run_shard("build", "--metadata", str(majortom[0] / "metadata.parquet"), "--input", str(majortom[0]),
+                       "--output", str(out), *BUILD_ARGS)
+    assert result.exit_code == 0, result.output
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -150,12 +162,13 @@ def row_group_bytes(path: Path, columns: set[str]) -> int:
                for c in range(meta.num_columns) if meta.row_group(g).column(c).path_in_schema in columns)
 
 
-def test_http_metadata_build_into_s3_is_byte_identical_and_reads_each_tile_once(majortom, built, http, s3_env):
+def test_http_metadata_build_into_s3_is_byte_identical_and_reads_each_tile_once(majortom, built_from_metadata, http,
+                                                                                s3_env):
     base, state = http
     result = run_shard("build", "--metadata", f"{base}/metadata.parquet", "--input", base,
                        "--output", s3_env.url("from-http"), *BUILD_ARGS)
     assert result.exit_code == 0, result.output
-    assert_same_dataset_on_s3(s3_env, "from-http", built)
+    assert_same_dataset_on_s3(s3_env, "from-http", built_from_metadata)
     files = sorted((majortom[0] / "images").glob("*.parquet"))
     tiles = sum(row_group_bytes(f, set(pq.ParquetFile(f).schema_arrow.names) - {"thumbnail"}) for f in files)
     gets = [get for get in state["gets"] if get[0].startswith("part_")]
@@ -165,7 +178,7 @@ def test_http_metadata_build_into_s3_is_byte_identical_and_reads_each_tile_once(
     # every tile's chunks fetched once (+ the small thumbnail between the id and band columns) ...
     assert tiles <= served <= 1.1 * tiles, (served, tiles)
     assert len(gets) - len(footer_gets) == sum(pq.ParquetFile(f).metadata.num_row_groups for f in files)
-    # ... plus one footer sample per file for the whole build (plan and units share the cached footers)
+    # ... plus one footer sample per file for the whole build (the units share the cached footers)
     assert all(end - start == FOOTER_KB << 10 for _, start, end, _ in footer_gets)
     assert sorted(get[0] for get in footer_gets) == sorted(f.name for f in files), (footer_gets, units)
 
@@ -182,7 +195,7 @@ def test_metadata_filters_first_then_reads_only_the_selected_files_and_row_group
     result = run_shard("build", "--metadata", f"{base}/metadata.parquet", "--input", base,
                        "--output", str(tmp_path / "b"), *bbox)
     assert result.exit_code == 0, result.output
-    assert read_manifest(tmp_path / "a")["shards"] == read_manifest(tmp_path / "b")["shards"]
+    assert sorted(pq.read_table(tmp_path / "b" / "index.parquet").column("key").to_pylist()) == sorted(kept)
     read = {name for name, *_ in state["gets"] if name.startswith("part_")}
     assert len(read) == 1, read
     meta = pq.ParquetFile(majortom[0] / "images" / read.pop()).metadata
@@ -216,7 +229,8 @@ def test_s3_output_refuses_foreign_objects_and_overwrite_starts_over(majortom, s
     assert sorted(n for n in objects if n.startswith("shards/")) == [s["url"] for s in manifest["shards"]]
 
 
-def test_flaky_http_still_gives_the_identical_build_and_reports_retries(built, http, tmp_path, monkeypatch):
+def test_flaky_http_still_gives_the_identical_build_and_reports_retries(built_from_metadata, http, tmp_path,
+                                                                       monkeypatch):
     base, state = http
     state["fail_every"] = 4
     monkeypatch.setenv("PHILEO_REMOTE_BACKOFF_S", "0.01")
@@ -225,15 +239,17 @@ def test_flaky_http_still_gives_the_identical_build_and_reports_retries(built, h
     result = run_shard("build", "--metadata", f"{base}/metadata.parquet", "--input", base, "--output", str(out),
                        *BUILD_ARGS)
     assert result.exit_code == 0, result.output
-    assert [s["sha256"] for s in read_manifest(out)["shards"]] == [s["sha256"] for s in read_manifest(built)["shards"]]
+    assert [s["sha256"] for s in read_manifest(out)["shards"]] == [
+        s["sha256"] for s in read_manifest(built_from_metadata)["shards"]]
     reported = int(re.search(r"(\d+) remote retries", result.output).group(1))
     unit_retries = sum(json.loads(p.read_text())["retries"] for p in (out / "units").glob("*[0-9].json"))
     assert state["faults"] > 0 and 0 < reported == unit_retries <= state["faults"]
 
 
-def test_unit_fails_when_retries_are_spent_and_a_rerun_completes_it(built, http, tmp_path, monkeypatch):
+def test_unit_fails_when_retries_are_spent_and_a_rerun_completes_it(built_from_metadata, http, tmp_path,
+                                                                    monkeypatch):
     base, state = http
-    state["down_except_footers"] = True  # planning works (footers), every row group read gets 503
+    state["down_except_footers"] = True  # footers can be read, every row group read gets 503
     monkeypatch.setenv("PHILEO_REMOTE_RETRIES", "2")
     monkeypatch.setenv("PHILEO_REMOTE_BACKOFF_S", "0.001")
     monkeypatch.setattr(remote, "FOOTER_BYTES", FOOTER_KB << 10)
@@ -245,7 +261,7 @@ def test_unit_fails_when_retries_are_spent_and_a_rerun_completes_it(built, http,
     state["down_except_footers"] = False
     rerun = run_shard(*args)
     assert rerun.exit_code == 0, rerun.output
-    assert read_manifest(tmp_path / "ds")["shards"] == read_manifest(built)["shards"]
+    assert read_manifest(tmp_path / "ds")["shards"] == read_manifest(built_from_metadata)["shards"]
 
 
 def test_http_parquet_list_input_matches_a_local_build_of_the_same_files(majortom, http, tmp_path):
@@ -303,7 +319,7 @@ def test_label_raster_over_http_equals_the_local_raster(majortom, tmp_path):
     water = make_label_rasters(tmp_path / "rasters", layers=("water",))["water"]
     region = sorted((water.parent / "water").glob("region_*.tif"))[0]
     state = {"root": str(region.parent), "lock": threading.Lock(), "ranged": 0, "faults": 0, "gets": [],
-             "fail_every": 0, "down_except_footers": False, "unavailable": 0}
+             "fail_every": 0, "down_except_footers": False, "unavailable": 0, "requests": []}
     server = ThreadingHTTPServer(("127.0.0.1", 0), partial(RangeFiles, state=state))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}/{region.name}"
@@ -428,24 +444,44 @@ def test_credentials_in_input_urls_are_never_written_nor_logged(majortom, built,
     assert refused.exit_code == 2 and "AWS environment" in refused.output and "s3cr3t-pw" not in refused.output
 
 
-def test_transient_errors_while_planning_are_retried_and_never_lose_a_file(majortom, built, http, tmp_path,
-                                                                          monkeypatch):
+def test_transient_errors_are_retried_and_never_lose_a_file(built_from_metadata, http, tmp_path, monkeypatch):
     base, state = http
     monkeypatch.setenv("PHILEO_REMOTE_BACKOFF_S", "0.01")
     monkeypatch.setenv("PHILEO_REMOTE_RETRIES", "3")
     args = ("--metadata", f"{base}/metadata.parquet", "--input", base, *BUILD_ARGS)
-    state["unavailable"] = 2  # the size lookups of planning meet 503s, then the server recovers
+    expected = read_manifest(built_from_metadata)["shards"]
+    state["unavailable"] = 2  # the first requests of tile files meet 503s, then the server recovers
     result = run_shard("build", "--output", str(tmp_path / "a"), *args)
     assert result.exit_code == 0, result.output
-    assert read_manifest(tmp_path / "a")["totals"]["samples"] == read_manifest(built)["totals"]["samples"]
+    assert read_manifest(tmp_path / "a")["shards"] == expected
     assert (tmp_path / "a" / "rejected.jsonl").read_text() == ""
-    state["unavailable"] = 10**6  # down for good while planning: the build fails and records nothing
+    state["unavailable"] = 10**6  # down for good: every unit fails, nothing is rejected or recorded as done
     failed = run_shard("build", "--output", str(tmp_path / "b"), *args)
-    assert failed.exit_code != 0 and "503" in failed.output and not (tmp_path / "b" / "build.json").exists()
-    state["unavailable"] = 0  # back: the rerun plans every file
+    assert failed.exit_code != 0 and "503" in failed.output and not (tmp_path / "b" / "manifest.json").exists()
+    assert not list((tmp_path / "b" / "units").glob("*.json"))
+    state["unavailable"] = 0  # back: the rerun builds every unit
     rerun = run_shard("build", "--output", str(tmp_path / "b"), *args)
     assert rerun.exit_code == 0, rerun.output
-    assert read_manifest(tmp_path / "b")["totals"]["samples"] == read_manifest(built)["totals"]["samples"]
+    assert read_manifest(tmp_path / "b")["shards"] == expected
+
+
+def test_planning_from_metadata_opens_no_source_file_and_the_dry_run_plan_is_built(built_from_metadata, http,
+                                                                                    tmp_path):
+    base, state = http
+    args = ("build", "--metadata", f"{base}/metadata.parquet", "--input", base, "--output", str(tmp_path / "ds"),
+            *BUILD_ARGS)
+    planned = run_shard(*args, "--dry-run")
+    assert planned.exit_code == 0, planned.output
+    assert "MajorTOM's mean tile" in planned.output and "same command without --dry-run" in planned.output
+    assert [name for _, name in state["requests"]] == ["metadata.parquet"]  # no tile file was opened
+    plan = (tmp_path / "ds" / "plan.parquet").read_bytes()
+    where = ["source_file", "source_group"]  # URLs here, paths in the local build: the rest is the same plan
+    assert pq.read_table(tmp_path / "ds" / "plan.parquet").drop_columns(where).equals(
+        pq.read_table(built_from_metadata / "plan.parquet").drop_columns(where))
+    result = run_shard(*args)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "ds" / "plan.parquet").read_bytes() == plan
+    assert read_manifest(tmp_path / "ds")["shards"] == read_manifest(built_from_metadata)["shards"]
 
 
 def test_a_second_build_into_an_s3_prefix_in_use_is_refused(majortom, s3_env):

@@ -144,7 +144,8 @@ def test_progress_is_reported_once_per_tile_from_workers(majortom, tmp_path, wor
     args = BuildArgs(str(majortom[0]), str(tmp_path / "ds"), shard_size=300_000)
     prepare_output(args, overwrite=False)
     make_plan(args)
-    units = list(enumerate(load_units(tmp_path / "ds")))
+    plan = load_units(tmp_path / "ds")
+    units = [(unit, plan.rows(unit)) for unit in range(len(plan))]
     calls = []
     options = UnitOptions(args.output, "parquet", args.shard_size, args.filters)
     results = list(run_local(units, options, workers, lambda bytes_in, bytes_out: calls.append(bytes_out)))

@@ -13,8 +13,9 @@ import logging
 import multiprocessing
 import queue
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from itertools import islice
 
 from sharding.build.unit import Progress, UnitOptions, build_unit
 
@@ -39,7 +40,8 @@ def _call(function: Callable, args: tuple, progress: Callable | None = None):
         return {"error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()}
 
 
-def run_jobs(function: Callable, jobs: list[tuple], workers: int, progress: Callable) -> Iterator[tuple[int, object]]:
+def run_jobs(function: Callable, jobs: Iterable[tuple], workers: int,
+             progress: Callable) -> Iterator[tuple[int, object]]:
     """Yield (job number, result) as jobs finish; a job that raised gives {"error", "traceback"}.
 
     `function(*job, progress=...)` runs in-process for one worker, else in "spawn" workers (free of
@@ -52,24 +54,35 @@ def run_jobs(function: Callable, jobs: list[tuple], workers: int, progress: Call
         return
     context = multiprocessing.get_context("spawn")
     progress_queue = context.Queue()
+    numbered = enumerate(jobs)  # taken lazily: at most `window` jobs' arguments exist at once
+    window = 2 * workers
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
                              initargs=(progress_queue,)) as pool:
-        futures = {pool.submit(_call, function, args): number for number, args in enumerate(jobs)}
-        pending = set(futures)
-        while pending:
-            done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+        futures = {pool.submit(_call, function, args): number for number, args in islice(numbered, window)}
+        while futures:
+            done, _ = wait(set(futures), timeout=0.5, return_when=FIRST_COMPLETED)
             _drain(progress_queue, progress)
             for future in done:
-                yield futures[future], future.result()
+                yield futures.pop(future), future.result()
+            for number, args in islice(numbered, window - len(futures)):
+                futures[pool.submit(_call, function, args)] = number
         _drain(progress_queue, progress)
 
 
-def run_local(units: list[tuple[int, list[dict]]], options: UnitOptions, workers: int,
+def run_local(units: Iterable[tuple[int, list[dict]]], options: UnitOptions, workers: int,
               progress: Progress) -> Iterator[dict]:
-    """Yield each unit's stats (or {"unit", "error", "traceback"}) as units complete; `progress` per tile."""
-    jobs = [(unit, rows, options) for unit, rows in units]
-    for number, result in run_jobs(build_unit, jobs, workers, progress):
-        yield {"unit": units[number][0], **result} if "error" in result else result
+    """Yield each unit's stats (or {"unit", "error", "traceback"}) as units complete; `progress` per tile.
+
+    `units` may be lazy (build/plan.py PendingUnits): a unit's rows are made when it is submitted."""
+    numbers: list[int] = []
+
+    def jobs() -> Iterator[tuple]:
+        for unit, rows in units:
+            numbers.append(unit)
+            yield unit, rows, options
+
+    for number, result in run_jobs(build_unit, jobs(), workers, progress):
+        yield {"unit": numbers[number], **result} if "error" in result else result
 
 
 def _drain(progress_queue, progress: Callable) -> None:

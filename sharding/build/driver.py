@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
-import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
@@ -29,7 +29,7 @@ from sharding.build.manifest import finalize
 from sharding.build.nodes import NodeShare, assign_nodes, finish_node, publish_shared
 from sharding.build.output_dir import open_build_output, remove_temp_files
 from sharding.build.output_lock import output_lock
-from sharding.build.plan import Filters, assign_units, select_rows
+from sharding.build.plan import Filters, PendingUnits, SavedPlan, assign_units, select_rows
 from sharding.build.ray_executor import run_ray
 from sharding.build.remote_output import RemoteOutput
 from sharding.build.unit import UnitOptions
@@ -134,22 +134,25 @@ class PlanSummary:
 
     output: Path
     info: dict
-    units: list[list[dict]]
+    plan: SavedPlan
     node: NodeShare | None = None
     failed_units: list[dict] = field(default_factory=list)
     rejected: int = 0
 
     def line(self) -> str:
-        info, units = self.info, self.units
+        info, plan = self.info, self.plan
         dropped = ", ".join(f"{name} {count}" for name, count in info.get("filtered_by", {}).items()) or "none"
-        rejected = len((self.output / PLAN_REJECTED).read_text().splitlines())
-        lines = [f"plan: {info['planned_tiles']} tiles in {len(units)} units (shards), ~"
-                 f"{info.get('planned_source_bytes', 0) / 1e9:.2f} GB of source; dropped by the filters: "
+        with open(self.output / PLAN_REJECTED) as file:
+            rejected = sum(1 for _ in file)
+        lines = [f"plan: {info['planned_tiles']} tiles in {len(plan)} units (shards), ~"
+                 f"{info.get('planned_source_bytes', 0) / 1e9:.2f} GB of source (tile sizes: "
+                 f"{info.get('tile_bytes', 'parquet footers')}); dropped by the filters: "
                  f"{info['filtered_at_plan']} ({dropped}); rejected: {rejected} (plan_rejected.jsonl)"]
         if self.node is not None:
-            sizes = [sum(row.get("est_bytes") or 0 for row in rows) for rows in units]
-            for rank, share in enumerate(assign_nodes(units, self.node.num_nodes)):
-                lines.append(f"node {rank}: {len(share)} units, ~{sum(sizes[u] for u in share) / 1e9:.2f} GB")
+            sizes = plan.unit_bytes()
+            for rank, share in enumerate(assign_nodes(plan, self.node.num_nodes)):
+                lines.append(f"node {rank}: {len(share)} units, {plan.tiles(share)} tiles, "
+                             f"~{sizes[share].sum() / 1e9:.2f} GB")
         lines.append(f"saved in {self.output}: the same command without --dry-run builds it")
         return "\n".join(lines)
 
@@ -173,24 +176,24 @@ def make_plan(args: BuildArgs, write: Callable = atomic_write, allow_empty: bool
     if args.tile_source == "geotiff":
         catalog = list_geotiff_folders(args.input)
     else:
-        catalog = list_source(args.input, args.metadata, lambda listed: select_rows(listed, args.filters)[0])
+        catalog = list_source(args.input, args.metadata)
     rows, duplicates, dropped = select_rows(catalog, args.filters)
     filtered = sum(dropped.values())
-    if not rows and not allow_empty:
+    if not rows.num_rows and not allow_empty:
         raise InputError(_nothing_to_build(args, catalog, duplicates, filtered))
-    units = assign_units(rows, args.shard_size, args.mix_groups, args.seed)
-    planned = [row | {"unit": unit} for unit, unit_rows in enumerate(units) for row in unit_rows]
-    table = pa.Table.from_pylist(planned) if planned else pa.table({"unit": pa.array([], pa.int64())})
+    table = assign_units(rows, args.shard_size, args.mix_groups, args.seed)
+    units = int(table.column("unit")[-1].as_py()) + 1 if table.num_rows else 0
     write(output / PLAN, lambda p: pq.write_table(table, p))
     rejected = catalog.rejected + duplicates
     write(output / PLAN_REJECTED, lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in rejected)))
     source = "fasttom" if args.fasttom else args.tile_source
     info = {"schema": SCHEMA_VERSION, "source": source, "layout": catalog.layout, "tool_version": __version__,
-            "args": args.defining(), "units": len(units), "planned_tiles": len(planned),
+            "args": args.defining(), "units": units, "planned_tiles": table.num_rows,
             "filtered_at_plan": filtered, "filtered_by": dict(sorted(dropped.items())),
-            "planned_source_bytes": sum(row.get("est_bytes") or 0 for row in planned)}
+            "planned_source_bytes": int(pc.sum(table.column("est_bytes")).as_py() or 0),
+            "tile_bytes": catalog.tile_bytes}
     write(output / BUILD_INFO, lambda p: p.write_text(json.dumps(info, indent=1)))
-    log.info("planned %d tiles in %d units (%d rejected, %d filtered)", len(planned), len(units),
+    log.info("planned %d tiles in %d units (%d rejected, %d filtered)", table.num_rows, units,
              len(rejected), filtered)
     return info
 
@@ -212,24 +215,18 @@ def _warn_unplanned_files(args: BuildArgs, output: Path) -> None:
 
 def _nothing_to_build(args: BuildArgs, catalog, duplicates: list[dict], filtered: int) -> str:
     where = f"--input {args.input}" if args.input else f"--metadata {args.metadata}"
-    if not catalog.rows:
+    if not len(catalog):
         first = catalog.rejected[0] if catalog.rejected else None
         detail = f"; first: {first['file']}: {first['reason']}" if first else ""
         return (f"{where}: no readable tile ({len(catalog.rejected)} rows or files rejected{detail}); "
                 "nothing to build (--allow-empty writes an empty dataset)")
-    return (f"{where}: the filters keep none of the {len(catalog.rows)} listed tiles ({filtered} filtered, "
+    return (f"{where}: the filters keep none of the {len(catalog)} listed tiles ({filtered} filtered, "
             f"{len(duplicates)} duplicates); nothing to build (--allow-empty writes an empty dataset)")
 
 
-def load_units(output: Path) -> list[list[dict]]:
-    table = pq.read_table(output / PLAN)
-    units: list[list[dict]] = []
-    for row in table.to_pylist():
-        unit = row.pop("unit")
-        while len(units) <= unit:
-            units.append([])
-        units[unit].append(row)
-    return units
+def load_units(output: Path, columns: list[str] | None = None) -> SavedPlan:
+    """The saved plan (only `columns` and `unit` when given: enough to count and balance units)."""
+    return SavedPlan(pq.read_table(output / PLAN, columns=None if columns is None else ["unit", *columns]))
 
 
 def build(args: BuildArgs, workers: int = 1, overwrite: bool = False, executor: str = "local",
@@ -260,23 +257,23 @@ def _build(args: BuildArgs, workers: int, overwrite: bool, executor: str, ray_ad
         info = make_plan(args, publish_shared if node else atomic_write, allow_empty)
     if sink is not None:  # --output s3://: output is its staging directory (sharding/build/remote_output.py)
         sink.publish_plan()
-    units = load_units(output)
+    plan = load_units(output)
     if dry_run:
-        return PlanSummary(output, info, units, node)
-    pending = [(unit, rows) for unit, rows in enumerate(units) if not unit_stats_path(output, unit).is_file()]
-    pending = node.select(pending, units) if node else pending
+        return PlanSummary(output, info, plan, node)
+    pending = [unit for unit in range(len(plan)) if not unit_stats_path(output, unit).is_file()]
+    pending = PendingUnits(plan, node.select(pending, plan) if node else pending)
     options = UnitOptions(str(output), info["layout"], args.shard_size, args.filters, args.clevel, args.thumbnails,
                           args.labels, args.fasttom, sink=sink.url if sink is not None else None,
                           credentials=credentials())
     summary = BuildSummary()
-    log.info("%d of %d units to build (%d already complete)", len(pending), len(units), len(units) - len(pending))
+    log.info("%d of %d units to build (%d already complete)", len(pending), len(plan), len(plan) - len(pending))
     runner = run_local if executor == "local" else partial(run_ray, address=ray_address)
     _run_with_progress(pending, options, workers, summary, started, runner)
     if node and not summary.failed_units:
-        summary.take_totals(finish_node(output, node, units)["totals"])
+        summary.take_totals(finish_node(output, node, plan)["totals"])
     elif not summary.failed_units:
         plan_rejected = [json.loads(line) for line in (output / PLAN_REJECTED).read_text().splitlines()]
-        manifest = finalize(output, info, len(units), plan_rejected, info["filtered_at_plan"],
+        manifest = finalize(output, info, len(plan), plan_rejected, info["filtered_at_plan"],
                             refuse_empty=not allow_empty)
         if sink is not None:
             sink.publish_final()
@@ -285,9 +282,9 @@ def _build(args: BuildArgs, workers: int, overwrite: bool, executor: str, ray_ad
     return summary
 
 
-def _run_with_progress(pending: list, options: UnitOptions, workers: int, summary: BuildSummary,
+def _run_with_progress(pending: PendingUnits, options: UnitOptions, workers: int, summary: BuildSummary,
                        started: float, runner: Callable = run_local) -> None:
-    total_tiles = sum(len(rows) for _, rows in pending)
+    total_tiles = pending.tiles()
     moved = {"in": 0, "out": 0}
     with tqdm(total=total_tiles, unit="tile", desc="build", dynamic_ncols=True) as bar:
 

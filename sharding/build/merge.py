@@ -17,6 +17,7 @@ from sharding.build.manifest import finalize
 from sharding.build.nodes import assign_nodes
 from sharding.build.output_dir import remove_temp_files
 from sharding.build.output_lock import output_lock
+from sharding.build.plan import SavedPlan
 from sharding.errors import InputError
 from sharding.layout import BUILD_INFO, NODES_DIR, PLAN_REJECTED, UNITS_DIR, unit_stats_path
 
@@ -52,7 +53,7 @@ def _node_reports(output: Path) -> list[dict]:
     return reports
 
 
-def check_complete(output: Path, units: list[list[dict]]) -> None:
+def check_complete(output: Path, units: SavedPlan) -> None:
     """Raise InputError (one line) unless every planned unit has exactly one stats file and reports agree."""
     claims = _stats_files(output)
     stray = sorted(unit for unit in claims if not 0 <= unit < len(units))
@@ -78,7 +79,7 @@ def check_complete(output: Path, units: list[list[dict]]) -> None:
     _check_reports(output, reports, units)
 
 
-def _who(reports: list[dict], missing: list[int], units: list[list[dict]]) -> str:
+def _who(reports: list[dict], missing: list[int], units: SavedPlan) -> str:
     """`; they belong to node(s) ...` when the node count is known from the reports."""
     counts = {report["num_nodes"] for report in reports}
     if len(counts) != 1:
@@ -88,7 +89,7 @@ def _who(reports: list[dict], missing: list[int], units: list[list[dict]]) -> st
     return f"; rerun the build of --node-rank {', '.join(map(str, nodes))}"
 
 
-def _check_reports(output: Path, reports: list[dict], units: list[list[dict]]) -> None:
+def _check_reports(output: Path, reports: list[dict], units: SavedPlan) -> None:
     if not reports:
         return  # a plain (single-node) build: the stats files are the whole story
     counts = sorted({report["num_nodes"] for report in reports})
@@ -120,7 +121,7 @@ def _merge(out: Path) -> BuildSummary:
     output = str(out)
     remove_temp_files(out)  # of a killed merge: every node has finished, this process holds the lock
     info = json.loads((out / BUILD_INFO).read_text())
-    units = load_units(out)
+    units = load_units(out, columns=["est_bytes"])  # enough to count and balance the units
     if len(units) != info["units"]:
         raise InputError(f"merge {output}: plan lists {len(units)} units, {BUILD_INFO} {info['units']}")
     check_complete(out, units)

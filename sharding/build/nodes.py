@@ -10,6 +10,7 @@ the others check that theirs is identical.
 
 from __future__ import annotations
 
+import heapq
 import json
 import logging
 import os
@@ -18,6 +19,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
+from sharding.build.plan import SavedPlan
 from sharding.build.writer import atomic_write
 from sharding.errors import InputError
 from sharding.layout import NODES_DIR, TMP_SUFFIX, node_report_path, unit_stats_path
@@ -41,23 +45,23 @@ class NodeShare:
             raise InputError(f"--node-rank {self.node_rank}: expected 0..{self.num_nodes - 1} "
                              f"for --num-nodes {self.num_nodes}")
 
-    def units(self, units: list[list[dict]]) -> list[int]:
-        return assign_nodes(units, self.num_nodes)[self.node_rank]
+    def units(self, plan: SavedPlan) -> list[int]:
+        return assign_nodes(plan, self.num_nodes)[self.node_rank]
 
-    def select(self, pending: list[tuple[int, list[dict]]], units: list[list[dict]]) -> list[tuple[int, list[dict]]]:
-        mine = set(self.units(units))
-        return [(unit, rows) for unit, rows in pending if unit in mine]
+    def select(self, pending: list[int], plan: SavedPlan) -> list[int]:
+        mine = set(self.units(plan))
+        return [unit for unit in pending if unit in mine]
 
 
-def assign_nodes(units: list[list[dict]], num_nodes: int) -> list[list[int]]:
+def assign_nodes(plan: SavedPlan, num_nodes: int) -> list[list[int]]:
     """Units per node, balanced by estimated bytes (largest first to the least loaded node; ties by index)."""
-    sizes = [sum(row.get("est_bytes") or 1 for row in rows) for rows in units]
-    loads = [0] * num_nodes
+    sizes = plan.unit_bytes(floor=1)
+    loads = [(0, node) for node in range(num_nodes)]  # a heap: the least loaded node, ties by rank
     shares: list[list[int]] = [[] for _ in range(num_nodes)]
-    for unit in sorted(range(len(units)), key=lambda u: (-sizes[u], u)):
-        node = min(range(num_nodes), key=lambda n: (loads[n], n))
-        loads[node] += sizes[unit]
-        shares[node].append(unit)
+    for unit in np.lexsort((np.arange(len(sizes)), -sizes)):
+        load, node = heapq.heappop(loads)
+        shares[node].append(int(unit))
+        heapq.heappush(loads, (load + int(sizes[unit]), node))
     return [sorted(share) for share in shares]
 
 
@@ -76,12 +80,12 @@ def publish_shared(path: Path, write: Callable[[Path], object]) -> None:
     tmp.unlink()
 
 
-def finish_node(output: Path, share: NodeShare, units: list[list[dict]]) -> dict:
+def finish_node(output: Path, share: NodeShare, plan: SavedPlan) -> dict:
     """Write `nodes/node-I.json` (this node's units and their totals) from their stats files; returns it."""
-    mine = share.units(units)
+    mine = share.units(plan)
     stats = [json.loads(unit_stats_path(output, unit).read_text()) for unit in mine]
     report = {"schema": NODE_SCHEMA, "num_nodes": share.num_nodes, "node_rank": share.node_rank,
-              "planned_units": len(units), "units": mine,
+              "planned_units": len(plan), "units": mine,
               "totals": {"samples": sum(s["written"] for s in stats),
                          "shards": sum(len(s["shards"]) for s in stats),
                          "bytes": sum(s["bytes_out"] for s in stats), "bytes_in": sum(s["bytes_in"] for s in stats),

@@ -14,7 +14,8 @@ import logging
 import os
 import traceback
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from itertools import islice
 from pathlib import Path
 
 from sharding.build.unit import Progress, UnitOptions, build_unit
@@ -109,7 +110,7 @@ def _connect(address: str | None, workers: int) -> bool:
     return True
 
 
-def run_ray(units: list[tuple[int, list[dict]]], options: UnitOptions, workers: int, progress: Progress,
+def run_ray(units: Iterable[tuple[int, list[dict]]], options: UnitOptions, workers: int, progress: Progress,
             address: str | None = None) -> Iterator[dict]:
     """Yield each unit's stats (or {"unit", "error", "traceback"}) as Ray tasks complete."""
     if not units:
@@ -124,7 +125,7 @@ def run_ray(units: list[tuple[int, list[dict]]], options: UnitOptions, workers: 
             ray.shutdown()
 
 
-def _run_tasks(units: list[tuple[int, list[dict]]], options: UnitOptions,
+def _run_tasks(units: Iterable[tuple[int, list[dict]]], options: UnitOptions,
                forward: _ProgressForwarder) -> Iterator[dict]:
     import ray
 
@@ -135,14 +136,15 @@ def _run_tasks(units: list[tuple[int, list[dict]]], options: UnitOptions,
                       num_cpus=1)(_unit_task).options(memory=memory)
     sink = ray.remote(_ProgressSink).options(num_cpus=0).remote()
     options_ref = ray.put(options)
-    queued = list(reversed(units))
+    queued = iter(units)  # lazy (build/plan.py PendingUnits): rows are made as tasks are submitted
     unit_of: dict = {}
     window = 2 * cpus  # tasks in flight: the rest of the plan stays on the driver
     try:
-        while queued or unit_of:
-            while queued and len(unit_of) < window:
-                unit, rows = queued.pop()
+        while True:
+            for unit, rows in islice(queued, window - len(unit_of)):
                 unit_of[task.remote(unit, rows, options_ref, sink)] = unit
+            if not unit_of:
+                break
             done, _ = ray.wait(list(unit_of), num_returns=1, timeout=POLL_SECONDS)
             forward(ray.get(sink.drain.remote()))
             for ref in done:

@@ -76,12 +76,13 @@ def list_geotiff_folders(input_path: str) -> Catalog:
     root = Path(input_path)
     if not root.is_dir():
         raise InputError(f"--input {input_path}: --source geotiff expects a directory of sample folders")
-    catalog = Catalog(layout="extracted")
+    catalog, rows = Catalog(layout="extracted", tile_bytes="file sizes"), []
     for b02 in sorted(root.rglob("B02.tif")):
         try:
-            catalog.rows.append(geotiff_row(b02.parent, root))
+            rows.append(geotiff_row(b02.parent, root))
         except (ValueError, OSError) as error:
             catalog.rejected.append(reject(b02.parent, 0, str(error)))
-    if not catalog.rows and not catalog.rejected:
+    catalog.add_rows(rows)
+    if not len(catalog) and not catalog.rejected:
         raise InputError(f"--input {input_path}: no sample folders with a B02.tif found")
     return catalog

@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from phileo.bands import ALL_BANDS, CLOUD_MASK
@@ -32,13 +30,43 @@ CATALOG_FIELDS = ("source_file", "source_group", "source_row", "key", "product_i
                   "timestamp", "cloud_cover", "nodata", "centre_lat", "centre_lon", "est_bytes")
 
 
+CATALOG_SCHEMA = pa.schema([
+    ("source_file", pa.string()), ("source_group", pa.string()), ("source_row", pa.int64()), ("key", pa.string()),
+    ("product_id", pa.string()), ("grid_cell", pa.string()), ("timestamp", pa.string()),
+    ("cloud_cover", pa.float64()), ("nodata", pa.float64()), ("centre_lat", pa.float64()),
+    ("centre_lon", pa.float64()), ("est_bytes", pa.int64())])
+
+
 @dataclass
 class Catalog:
-    """Candidate rows (dicts with CATALOG_FIELDS, in source order) and rows rejected while listing."""
+    """Candidate rows as Arrow tables (CATALOG_FIELDS columns, in source order; never a Python object per
+    row at full size), and rows rejected while listing. `tile_bytes` says where est_bytes come from."""
 
-    rows: list[dict] = field(default_factory=list)
+    chunks: list[pa.Table] = field(default_factory=list)
     rejected: list[dict] = field(default_factory=list)
     layout: str = "parquet"
+    tile_bytes: str = "parquet footers"
+
+    def add_rows(self, rows: list[dict]) -> None:
+        """Append the rows of one file or folder (a few hundred dicts at most)."""
+        if rows:
+            self.chunks.append(pa.Table.from_pylist(rows))
+
+    @property
+    def table(self) -> pa.Table:
+        """Every candidate row, in source order (chunks are concatenated once)."""
+        if not self.chunks:
+            return CATALOG_SCHEMA.empty_table()
+        if len(self.chunks) > 1:
+            self.chunks = [pa.concat_tables(self.chunks, promote_options="permissive")]
+        return self.chunks[0]
+
+    @table.setter
+    def table(self, table: pa.Table) -> None:
+        self.chunks = [table]
+
+    def __len__(self) -> int:
+        return sum(chunk.num_rows for chunk in self.chunks)
 
 
 def reject(file: str, row: int | None, reason: str, key: str | None = None) -> dict:
@@ -80,7 +108,7 @@ def list_parquet_file(path: Path | str, catalog: Catalog) -> None:
         reason = f"missing column(s) {', '.join(missing)}"
         catalog.rejected.extend(reject(path, row, reason) for row in range(num_rows))
         return
-    row_bytes, first = _row_bytes(parquet), 0
+    row_bytes, first, rows = _row_bytes(parquet), 0, []
     for group in range(parquet.metadata.num_row_groups):
         count = parquet.metadata.row_group(group).num_rows
         try:
@@ -92,16 +120,13 @@ def list_parquet_file(path: Path | str, catalog: Catalog) -> None:
                                     for row in range(first, first + count))
         else:
             for offset in range(count):
-                _add_row(catalog, path, first + offset, [ids[name][offset] for name in ID_COLUMNS],
-                         row_bytes[first + offset])
+                try:
+                    rows.append(make_row(str(path), str(path), first + offset,
+                                         *[ids[name][offset] for name in ID_COLUMNS], row_bytes[first + offset]))
+                except ValueError as error:
+                    catalog.rejected.append(reject(path, first + offset, str(error)))
         first += count
-
-
-def _add_row(catalog: Catalog, path: Path | str, row: int, values: list, est_bytes: int) -> None:
-    try:
-        catalog.rows.append(make_row(str(path), str(path), row, *values, est_bytes))
-    except ValueError as error:
-        catalog.rejected.append(reject(path, row, str(error)))
+    catalog.add_rows(rows)
 
 
 def _row_bytes(parquet: pq.ParquetFile) -> list[int]:
@@ -116,7 +141,7 @@ def _row_bytes(parquet: pq.ParquetFile) -> list[int]:
 
 def list_extracted(root: Path, catalog: Catalog) -> None:
     """Add the product folders of the extracted layout `<row>/<row>_<col>/<product_id>/B02.tif`."""
-    catalog.layout = "extracted"
+    catalog.layout, catalog.tile_bytes, rows = "extracted", "file sizes", []
     for b02 in sorted(root.rglob("B02.tif")):
         product_dir = b02.parent
         grid_cell, product_id = product_dir.parent.name, product_dir.name
@@ -130,66 +155,8 @@ def list_extracted(root: Path, catalog: Catalog) -> None:
         except ValueError as error:
             catalog.rejected.append(reject(product_dir, 0, str(error)))
             continue
-        catalog.rows.append(row)
-
-
-METADATA_VALUES = ("cloud_cover", "nodata", "centre_lat", "centre_lon")
-CENTRE_TOLERANCE_DEG = 0.5  # a MajorTOM tile spans ~0.1 degree: half a degree off is another place
-
-
-def metadata_problem(entry: dict, row: dict) -> str | None:
-    """Why metadata.parquet's values for `row` cannot be trusted (None if they can): out-of-range
-    cloud cover or no-data, or a centre away from the row's own grid cell."""
-    values = {}
-    for name in METADATA_VALUES:
-        try:
-            values[name] = float(entry[name])
-        except (TypeError, ValueError):
-            return f"metadata.parquet: {name} {entry[name]!r} is not a number"
-    ranges = {"cloud_cover": (0, 100), "nodata": (0, 1), "centre_lat": (-90, 90), "centre_lon": (-180, 180)}
-    for name, (low, high) in ranges.items():
-        if not low <= values[name] <= high:  # NaN and inf fail too
-            return f"metadata.parquet: {name} {values[name]!r} outside {low}..{high}"
-    d_lat = abs(values["centre_lat"] - row["centre_lat"])
-    d_lon = abs((values["centre_lon"] - row["centre_lon"] + 180) % 360 - 180)  # across the antimeridian too
-    d_lon *= math.cos(math.radians(row["centre_lat"]))
-    if max(d_lat, d_lon) > CENTRE_TOLERANCE_DEG:
-        return (f"metadata.parquet: centre {values['centre_lat']:.4f},{values['centre_lon']:.4f} is "
-                f"{max(d_lat, d_lon):.2f} degrees from grid cell {row['grid_cell']}")
-    return None
-
-
-def apply_metadata(metadata_path: Path, images: dict[str, Path], catalog: Catalog) -> None:
-    """Take cloud_cover/nodata/centre from metadata.parquet for the rows of the input's files.
-
-    Rows of files that are not in the input (a partial download) are ignored, not rejected.
-    """
-    table = pq.read_table(metadata_path, columns=["product_id", "cloud_cover", "nodata", "centre_lat",
-                                                  "centre_lon", "parquet_url", "parquet_row"])
-    urls = pc.unique(table.column("parquet_url")).to_pylist()
-    local = {url: images[os.path.basename(url)] for url in urls if os.path.basename(url) in images}
-    selected = table.filter(pc.is_in(table.column("parquet_url"), value_set=pa.array(list(local), pa.string())))
-    if selected.num_rows < table.num_rows:
-        log.info("metadata.parquet: %d of %d rows are of files not in the input; ignored",
-                 table.num_rows - selected.num_rows, table.num_rows)
-    known = {(str(local[e["parquet_url"]]), int(e["parquet_row"])): e for e in selected.to_pylist()}
-    kept = []
-    for row in catalog.rows:
-        entry = known.get((row["source_file"], row["source_row"]))
-        if entry is None:
-            log.warning("%s row %d is not in metadata.parquet: cloud/nodata computed from pixels",
-                        row["source_file"], row["source_row"])
-        elif entry["product_id"] != row["product_id"]:
-            catalog.rejected.append(reject(row["source_file"], row["source_row"], "metadata.parquet "
-                                    f"says {entry['product_id']}, the file holds {row['product_id']}", row["key"]))
-            continue
-        elif (problem := metadata_problem(entry, row)) is not None:
-            catalog.rejected.append(reject(row["source_file"], row["source_row"], problem, row["key"]))
-            continue
-        else:
-            row.update({k: float(entry[k]) for k in METADATA_VALUES})
-        kept.append(row)
-    catalog.rows = kept
+        rows.append(row)
+    catalog.add_rows(rows)
 
 
 def parquet_files(directory: Path) -> list[Path]:
@@ -199,7 +166,9 @@ def parquet_files(directory: Path) -> list[Path]:
 
 
 def list_majortom(input_path: str) -> Catalog:
-    """Catalog of every row under `input_path`; InputError when nothing usable is there."""
+    """Catalog of every row under `input_path`; InputError when nothing usable is there.
+
+    A metadata.parquet beside the files is applied by the caller (sources/metadata_catalog.py)."""
     path = Path(input_path)
     if not path.exists():
         raise InputError(f"--input {input_path}: no such file or directory")
@@ -212,13 +181,10 @@ def list_majortom(input_path: str) -> Catalog:
     files = parquet_files(path)
     if not files:
         list_extracted(path, catalog)
-        if not catalog.rows and not catalog.rejected:
+        if not len(catalog) and not catalog.rejected:
             raise InputError(f"--input {input_path}: no images/*.parquet, *.parquet or extracted "
                              "<row>/<cell>/<product_id>/B02.tif folders found")
         return catalog
     for file in files:
         list_parquet_file(file, catalog)
-    metadata_path = path / "metadata.parquet"
-    if metadata_path.is_file():
-        apply_metadata(metadata_path, {f.name: f for f in files}, catalog)
     return catalog

@@ -5,8 +5,8 @@
 local directory), one parquet URL, or a `.txt` / `.json` list of parquet URLs (relative
 entries resolve against the list's URL). Plain HTTP has no listing: give one of the last two,
 or `--metadata`. Without metadata every file's footer and id columns are read (one ranged GET
-per row group); with `--metadata URL` the plan comes from its rows: Filters apply first, and
-then only the footers of files holding a kept row are read (for est_bytes), never an id column.
+per row group); with `--metadata URL` the plan comes from its rows alone and no source file is
+opened while planning (sharding/sources/metadata_catalog.py): each unit reads its files' footers.
 With `--metadata`, `--input` (optional) is the dataset root that parquet_url paths are rebased
 onto (the part after `/images/` goes under `<input>/images/`, else the file name under `<input>/`),
 so a mirror (S3, a local copy) is read instead of the URLs in the metadata.
@@ -17,53 +17,43 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable
-from datetime import datetime
+from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from sharding.errors import InputError
-from sharding.sources.majortom_catalog import (
-    METADATA_VALUES,
-    REQUIRED_COLUMNS,
-    Catalog,
-    _row_bytes,
-    apply_metadata,
-    list_majortom,
-    list_parquet_file,
-    make_row,
-    metadata_problem,
-    reject,
-)
+from sharding.sources.majortom_catalog import Catalog, list_majortom, list_parquet_file, parquet_files
+from sharding.sources.metadata_catalog import apply_metadata, catalog_from_metadata
 from sharding.sources.remote import (
     RemoteUnavailable,
     filesystem,
     hide_credentials,
     is_remote,
-    open_parquet,
     read_bytes,
     scrub,
 )
 
 log = logging.getLogger(__name__)
 
-METADATA_COLUMNS = ["product_id", "grid_cell", "timestamp", "cloud_cover", "nodata", "centre_lat", "centre_lon",
-                    "parquet_url", "parquet_row"]
 
-
-def list_source(input_path: str | None, metadata: str | None,
-                kept_rows: Callable[[Catalog], list[dict]]) -> Catalog:
-    """The catalog of any majortom input: local, remote, or planned from metadata.
-
-    `kept_rows(catalog)` (the planner's filters) tells which metadata rows will be built: only their
-    files' footers are read. Sources list and read; deciding what to keep stays with the planner."""
+def list_source(input_path: str | None, metadata: str | None) -> Catalog:
+    """The catalog of any majortom input: local, remote, or planned from a metadata.parquet alone."""
     if metadata:
-        return catalog_from_metadata(metadata, input_path, kept_rows)
+        source = pa.BufferReader(_read_small(metadata, "--metadata")) if is_remote(metadata) else metadata
+        if not is_remote(metadata) and not os.path.isfile(metadata):
+            raise InputError(f"--metadata {metadata}: no such file")
+        try:
+            return catalog_from_metadata(source, input_path)
+        except (pa.ArrowException, ValueError, KeyError) as error:
+            raise InputError(f"--metadata {metadata}: not a MajorTOM metadata.parquet ({error})") from error
     if not input_path:
         raise InputError("--input: required unless --metadata is given")
     if not is_remote(input_path):
-        return list_majortom(input_path)
+        catalog = list_majortom(input_path)
+        beside = Path(input_path) / "metadata.parquet"
+        if catalog.layout == "parquet" and beside.is_file():
+            apply_metadata(beside, {path.name: str(path) for path in parquet_files(Path(input_path))}, catalog)
+        return catalog
     files, metadata_url = remote_files(input_path)
     catalog = Catalog()
     for url in files:
@@ -109,71 +99,3 @@ def remote_files(input_url: str) -> tuple[list[str], str | None]:
             metadata = f"{base}/metadata.parquet"
             return found, metadata if fs.exists(metadata) else None
     raise InputError(f"--input {input_url}: no images/*.parquet or *.parquet found")
-
-
-def rebase(parquet_url: str, root: str | None) -> str:
-    """Where to read a metadata parquet_url: itself, or the same images/ path under `root`."""
-    if not root:
-        return parquet_url
-    tail = parquet_url.split("/images/", 1)[1] if "/images/" in parquet_url else f"{os.path.basename(parquet_url)}"
-    prefix = "images/" if "/images/" in parquet_url else ""
-    return f"{root.rstrip('/')}/{prefix}{tail}"
-
-
-def _product_datetime(product_id: str, timestamp: str) -> str:
-    """`YYYYMMDDTHHMMSS`: the product id's sensing time field, else the metadata timestamp."""
-    parts = product_id.split("_")
-    if len(parts) > 2 and len(parts[2]) == 15 and parts[2][8] == "T":
-        return parts[2]
-    return datetime.fromisoformat(str(timestamp).replace("Z", "")).strftime("%Y%m%dT%H%M%S")
-
-
-def catalog_from_metadata(metadata: str, root: str | None, kept_rows: Callable[[Catalog], list[dict]]) -> Catalog:
-    """Rows from metadata.parquet; footers read only for files with a row in `kept_rows(catalog)`."""
-    try:
-        table = pq.read_table(pa.BufferReader(_read_small(metadata, "--metadata")), columns=METADATA_COLUMNS)
-    except (pa.ArrowException, ValueError) as error:
-        raise InputError(f"--metadata {metadata}: not a MajorTOM metadata.parquet ({error})") from error
-    catalog = Catalog()
-    entries = sorted(table.to_pylist(), key=lambda e: (rebase(e["parquet_url"], root), e["parquet_row"]))
-    for entry in entries:
-        url, number = rebase(entry["parquet_url"], root), int(entry["parquet_row"])
-        try:
-            row = make_row(url, url, number, entry["product_id"], entry["grid_cell"],
-                           _product_datetime(entry["product_id"], entry["timestamp"]), 0)
-        except ValueError as error:
-            catalog.rejected.append(reject(url, number, f"metadata.parquet: {error}"))
-            continue
-        problem = metadata_problem(entry, row)
-        if problem is not None:
-            catalog.rejected.append(reject(url, number, problem, row["key"]))
-            continue
-        row.update({k: float(entry[k]) for k in METADATA_VALUES})
-        catalog.rows.append(row)
-    kept = kept_rows(catalog)
-    needed = sorted({row["source_file"] for row in kept})
-    log.info("metadata %s: %d rows, %d pass the filters, in %d files", metadata, len(catalog.rows), len(kept),
-             len(needed))
-    sizes = {url: _file_row_bytes(url, catalog) for url in needed}
-    catalog.rows = [row for row in catalog.rows if sizes.get(row["source_file"], 0) is not None]
-    for row in catalog.rows:
-        per_row = sizes.get(row["source_file"]) or []
-        row["est_bytes"] = per_row[row["source_row"]] if row["source_row"] < len(per_row) else 0
-    return catalog
-
-
-def _file_row_bytes(url: str, catalog: Catalog) -> list[int] | None:
-    """Compressed bytes per row from the footer; None (rows rejected) when the file is unusable."""
-    try:
-        parquet, _ = open_parquet(url)
-    except (OSError, ValueError) as error:
-        rows = [r for r in catalog.rows if r["source_file"] == url]
-        catalog.rejected.extend(reject(url, r["source_row"], f"unreadable parquet file: {error}", r["key"])
-                                for r in rows)
-        return None
-    missing = [name for name in REQUIRED_COLUMNS if name not in parquet.schema_arrow.names]
-    if missing:
-        catalog.rejected.extend(reject(url, r["source_row"], f"missing column(s) {', '.join(missing)}", r["key"])
-                                for r in catalog.rows if r["source_file"] == url)
-        return None
-    return _row_bytes(parquet)

@@ -1,0 +1,245 @@
+"""MajorTOM's metadata.parquet, columnar: plan from it alone, or apply it to listed files.
+
+Core-S2L2A's metadata.parquet has 2,245,886 rows. Everything here is Arrow/numpy over whole
+columns; Python objects are made only for the (few) rows that fail a check, so that their
+reject reasons read exactly as the per-row checks word them (`metadata_problem`, `make_row`).
+
+Planning with `--metadata` opens no source file: est_bytes is MajorTOM's mean tile size (stated
+in the plan) because the metadata has no size column, and each unit reads the footers of its own
+files when it runs (sharding/sources/remote.py caches them in the output for the other units).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from datetime import datetime
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from phileo.geo import grid_cell_centres
+from sharding.sources.majortom_catalog import CATALOG_SCHEMA, Catalog, make_row, reject
+
+log = logging.getLogger(__name__)
+
+METADATA_VALUES = ("cloud_cover", "nodata", "centre_lat", "centre_lon")
+METADATA_COLUMNS = ["product_id", "grid_cell", "timestamp", *METADATA_VALUES, "parquet_url", "parquet_row"]
+CENTRE_TOLERANCE_DEG = 0.5  # a MajorTOM tile spans ~0.1 degree: half a degree off is another place
+MEAN_TILE_BYTES = 10_240_000  # Core-S2L2A: ~23 TB in 2,245,886 rows (about 10.2 MB of parquet per tile)
+_RANGES = {"cloud_cover": (0, 100), "nodata": (0, 1), "centre_lat": (-90, 90), "centre_lon": (-180, 180)}
+_GRID_CELL = r"^(?P<row>\d{1,6})(?P<ns>[UD])_(?P<col>\d{1,6})(?P<ew>[LR])$"
+_PRODUCT_TIME = r"^[^_]*_[^_]*_(?P<time>[^_]{8}T[^_]{6})(?:_|$)"  # the sensing-time field of a product id
+
+
+def metadata_problem(entry: dict, row: dict) -> str | None:
+    """Why metadata.parquet's values for `row` cannot be trusted (None if they can): out-of-range
+    cloud cover or no-data, or a centre away from the row's own grid cell."""
+    values = {}
+    for name in METADATA_VALUES:
+        try:
+            values[name] = float(entry[name])
+        except (TypeError, ValueError):
+            return f"metadata.parquet: {name} {entry[name]!r} is not a number"
+    for name, (low, high) in _RANGES.items():
+        if not low <= values[name] <= high:  # NaN and inf fail too
+            return f"metadata.parquet: {name} {values[name]!r} outside {low}..{high}"
+    d_lat = abs(values["centre_lat"] - row["centre_lat"])
+    d_lon = abs((values["centre_lon"] - row["centre_lon"] + 180) % 360 - 180)  # across the antimeridian too
+    d_lon *= math.cos(math.radians(row["centre_lat"]))
+    if max(d_lat, d_lon) > CENTRE_TOLERANCE_DEG:
+        return (f"metadata.parquet: centre {values['centre_lat']:.4f},{values['centre_lon']:.4f} is "
+                f"{max(d_lat, d_lon):.2f} degrees from grid cell {row['grid_cell']}")
+    return None
+
+
+def _floats(table: pa.Table, name: str) -> np.ndarray:
+    return table.column(name).to_numpy(zero_copy_only=False).astype(np.float64)  # nulls -> NaN
+
+
+def _trusted_values(table: pa.Table, cell_lat: np.ndarray, cell_lon: np.ndarray) -> np.ndarray:
+    """Rows whose metadata values pass `metadata_problem`'s checks, for whole columns at once."""
+    ok = np.ones(table.num_rows, dtype=bool)
+    values = {name: _floats(table, name) for name in METADATA_VALUES}
+    with np.errstate(invalid="ignore"):
+        for name, (low, high) in _RANGES.items():
+            ok &= (values[name] >= low) & (values[name] <= high)
+        d_lat = np.abs(values["centre_lat"] - cell_lat)
+        d_lon = np.abs((values["centre_lon"] - cell_lon + 180) % 360 - 180) * np.cos(np.radians(cell_lat))
+        ok &= np.maximum(d_lat, d_lon) <= CENTRE_TOLERANCE_DEG
+    return ok
+
+
+def _grid_centres(grid_cells: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(parsed, centre_lat, centre_lon) of grid cell names; `parsed` is False where a name is malformed."""
+    parts = pc.extract_regex(grid_cells, _GRID_CELL)
+    parsed = parts.is_valid().to_numpy(zero_copy_only=False)
+    fields = {name: pc.struct_field(parts, name).fill_null("0") for name in ("row", "ns", "col", "ew")}
+    rows = pc.cast(fields["row"], pa.int64()).to_numpy(zero_copy_only=False)
+    cols = pc.cast(fields["col"], pa.int64()).to_numpy(zero_copy_only=False)
+    south = pc.equal(fields["ns"], "D").to_numpy(zero_copy_only=False)
+    west = pc.equal(fields["ew"], "L").to_numpy(zero_copy_only=False)
+    parsed &= ~(south & (rows == 0))  # southern rows start at 1D
+    lat, lon = grid_cell_centres(np.where(south, -rows, rows), np.where(west, -cols, cols))
+    return parsed, lat, lon
+
+
+def _sensing_times(product_ids: pa.ChunkedArray) -> tuple[pa.ChunkedArray, pa.ChunkedArray]:
+    """(YYYYMMDDTHHMMSS from the product id, its ISO timestamp); nulls where either is malformed."""
+    field = pc.struct_field(pc.extract_regex(product_ids, _PRODUCT_TIME), "time")
+    parsed = pc.strptime(field, format="%Y%m%dT%H%M%S", unit="s", error_is_null=True)
+    return pc.if_else(parsed.is_valid(), field, None), pc.strftime(parsed, format="%Y-%m-%dT%H:%M:%SZ")
+
+
+def rebase(parquet_url: str, root: str | None) -> str:
+    """Where to read a metadata parquet_url: itself, or the same images/ path under `root`."""
+    if not root:
+        return parquet_url
+    tail = parquet_url.split("/images/", 1)[1] if "/images/" in parquet_url else f"{os.path.basename(parquet_url)}"
+    prefix = "images/" if "/images/" in parquet_url else ""
+    return f"{root.rstrip('/')}/{prefix}{tail}"
+
+
+def _product_datetime(product_id: str, timestamp: str) -> str:
+    """`YYYYMMDDTHHMMSS`: the product id's sensing time field, else the metadata timestamp."""
+    parts = product_id.split("_")
+    if len(parts) > 2 and len(parts[2]) == 15 and parts[2][8] == "T":
+        return parts[2]
+    return datetime.fromisoformat(str(timestamp).replace("Z", "")).strftime("%Y%m%dT%H%M%S")
+
+
+def _row_by_row(entry: dict, url: str, catalog: Catalog) -> dict | None:
+    """The per-row path for a row the columnar checks did not accept: a catalog row, or a reject."""
+    number = entry["parquet_row"]
+    try:
+        if number is None:
+            raise ValueError("parquet_row is missing")
+        row = make_row(url, url, number, entry["product_id"], entry["grid_cell"],
+                       _product_datetime(entry["product_id"], entry["timestamp"]), MEAN_TILE_BYTES)
+    except (TypeError, ValueError) as error:
+        catalog.rejected.append(reject(url, number, f"metadata.parquet: {error}"))
+        return None
+    problem = metadata_problem(entry, row)
+    if problem is not None:
+        catalog.rejected.append(reject(url, number, problem, row["key"]))
+        return None
+    return row | {name: float(entry[name]) for name in METADATA_VALUES}
+
+
+def _rebased_urls(table: pa.Table, root: str | None) -> tuple[pa.Array, np.ndarray]:
+    """(each row's rebased URL as a dictionary array, each row's rank in URL order)."""
+    urls = table.column("parquet_url").combine_chunks()
+    if not isinstance(urls.type, pa.DictionaryType):
+        urls = urls.dictionary_encode()
+    names = [rebase(url, root) for url in urls.dictionary.to_pylist()]  # one per file, not per row
+    rank = np.empty(len(names), dtype=np.int64)
+    rank[sorted(range(len(names)), key=names.__getitem__)] = np.arange(len(names))
+    indices = urls.indices.to_numpy(zero_copy_only=False)
+    return pa.DictionaryArray.from_arrays(urls.indices, pa.array(names, pa.string())), rank[indices]
+
+
+def catalog_from_metadata(source, root: str | None) -> Catalog:
+    """The catalog of a metadata.parquet (path or file object), in (rebased URL, row) order; no file opened."""
+    table = pq.read_table(source, columns=METADATA_COLUMNS, read_dictionary=["parquet_url"])
+    catalog = Catalog(tile_bytes=f"estimated: {MEAN_TILE_BYTES / 1e6:.2f} MB, MajorTOM's mean tile")
+    urls, url_rank = _rebased_urls(table, root)
+    parsed, cell_lat, cell_lon = _grid_centres(table.column("grid_cell"))
+    times, stamps = _sensing_times(table.column("product_id"))
+    fast = parsed & times.is_valid().to_numpy(zero_copy_only=False) & _trusted_values(table, cell_lat, cell_lon)
+    fast &= pc.is_valid(table.column("parquet_row")).to_numpy(zero_copy_only=False)
+    slow = np.flatnonzero(~fast)
+    rows = np.flatnonzero(fast)
+    take = pa.array(rows)
+    columns = {
+        "source_file": urls.take(take), "source_group": urls.take(take),
+        "source_row": pc.cast(table.column("parquet_row").take(take), pa.int64()),
+        "key": pc.binary_join_element_wise(table.column("grid_cell").take(take), times.take(take), "_"),
+        "product_id": table.column("product_id").take(take), "grid_cell": table.column("grid_cell").take(take),
+        "timestamp": stamps.take(take),
+        **{name: pa.array(_floats(table, name)[rows]) for name in METADATA_VALUES},
+        "est_bytes": pa.array(np.full(len(rows), MEAN_TILE_BYTES, dtype=np.int64)),
+    }
+    order = [rows]
+    extra = [_row_by_row(entry, urls[int(i)].as_py(), catalog) for i, entry in
+             zip(slow, table.take(pa.array(slow)).to_pylist())]
+    kept_extra = [row for row in extra if row is not None]
+    if kept_extra:  # the per-row path accepted what the columnar checks flagged (e.g. a timestamp fallback)
+        order.append(slow[[row is not None for row in extra]])
+    fast_table = pa.table(columns)
+    catalog.table = _in_url_order(fast_table, kept_extra, np.concatenate(order), url_rank, table)
+    log.info("metadata: %d rows, %d rejected by its own checks", table.num_rows, len(catalog.rejected))
+    return catalog
+
+
+def _in_url_order(fast: pa.Table, extra: list[dict], rows: np.ndarray, url_rank: np.ndarray,
+                  metadata: pa.Table) -> pa.Table:
+    """The kept rows sorted by (rebased URL, parquet_row), as the units read them."""
+    if extra:
+        slow = pa.Table.from_pylist(extra, schema=CATALOG_SCHEMA)
+        fast = pa.concat_tables([fast.cast(CATALOG_SCHEMA), slow])
+    numbers = metadata.column("parquet_row").to_numpy(zero_copy_only=False)[rows]
+    return fast.take(pa.array(np.lexsort((numbers, url_rank[rows]))))
+
+
+def apply_metadata(source, images: dict[str, str], catalog: Catalog) -> None:
+    """Take cloud_cover/nodata/centre from metadata.parquet for the listed rows of the input's files.
+
+    `images` maps a file name to where it was listed. Rows of files that are not in the input (a
+    partial download) are ignored, not rejected; a listed row the metadata lacks keeps NaN (the
+    unit computes cloud and no-data from its pixels)."""
+    meta = _metadata_by_file(source, images)
+    listed = catalog.table
+    joined = listed.append_column("position", pa.array(np.arange(listed.num_rows))).join(
+        meta, keys=["source_file", "source_row"], join_type="left outer")
+    joined = joined.sort_by("position").drop_columns(["position"])
+    known = joined.column("meta_product_id").is_valid().to_numpy(zero_copy_only=False)
+    if not known.all():
+        first = int(np.flatnonzero(~known)[0])
+        log.warning("%d listed row(s) are not in metadata.parquet (first: %s row %s): cloud/nodata computed from "
+                    "pixels", int((~known).sum()), joined.column("source_file")[first],
+                    joined.column("source_row")[first])
+    same = pc.fill_null(pc.equal(joined.column("meta_product_id"), joined.column("product_id")), False)
+    values = joined.select([f"meta_{name}" for name in METADATA_VALUES]).rename_columns(list(METADATA_VALUES))
+    trusted = same.to_numpy(zero_copy_only=False) & _trusted_values(
+        values, _floats(joined, "centre_lat"), _floats(joined, "centre_lon"))
+    keep = ~known | trusted
+    for index in np.flatnonzero(known & ~trusted):
+        row = {name: joined.column(name)[int(index)].as_py() for name in joined.column_names}
+        entry = {name: row[f"meta_{name}"] for name in METADATA_VALUES}
+        if row["meta_product_id"] != row["product_id"]:
+            problem = f"metadata.parquet says {row['meta_product_id']}, the file holds {row['product_id']}"
+        else:
+            problem = metadata_problem(entry, row)
+        if problem is None:  # the columnar check was stricter at the tolerance's edge
+            keep[index] = trusted[index] = True
+            continue
+        catalog.rejected.append(reject(row["source_file"], row["source_row"], problem, row["key"]))
+    for name in METADATA_VALUES:  # the metadata's value where it is known and trusted, else the listed one
+        column = pc.if_else(pa.array(trusted), joined.column(f"meta_{name}"), joined.column(name))
+        joined = joined.set_column(joined.schema.get_field_index(name), name, column)
+    catalog.table = joined.filter(pa.array(keep)).select(listed.column_names)
+
+
+def _metadata_by_file(source, images: dict[str, str]) -> pa.Table:
+    """metadata.parquet's rows of the listed files, keyed by (source_file, source_row), one per key."""
+    table = pq.read_table(source, columns=["product_id", *METADATA_VALUES, "parquet_url", "parquet_row"],
+                          read_dictionary=["parquet_url"])
+    urls = table.column("parquet_url").combine_chunks()
+    if not isinstance(urls.type, pa.DictionaryType):
+        urls = urls.dictionary_encode()
+    files = [images.get(os.path.basename(url)) for url in urls.dictionary.to_pylist()]
+    source_file = pa.DictionaryArray.from_arrays(urls.indices, pa.array(files, pa.string())).cast(pa.string())
+    inside = source_file.is_valid()
+    if not pc.all(inside).as_py():
+        log.info("metadata.parquet: %d of %d rows are of files not in the input; ignored",
+                 table.num_rows - pc.sum(inside).as_py(), table.num_rows)
+    source_row = pc.cast(table.column("parquet_row"), pa.int64())
+    table = table.drop_columns(["parquet_url", "parquet_row"]).rename_columns(
+        [f"meta_{name}" for name in ["product_id", *METADATA_VALUES]])
+    table = table.append_column("source_file", source_file).append_column("source_row", source_row)
+    table = table.filter(inside).append_column("meta_position", pa.array(np.arange(pc.sum(inside).as_py())))
+    first = table.group_by(["source_file", "source_row"]).aggregate([("meta_position", "min")])
+    return table.take(first.column("meta_position_min")).drop_columns(["meta_position"])
