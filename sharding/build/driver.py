@@ -177,11 +177,11 @@ def make_plan(args: BuildArgs, write: Callable = atomic_write, allow_empty: bool
         catalog = list_geotiff_folders(args.input)
     else:
         catalog = list_source(args.input, args.metadata)
-    rows, duplicates, dropped = select_rows(catalog, args.filters)
+    kept, duplicates, dropped = select_rows(catalog, args.filters)
     filtered = sum(dropped.values())
-    if not rows.num_rows and not allow_empty:
+    if not len(kept) and not allow_empty:
         raise InputError(_nothing_to_build(args, catalog, duplicates, filtered))
-    table = assign_units(rows, args.shard_size, args.mix_groups, args.seed)
+    table = assign_units(catalog, kept, args.shard_size, args.mix_groups, args.seed)  # empties the catalog
     units = int(table.column("unit")[-1].as_py()) + 1 if table.num_rows else 0
     write(output / PLAN, lambda p: pq.write_table(table, p))
     rejected = catalog.rejected + duplicates
@@ -214,13 +214,14 @@ def _warn_unplanned_files(args: BuildArgs, output: Path) -> None:
 
 
 def _nothing_to_build(args: BuildArgs, catalog, duplicates: list[dict], filtered: int) -> str:
+    listed = len(catalog)
     where = f"--input {args.input}" if args.input else f"--metadata {args.metadata}"
-    if not len(catalog):
+    if not listed:
         first = catalog.rejected[0] if catalog.rejected else None
         detail = f"; first: {first['file']}: {first['reason']}" if first else ""
         return (f"{where}: no readable tile ({len(catalog.rejected)} rows or files rejected{detail}); "
                 "nothing to build (--allow-empty writes an empty dataset)")
-    return (f"{where}: the filters keep none of the {len(catalog)} listed tiles ({filtered} filtered, "
+    return (f"{where}: the filters keep none of the {listed} listed tiles ({filtered} filtered, "
             f"{len(duplicates)} duplicates); nothing to build (--allow-empty writes an empty dataset)")
 
 

@@ -99,11 +99,12 @@ def drop_reasons(table: pa.Table, filters: Filters) -> np.ndarray:
     if filters.grid_cells is not None:
         drop("grid_cells", pc.invert(pc.is_in(table.column("grid_cell"),
                                               value_set=pa.array(sorted(filters.grid_cells), pa.string()))))
-    day = pc.utf8_slice_codeunits(table.column("timestamp"), 0, 10)
-    if filters.start:
-        drop("time", pc.less(day, filters.start))
-    if filters.end:
-        drop("time", pc.greater(day, filters.end))
+    if filters.start or filters.end:
+        day = pc.utf8_slice_codeunits(table.column("timestamp"), 0, 10)
+        if filters.start:
+            drop("time", pc.less(day, filters.start))
+        if filters.end:
+            drop("time", pc.greater(day, filters.end))
     if filters.bbox is not None:
         west, south, east, north = filters.bbox
         lat, lon = _floats(table, "centre_lat"), _floats(table, "centre_lon")
@@ -119,24 +120,35 @@ def _floats(table: pa.Table, name: str) -> np.ndarray:
     return table.column(name).to_numpy(zero_copy_only=False).astype(np.float64)
 
 
-def select_rows(catalog: Catalog, filters: Filters) -> tuple[pa.Table, list[dict], Counter]:
-    """(kept rows in source order, rejected duplicates, rows dropped at plan time by each filter)."""
+def select_rows(catalog: Catalog, filters: Filters) -> tuple[np.ndarray, list[dict], Counter]:
+    """(positions of the kept rows in `catalog.table`, in source order; rejected duplicates; rows dropped
+    at plan time by each filter)."""
     table = catalog.table
     reasons = drop_reasons(table, filters)
     counts = np.bincount(reasons, minlength=len(DROP_REASONS) + 1)
     dropped = Counter({name: int(counts[i + 1]) for i, name in enumerate(DROP_REASONS) if counts[i + 1]})
     kept = np.flatnonzero(reasons == 0)
-    first = pa.table({"key": table.column("key").take(pa.array(kept)), "position": np.arange(len(kept))})
-    first = first.group_by("key").aggregate([("position", "min")]).column("position_min").to_numpy()
-    is_first = np.zeros(len(kept), dtype=bool)
-    is_first[first] = True
+    is_first = _first_of_each_key(table.column("key").take(pa.array(kept)))
     duplicates = [reject(row["source_file"], row["source_row"], f"duplicate key {row['key']} (first occurrence "
                          "kept)", row["key"]) for row in table.take(pa.array(kept[~is_first])).to_pylist()]
     kept = kept[is_first]
     if filters.limit is not None and len(kept) > filters.limit:
         dropped["limit"] += len(kept) - filters.limit
         kept = kept[: filters.limit]
-    return table.take(pa.array(kept)), duplicates, dropped
+    return kept, duplicates, dropped
+
+
+def _first_of_each_key(keys: pa.ChunkedArray) -> np.ndarray:
+    """True where a key occurs for the first time (a stable sort and a look at each key's neighbour:
+    less memory than a hash table of millions of strings)."""
+    order = pc.sort_indices(keys).to_numpy(zero_copy_only=False)  # stable: equal keys keep their order
+    ordered = keys.take(pa.array(order))
+    repeated = np.zeros(len(order), dtype=bool)
+    if len(order) > 1:
+        repeated[1:] = pc.equal(ordered.slice(1), ordered.slice(0, len(order) - 1)).to_numpy(zero_copy_only=False)
+    is_first = np.ones(len(order), dtype=bool)
+    is_first[order[repeated]] = False
+    return is_first
 
 
 def _codes(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
@@ -153,11 +165,15 @@ def _codes(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
     return rank[codes], np.array([names[i] for i in order], dtype=object)
 
 
-def assign_units(rows: pa.Table, shard_size: int, mix_groups: int, seed: int) -> pa.Table:
-    """The plan: `rows` cut into work units (column `unit`), each mixing rows of up to `mix_groups`
-    source groups; sorted by unit, and inside a unit by (source_file, source_row) so a unit reads one
-    footer and sequential row groups per file. Columnar, one Python step per unit, not per row."""
+def assign_units(catalog: Catalog, kept: np.ndarray, shard_size: int, mix_groups: int, seed: int) -> pa.Table:
+    """The plan: the `kept` rows of the catalog cut into work units (column `unit`), each mixing rows of up
+    to `mix_groups` source groups; sorted by unit, and inside a unit by (source_file, source_row) so a unit
+    reads one footer and sequential row groups per file. Columnar, one Python step per unit, not per row.
+
+    Takes the catalog's rows over: it is emptied column by column as the plan's columns are made, so
+    that the catalog and the plan are never both whole in memory."""
     rng = np.random.default_rng(seed)
+    rows = catalog.table.select(["source_group", "source_file", "source_row", "est_bytes"]).take(pa.array(kept))
     group_rank, groups = _codes(rows.column("source_group"))
     pool_of_group = np.empty(len(groups), dtype=np.int64)
     pool_of_group[rng.permutation(len(groups))] = np.arange(len(groups)) // mix_groups
@@ -175,7 +191,18 @@ def assign_units(rows: pa.Table, shard_size: int, mix_groups: int, seed: int) ->
             unit_of.append(np.full(len(unit_rows), len(unit_of), dtype=np.int64))
     taken = np.concatenate(order) if order else np.empty(0, dtype=np.int64)
     units = np.concatenate(unit_of) if unit_of else np.empty(0, dtype=np.int64)
-    return rows.take(pa.array(taken)).append_column("unit", pa.array(units))
+    return _take_over(catalog, pa.array(kept[taken])).append_column("unit", pa.array(units))
+
+
+def _take_over(catalog: Catalog, positions: pa.Array) -> pa.Table:
+    """`catalog.table.take(positions)`, freeing each catalog column once its plan column exists."""
+    table, catalog.chunks = catalog.table, []
+    names, columns = table.column_names, []
+    for name in names:
+        columns.append(table.column(name).take(positions))
+        table = table.drop_columns([name])
+        pa.default_memory_pool().release_unused()  # hand the freed column back, not only to the pool
+    return pa.table(columns, names=names)
 
 
 def _cut(members: np.ndarray, est_bytes: np.ndarray, shard_size: int) -> list[np.ndarray]:

@@ -87,11 +87,23 @@ def _grid_centres(grid_cells: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray, 
     return parsed, lat, lon
 
 
-def _sensing_times(product_ids: pa.ChunkedArray) -> tuple[pa.ChunkedArray, pa.ChunkedArray]:
-    """(YYYYMMDDTHHMMSS from the product id, its ISO timestamp); nulls where either is malformed."""
+def _sensing_times(product_ids: pa.ChunkedArray, timestamps: pa.ChunkedArray) -> tuple[pa.Array, pa.Array]:
+    """(YYYYMMDDTHHMMSS, its ISO timestamp) per row: the product id's sensing-time field, else the metadata
+    timestamp (as `_product_datetime`); nulls where neither parses."""
     field = pc.struct_field(pc.extract_regex(product_ids, _PRODUCT_TIME), "time")
     parsed = pc.strptime(field, format="%Y%m%dT%H%M%S", unit="s", error_is_null=True)
-    return pc.if_else(parsed.is_valid(), field, None), pc.strftime(parsed, format="%Y-%m-%dT%H:%M:%SZ")
+    if pc.any(pc.and_(field.is_null(), timestamps.is_valid())).as_py():
+        parsed = pc.coalesce(parsed, _timestamps(timestamps))
+    return pc.strftime(parsed, format="%Y%m%dT%H%M%S"), pc.strftime(parsed, format="%Y-%m-%dT%H:%M:%SZ")
+
+
+def _timestamps(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    """metadata.parquet's `timestamp` as timestamps: a timestamp column, or `YYYY-MM-DD[ T]HH:MM:SS[Z]` strings."""
+    if pa.types.is_timestamp(column.type):
+        return pc.cast(column, pa.timestamp("s"), safe=False)
+    text = pc.replace_substring(pc.replace_substring(pc.cast(column, pa.string()), "Z", ""), "T", " ")
+    return pc.strptime(pc.utf8_slice_codeunits(text, 0, 19), format="%Y-%m-%d %H:%M:%S", unit="s",
+                       error_is_null=True)
 
 
 def rebase(parquet_url: str, root: str | None) -> str:
@@ -129,59 +141,74 @@ def _row_by_row(entry: dict, url: str, catalog: Catalog) -> dict | None:
     return row | {name: float(entry[name]) for name in METADATA_VALUES}
 
 
-def _rebased_urls(table: pa.Table, root: str | None) -> tuple[pa.Array, np.ndarray]:
-    """(each row's rebased URL as a dictionary array, each row's rank in URL order)."""
-    urls = table.column("parquet_url").combine_chunks()
-    if not isinstance(urls.type, pa.DictionaryType):
-        urls = urls.dictionary_encode()
+def _rebased_urls(source, root: str | None) -> tuple[np.ndarray, pa.Array, np.ndarray]:
+    """(each row's file code, the rebased URL of each code, each code's rank in URL order): one pass over
+    the parquet_url column, read as a dictionary (a few thousand distinct files)."""
+    urls = pq.read_table(source, columns=["parquet_url"], read_dictionary=["parquet_url"]).column(0)
+    urls = urls.combine_chunks() if urls.num_chunks else pa.array([], pa.dictionary(pa.int32(), pa.string()))
     names = [rebase(url, root) for url in urls.dictionary.to_pylist()]  # one per file, not per row
     rank = np.empty(len(names), dtype=np.int64)
     rank[sorted(range(len(names)), key=names.__getitem__)] = np.arange(len(names))
-    indices = urls.indices.to_numpy(zero_copy_only=False)
-    return pa.DictionaryArray.from_arrays(urls.indices, pa.array(names, pa.string())), rank[indices]
+    return urls.indices.to_numpy(zero_copy_only=False), pa.array(names, pa.string()), rank
+
+
+BATCH_ROWS = 1 << 18  # metadata rows checked at a time: bounds the temporaries of the columnar checks
 
 
 def catalog_from_metadata(source, root: str | None) -> Catalog:
-    """The catalog of a metadata.parquet (path or file object), in (rebased URL, row) order; no file opened."""
-    table = pq.read_table(source, columns=METADATA_COLUMNS, read_dictionary=["parquet_url"])
+    """The catalog of a metadata.parquet (path or file object), in (rebased URL, row) order; no file opened.
+
+    Read in batches of BATCH_ROWS, so that only the catalog itself grows with the metadata."""
     catalog = Catalog(tile_bytes=f"estimated: {MEAN_TILE_BYTES / 1e6:.2f} MB, MajorTOM's mean tile")
-    urls, url_rank = _rebased_urls(table, root)
-    parsed, cell_lat, cell_lon = _grid_centres(table.column("grid_cell"))
-    times, stamps = _sensing_times(table.column("product_id"))
-    fast = parsed & times.is_valid().to_numpy(zero_copy_only=False) & _trusted_values(table, cell_lat, cell_lon)
-    fast &= pc.is_valid(table.column("parquet_row")).to_numpy(zero_copy_only=False)
-    slow = np.flatnonzero(~fast)
-    rows = np.flatnonzero(fast)
-    take = pa.array(rows)
-    columns = {
-        "source_file": urls.take(take), "source_group": urls.take(take),
-        "source_row": pc.cast(table.column("parquet_row").take(take), pa.int64()),
-        "key": pc.binary_join_element_wise(table.column("grid_cell").take(take), times.take(take), "_"),
-        "product_id": table.column("product_id").take(take), "grid_cell": table.column("grid_cell").take(take),
-        "timestamp": stamps.take(take),
-        **{name: pa.array(_floats(table, name)[rows]) for name in METADATA_VALUES},
-        "est_bytes": pa.array(np.full(len(rows), MEAN_TILE_BYTES, dtype=np.int64)),
-    }
-    order = [rows]
-    extra = [_row_by_row(entry, urls[int(i)].as_py(), catalog) for i, entry in
-             zip(slow, table.take(pa.array(slow)).to_pylist())]
-    kept_extra = [row for row in extra if row is not None]
-    if kept_extra:  # the per-row path accepted what the columnar checks flagged (e.g. a timestamp fallback)
-        order.append(slow[[row is not None for row in extra]])
-    fast_table = pa.table(columns)
-    catalog.table = _in_url_order(fast_table, kept_extra, np.concatenate(order), url_rank, table)
-    log.info("metadata: %d rows, %d rejected by its own checks", table.num_rows, len(catalog.rejected))
+    codes, names, rank = _rebased_urls(source, root)
+    parquet = pq.ParquetFile(source, pre_buffer=False, buffer_size=1 << 20)  # pages streamed, not whole groups
+    chunks, order_keys, start = [], [], 0
+    for batch in parquet.iter_batches(BATCH_ROWS, columns=[c for c in METADATA_COLUMNS if c != "parquet_url"]):
+        batch = pa.Table.from_batches([batch])
+        file_codes = codes[start:start + batch.num_rows]
+        chunk, numbers = _catalog_batch(batch, file_codes, names, start, catalog)
+        chunks.append(chunk)
+        order_keys.append((numbers, rank[chunk.column("source_file").combine_chunks().indices.to_numpy(
+            zero_copy_only=False)] if chunk.num_rows else np.empty(0, np.int64)))
+        start += batch.num_rows
+        pa.default_memory_pool().release_unused()  # the batch's temporaries: keep the peak to the catalog
+    numbers = np.concatenate([n for n, _ in order_keys]) if order_keys else np.empty(0, np.int64)
+    ranks = np.concatenate([r for _, r in order_keys]) if order_keys else np.empty(0, np.int64)
+    order = np.lexsort((numbers, ranks))
+    table = pa.concat_tables(chunks) if chunks else CATALOG_SCHEMA.empty_table()
+    if not (order == np.arange(len(order))).all():  # Core-S2L2A's metadata is in file order: no copy then
+        table = table.take(pa.array(order))
+    catalog.table = table
+    log.info("metadata: %d rows, %d rejected by its own checks", start, len(catalog.rejected))
     return catalog
 
 
-def _in_url_order(fast: pa.Table, extra: list[dict], rows: np.ndarray, url_rank: np.ndarray,
-                  metadata: pa.Table) -> pa.Table:
-    """The kept rows sorted by (rebased URL, parquet_row), as the units read them."""
-    if extra:
-        slow = pa.Table.from_pylist(extra, schema=CATALOG_SCHEMA)
-        fast = pa.concat_tables([fast.cast(CATALOG_SCHEMA), slow])
-    numbers = metadata.column("parquet_row").to_numpy(zero_copy_only=False)[rows]
-    return fast.take(pa.array(np.lexsort((numbers, url_rank[rows]))))
+def _catalog_batch(batch: pa.Table, file_codes: np.ndarray, names: pa.Array, start: int,
+                   catalog: Catalog) -> tuple[pa.Table, np.ndarray]:
+    """(catalog rows of one metadata batch, their parquet_row); rows that fail a check go row by row."""
+    urls = pa.DictionaryArray.from_arrays(pa.array(file_codes, pa.int32()), names)
+    parsed, cell_lat, cell_lon = _grid_centres(batch.column("grid_cell"))
+    times, stamps = _sensing_times(batch.column("product_id"), batch.column("timestamp"))
+    fast = parsed & times.is_valid().to_numpy(zero_copy_only=False) & _trusted_values(batch, cell_lat, cell_lon)
+    fast &= pc.is_valid(batch.column("parquet_row")).to_numpy(zero_copy_only=False)
+    rows = pa.array(np.flatnonzero(fast))
+    table = pa.table({
+        "source_file": urls.take(rows), "source_group": urls.take(rows),
+        "source_row": pc.cast(batch.column("parquet_row").take(rows), pa.int64()),
+        "key": pc.binary_join_element_wise(batch.column("grid_cell").take(rows), times.take(rows), "_"),
+        "product_id": batch.column("product_id").take(rows), "grid_cell": batch.column("grid_cell").take(rows),
+        "timestamp": stamps.take(rows), **{name: _floats(batch, name)[fast] for name in METADATA_VALUES},
+        "est_bytes": np.full(len(rows), MEAN_TILE_BYTES, dtype=np.int64)})
+    slow = np.flatnonzero(~fast)
+    extra = [_row_by_row(entry, names[int(file_codes[i])].as_py(), catalog)
+             for i, entry in zip(slow, batch.take(pa.array(slow)).to_pylist())]
+    extra = [row for row in extra if row is not None]
+    if extra:  # the per-row path accepted rows the columnar checks flagged (a timestamp fallback, an edge)
+        slow_table = pa.Table.from_pylist(extra, CATALOG_SCHEMA)
+        slow_table = slow_table.set_column(0, "source_file", slow_table.column(0).cast(urls.type))
+        slow_table = slow_table.set_column(1, "source_group", slow_table.column(1).cast(urls.type))
+        table = pa.concat_tables([table, slow_table.cast(table.schema)])
+    return table, table.column("source_row").to_numpy(zero_copy_only=False)
 
 
 def apply_metadata(source, images: dict[str, str], catalog: Catalog) -> None:
