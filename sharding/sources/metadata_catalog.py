@@ -166,10 +166,9 @@ def catalog_from_metadata(source, root: str | None) -> Catalog:
     for batch in parquet.iter_batches(BATCH_ROWS, columns=[c for c in METADATA_COLUMNS if c != "parquet_url"]):
         batch = pa.Table.from_batches([batch])
         file_codes = codes[start:start + batch.num_rows]
-        chunk, numbers = _catalog_batch(batch, file_codes, names, start, catalog)
+        chunk, codes_of_rows = _catalog_batch(batch, file_codes, names, catalog)
         chunks.append(chunk)
-        order_keys.append((numbers, rank[chunk.column("source_file").combine_chunks().indices.to_numpy(
-            zero_copy_only=False)] if chunk.num_rows else np.empty(0, np.int64)))
+        order_keys.append((chunk.column("source_row").to_numpy(zero_copy_only=False), rank[codes_of_rows]))
         start += batch.num_rows
         pa.default_memory_pool().release_unused()  # the batch's temporaries: keep the peak to the catalog
     numbers = np.concatenate([n for n, _ in order_keys]) if order_keys else np.empty(0, np.int64)
@@ -183,9 +182,9 @@ def catalog_from_metadata(source, root: str | None) -> Catalog:
     return catalog
 
 
-def _catalog_batch(batch: pa.Table, file_codes: np.ndarray, names: pa.Array, start: int,
+def _catalog_batch(batch: pa.Table, file_codes: np.ndarray, names: pa.Array,
                    catalog: Catalog) -> tuple[pa.Table, np.ndarray]:
-    """(catalog rows of one metadata batch, their parquet_row); rows that fail a check go row by row."""
+    """(catalog rows of one metadata batch, their file codes); rows that fail a check go row by row."""
     urls = pa.DictionaryArray.from_arrays(pa.array(file_codes, pa.int32()), names)
     parsed, cell_lat, cell_lon = _grid_centres(batch.column("grid_cell"))
     times, stamps = _sensing_times(batch.column("product_id"), batch.column("timestamp"))
@@ -202,13 +201,16 @@ def _catalog_batch(batch: pa.Table, file_codes: np.ndarray, names: pa.Array, sta
     slow = np.flatnonzero(~fast)
     extra = [_row_by_row(entry, names[int(file_codes[i])].as_py(), catalog)
              for i, entry in zip(slow, batch.take(pa.array(slow)).to_pylist())]
-    extra = [row for row in extra if row is not None]
-    if extra:  # the per-row path accepted rows the columnar checks flagged (a timestamp fallback, an edge)
-        slow_table = pa.Table.from_pylist(extra, CATALOG_SCHEMA)
-        slow_table = slow_table.set_column(0, "source_file", slow_table.column(0).cast(urls.type))
-        slow_table = slow_table.set_column(1, "source_group", slow_table.column(1).cast(urls.type))
+    accepted = [row is not None for row in extra]
+    codes = file_codes[fast]
+    if any(accepted):  # the per-row path accepted rows the columnar checks flagged (a timestamp fallback, an edge)
+        codes = np.concatenate([codes, file_codes[slow[accepted]]])
+        slow_table = pa.Table.from_pylist([row for row in extra if row is not None], CATALOG_SCHEMA)
+        for position, name in enumerate(("source_file", "source_group")):
+            slow_table = slow_table.set_column(position, name, pa.DictionaryArray.from_arrays(
+                pa.array(file_codes[slow[accepted]], pa.int32()), names))
         table = pa.concat_tables([table, slow_table.cast(table.schema)])
-    return table, table.column("source_row").to_numpy(zero_copy_only=False)
+    return table, codes
 
 
 def apply_metadata(source, images: dict[str, str], catalog: Catalog) -> None:
