@@ -218,28 +218,25 @@ def apply_metadata(source, images: dict[str, str], catalog: Catalog) -> None:
 
     `images` maps a file name to where it was listed. Rows of files that are not in the input (a
     partial download) are ignored, not rejected; a listed row the metadata lacks keeps NaN (the
-    unit computes cloud and no-data from its pixels)."""
-    meta = _metadata_by_file(source, images)
+    unit computes cloud and no-data from its pixels). Rows are matched on integer (file, row) keys
+    with a sorted search: no hash table of strings, no Python object per row."""
     listed = catalog.table
-    joined = listed.append_column("position", pa.array(np.arange(listed.num_rows))).join(
-        meta, keys=["source_file", "source_row"], join_type="left outer")
-    joined = joined.sort_by("position").drop_columns(["position"])
-    known = joined.column("meta_product_id").is_valid().to_numpy(zero_copy_only=False)
+    meta, found = _metadata_rows(source, images, listed)
+    known = found.to_numpy(zero_copy_only=False)
     if not known.all():
         first = int(np.flatnonzero(~known)[0])
         log.warning("%d listed row(s) are not in metadata.parquet (first: %s row %s): cloud/nodata computed from "
-                    "pixels", int((~known).sum()), joined.column("source_file")[first],
-                    joined.column("source_row")[first])
-    same = pc.fill_null(pc.equal(joined.column("meta_product_id"), joined.column("product_id")), False)
-    values = joined.select([f"meta_{name}" for name in METADATA_VALUES]).rename_columns(list(METADATA_VALUES))
+                    "pixels", int((~known).sum()), listed.column("source_file")[first],
+                    listed.column("source_row")[first])
+    same = pc.fill_null(pc.equal(meta.column("product_id"), listed.column("product_id")), False)
     trusted = same.to_numpy(zero_copy_only=False) & _trusted_values(
-        values, _floats(joined, "centre_lat"), _floats(joined, "centre_lon"))
+        meta, _floats(listed, "centre_lat"), _floats(listed, "centre_lon"))
     keep = ~known | trusted
     for index in np.flatnonzero(known & ~trusted):
-        row = {name: joined.column(name)[int(index)].as_py() for name in joined.column_names}
-        entry = {name: row[f"meta_{name}"] for name in METADATA_VALUES}
-        if row["meta_product_id"] != row["product_id"]:
-            problem = f"metadata.parquet says {row['meta_product_id']}, the file holds {row['product_id']}"
+        row = listed.slice(int(index), 1).to_pylist()[0]
+        entry = meta.slice(int(index), 1).to_pylist()[0]
+        if entry["product_id"] != row["product_id"]:
+            problem = f"metadata.parquet says {entry['product_id']}, the file holds {row['product_id']}"
         else:
             problem = metadata_problem(entry, row)
         if problem is None:  # the columnar check was stricter at the tolerance's edge
@@ -247,28 +244,39 @@ def apply_metadata(source, images: dict[str, str], catalog: Catalog) -> None:
             continue
         catalog.rejected.append(reject(row["source_file"], row["source_row"], problem, row["key"]))
     for name in METADATA_VALUES:  # the metadata's value where it is known and trusted, else the listed one
-        column = pc.if_else(pa.array(trusted), joined.column(f"meta_{name}"), joined.column(name))
-        joined = joined.set_column(joined.schema.get_field_index(name), name, column)
-    catalog.table = joined.filter(pa.array(keep)).select(listed.column_names)
+        column = pc.if_else(pa.array(trusted), meta.column(name), listed.column(name))
+        listed = listed.set_column(listed.schema.get_field_index(name), name, column)
+    catalog.table = listed.filter(pa.array(keep))
 
 
-def _metadata_by_file(source, images: dict[str, str]) -> pa.Table:
-    """metadata.parquet's rows of the listed files, keyed by (source_file, source_row), one per key."""
+def _metadata_rows(source, images: dict[str, str], listed: pa.Table) -> tuple[pa.Table, pa.Array]:
+    """(metadata.parquet's row for each listed row, null where it has none; whether it has one). Where the
+    metadata repeats a (file, row), its first entry counts."""
     table = pq.read_table(source, columns=["product_id", *METADATA_VALUES, "parquet_url", "parquet_row"],
                           read_dictionary=["parquet_url"])
-    urls = table.column("parquet_url").combine_chunks()
-    if not isinstance(urls.type, pa.DictionaryType):
-        urls = urls.dictionary_encode()
-    files = [images.get(os.path.basename(url)) for url in urls.dictionary.to_pylist()]
-    source_file = pa.DictionaryArray.from_arrays(urls.indices, pa.array(files, pa.string())).cast(pa.string())
-    inside = source_file.is_valid()
-    if not pc.all(inside).as_py():
+    code_of = {name: code for code, name in enumerate(sorted(images))}
+    meta_keys, inside = _row_keys(table.column("parquet_url"), table.column("parquet_row"),
+                                  lambda url: code_of.get(os.path.basename(url), -1))
+    if not inside.all():
         log.info("metadata.parquet: %d of %d rows are of files not in the input; ignored",
-                 table.num_rows - pc.sum(inside).as_py(), table.num_rows)
-    source_row = pc.cast(table.column("parquet_row"), pa.int64())
-    table = table.drop_columns(["parquet_url", "parquet_row"]).rename_columns(
-        [f"meta_{name}" for name in ["product_id", *METADATA_VALUES]])
-    table = table.append_column("source_file", source_file).append_column("source_row", source_row)
-    table = table.filter(inside).append_column("meta_position", pa.array(np.arange(pc.sum(inside).as_py())))
-    first = table.group_by(["source_file", "source_row"]).aggregate([("meta_position", "min")])
-    return table.take(first.column("meta_position_min")).drop_columns(["meta_position"])
+                 int((~inside).sum()), table.num_rows)
+    unique_keys, first = np.unique(meta_keys[inside], return_index=True)
+    positions = np.flatnonzero(inside)[first]
+    code_of_path = {path: code_of[name] for name, path in images.items()}
+    listed_keys, _ = _row_keys(listed.column("source_file"), listed.column("source_row"),
+                               lambda path: code_of_path.get(path, -1))
+    slot = np.minimum(np.searchsorted(unique_keys, listed_keys), max(len(unique_keys) - 1, 0))
+    found = (unique_keys[slot] == listed_keys) if len(unique_keys) else np.zeros(len(listed_keys), dtype=bool)
+    rows = pa.array(np.where(found, positions[slot] if len(positions) else 0, 0), mask=~found)
+    return table.select(["product_id", *METADATA_VALUES]).take(rows), pa.array(found)
+
+
+def _row_keys(files: pa.ChunkedArray, numbers: pa.ChunkedArray, code) -> tuple[np.ndarray, np.ndarray]:
+    """(file code << 32 | row number, whether the file has a code) per row; `code` maps a file name once."""
+    files = files.combine_chunks() if files.num_chunks else pa.array([], pa.string())
+    if not isinstance(files.type, pa.DictionaryType):
+        files = files.dictionary_encode()
+    codes = np.array([code(name) for name in files.dictionary.to_pylist()], dtype=np.int64)
+    per_row = codes[files.indices.to_numpy(zero_copy_only=False)] if len(codes) else np.empty(0, np.int64)
+    rows = pc.fill_null(numbers, -1).to_numpy(zero_copy_only=False).astype(np.int64)
+    return (per_row << 32) | (rows & 0xFFFFFFFF), per_row >= 0
