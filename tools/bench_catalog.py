@@ -40,6 +40,17 @@ def dry_run(arguments: list[str], output: Path) -> tuple[float, float, dict]:
     return wall, int(done.stdout.strip()) / 1024, json.loads((output / "build.json").read_text())
 
 
+def _first_files(local: Path, out: Path, count: int, table) -> Path:
+    """A dataset dir of the first `count` of `local`'s files (links) with their metadata rows."""
+    (out / "images").mkdir(parents=True)
+    names = sorted(p.name for p in (local / "images").iterdir())[:count]
+    for name in names:
+        (out / "images" / name).symlink_to(local / "images" / name)
+    rows = sum(pq.ParquetFile(local / "images" / name).metadata.num_rows for name in names)
+    pq.write_table(table.slice(0, rows), out / "metadata.parquet")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=CORE_ROWS)
@@ -57,10 +68,13 @@ def main(argv: list[str] | None = None) -> int:
         pq.write_table(table.slice(0, listed_rows), local / "metadata.parquet")
         footer_kb = sum(pq.ParquetFile(p).metadata.serialized_size for p in (local / "images").iterdir()) / 1024
         list_wall, list_peak, list_info = dry_run(["--input", str(local), *FILTERS], root / "plan-listing")
+        third = _first_files(local, root / "third", args.files // 3, table)  # memory per listed row: the slope
+        _, third_peak, _ = dry_run(["--input", str(third), *FILTERS], root / "plan-third")
         pq.write_table(table.slice(0, 1), root / "one.parquet")  # start-up and imports: not a per-file cost
         start_up, _, _ = dry_run(["--metadata", str(root / "one.parquet")], root / "plan-one")
     files = len(table.column("parquet_url").combine_chunks().dictionary)
     per_file = (list_wall - start_up) / args.files
+    per_row_kb = (list_peak - third_peak) * 1024 / (listed_rows - listed_rows // args.files * (args.files // 3))
     lines = [SECTION, "", f"Command: `python tools/bench_catalog.py --rows {args.rows} --files {args.files}` "
              f"({datetime.date.today().isoformat()}; 2-core machine, shared with other work).", "",
              f"Data: tools/scale_catalog.py, {args.rows} rows in {files} files of 500 rows, spatially clustered "
@@ -75,8 +89,11 @@ def main(argv: list[str] | None = None) -> int:
              f"The listing path reads each file's footer ({footer_kb / args.files:.0f} kB here: one row group per "
              f"tile) and id columns: {per_file * 1000:.0f} ms per file on local disk (the process's {start_up:.1f} s "
              f"start-up taken off), so ~{per_file * files / 60:.0f} "
-             f"min for all {files} files before the first tile is written, and its catalog grows with the rows "
-             "listed like the metadata path's. Against a remote store add one footer GET (~1-1.5 MB) and one "
+             f"min for all {files} files before the first tile is written. Its peak memory grows by "
+             f"~{per_row_kb:.1f} kB per listed row ({third_peak:.0f} MB with {args.files // 3} files, "
+             f"{list_peak:.0f} MB with {args.files}): "
+             f"~{(list_peak + per_row_kb * (args.rows - listed_rows) / 1024) / 1024:.1f} GB for all {args.rows} rows. "
+             "Against a remote store add one footer GET (~1-1.5 MB) and one "
              "ranged GET per row group for the ids: ~2.25M requests, which is why `--metadata` is the way to plan "
              "Core-S2L2A; the listing path is for local copies and small or partial inputs."]
     report(SECTION, lines, args.write_docs)
