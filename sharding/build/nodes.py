@@ -54,8 +54,13 @@ class NodeShare:
 
 
 def assign_nodes(plan: SavedPlan, num_nodes: int) -> list[list[int]]:
-    """Units per node, balanced by estimated bytes (largest first to the least loaded node; ties by index)."""
-    sizes = plan.unit_bytes(floor=1)
+    """Units per node, balanced by estimated bytes (a row without an estimate weighs 1; see `assign_sizes`)."""
+    return assign_sizes(plan.unit_bytes(floor=1), num_nodes)
+
+
+def assign_sizes(sizes: np.ndarray, num_nodes: int) -> list[list[int]]:
+    """Units per node from their sizes: largest first to the least loaded node (ties: lower unit, lower node)."""
+    sizes = np.asarray(sizes, dtype=np.int64)
     loads = [(0, node) for node in range(num_nodes)]  # a heap: the least loaded node, ties by rank
     shares: list[list[int]] = [[] for _ in range(num_nodes)]
     for unit in np.lexsort((np.arange(len(sizes)), -sizes)):
