@@ -17,6 +17,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+import urllib.parse
 from collections.abc import Callable
 from datetime import datetime
 
@@ -44,6 +46,7 @@ from sharding.sources.remote import (
     open_parquet,
     read_bytes,
     scrub,
+    with_retries,
 )
 
 log = logging.getLogger(__name__)
@@ -100,21 +103,51 @@ def remote_files(input_url: str) -> tuple[list[str], str | None]:
     if base.startswith(("http://", "https://")):
         raise InputError(f"--input {input_url}: HTTP has no listing; give a .parquet URL, a .txt/.json list "
                          "of parquet URLs, or --metadata")
+    try:
+        listed = with_retries(base, "list", lambda: _list_parquet(base))
+    except FileNotFoundError as error:  # hf://: no such repository or revision
+        raise InputError(f"--input {input_url}: {scrub(str(error))}") from None
+    if listed is None:
+        raise InputError(f"--input {input_url}: no images/*.parquet or *.parquet found")
+    return listed
+
+
+def _list_parquet(base: str) -> tuple[list[str], str | None] | None:
     scheme = base.split("://", 1)[0] + "://"
     fs = filesystem(base)
     fs.invalidate_cache()
     for pattern in (f"{base}/images/*.parquet", f"{base}/*.parquet"):
         found = sorted(scheme + p for p in fs.glob(pattern) if not p.endswith("/metadata.parquet"))
         if found:
-            metadata = f"{base}/metadata.parquet"
-            return found, metadata if fs.exists(metadata) else None
-    raise InputError(f"--input {input_url}: no images/*.parquet or *.parquet found")
+            try:  # not fs.exists: that answers False for a 503 too, and the build would drop the metadata
+                fs.info(f"{base}/metadata.parquet")
+            except FileNotFoundError:
+                return found, None
+            return found, f"{base}/metadata.parquet"
+    return None
+
+
+_HUB_FILE_URL = re.compile(r"^https://(?:huggingface\.co|hf\.co)/datasets/([^/]+/[^/]+)/resolve/([^/]+)/(.+)$")
+
+
+def hub_file_url(url: str) -> str:
+    """A Hub download URL (`https://huggingface.co/datasets/ORG/NAME/resolve/REV/PATH`, as MajorTOM's
+    metadata.parquet names its files) as `hf://datasets/ORG/NAME[@REV]/PATH`: read through
+    huggingface_hub (HF_ENDPOINT, HF_TOKEN, ranged reads at the endpoint) instead of plain HTTP to
+    huggingface.co. Any other URL is returned unchanged."""
+    match = _HUB_FILE_URL.match(url)
+    if match is None:
+        return url
+    repo, revision, path = match.groups()
+    revision = urllib.parse.unquote(revision)
+    return f"hf://datasets/{repo}{'' if revision == 'main' else '@' + revision}/{path}"
 
 
 def rebase(parquet_url: str, root: str | None) -> str:
-    """Where to read a metadata parquet_url: itself, or the same images/ path under `root`."""
+    """Where to read a metadata parquet_url: itself (a Hub URL through hf://), or the same images/ path
+    under `root`."""
     if not root:
-        return parquet_url
+        return hub_file_url(parquet_url)
     tail = parquet_url.split("/images/", 1)[1] if "/images/" in parquet_url else f"{os.path.basename(parquet_url)}"
     prefix = "images/" if "/images/" in parquet_url else ""
     return f"{root.rstrip('/')}/{prefix}{tail}"
