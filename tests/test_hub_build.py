@@ -145,6 +145,13 @@ def test_hf_missing_repo_is_a_one_line_input_error(hub, tmp_path):
     assert result.stderr.strip().splitlines()[-1].startswith("error: --input hf://datasets/Major-TOM/No-Such-Repo")
 
 
+def test_hf_offline_mode_is_a_one_line_error_not_retries(hub, tmp_path):
+    result = hf_build(hub, tmp_path / "ds", "--input", HF_URL, HF_HUB_OFFLINE="1")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "HF_HUB_OFFLINE is set" in result.stderr.strip().splitlines()[-1] and "retry" not in result.stderr
+    assert sum(hub.stats()["requests"].values()) == 0
+
+
 def test_hub_server_answers_as_huggingface_hub_expects(majortom, hub):
     """The server against the installed client, in process with an explicit endpoint: listing with
     pagination, info, ranged reads through the CDN redirect, HEAD metadata, the Hub's error codes."""

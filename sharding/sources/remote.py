@@ -6,8 +6,10 @@ GET per row group, spanning exactly the column chunks read. pyarrow parses from 
 bytes, so the bytes fetched per tile stay ~1x the tile and no read-ahead is wasted.
 
 S3 uses s3fs with the standard AWS environment (AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL,
-AWS_ACCESS_KEY_ID, ...; never logged); HTTP uses fsspec's aiohttp client; hf:// uses
-huggingface_hub's HfFileSystem (HF_TOKEN from the environment, if any).
+AWS_ACCESS_KEY_ID, ...; never logged); HTTP uses fsspec's aiohttp client. hf:// is listed and sized
+by huggingface_hub's HfFileSystem (tree API); its bytes are GETs of the file's resolve URL through
+huggingface_hub's session and headers (HF_ENDPOINT, HF_TOKEN from the environment, if any; on the
+Hub each is a 302 to its CDN and the ranged GET there), tested against tools/hub_server.py.
 
 Transient errors (phileo/remote.py, the same policy as the trainer's streams: HTTP 408/429/5xx,
 connection resets, timeouts, truncated bodies) are retried with bounded exponential backoff and
@@ -34,6 +36,7 @@ import pyarrow.parquet as pq
 
 from phileo.remote import RetryPolicy, is_transient, s3_filesystem
 from phileo.urls import redact, secrets_in
+from sharding.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +102,11 @@ def filesystem(url: str):
     if url.startswith("s3://"):
         return s3_filesystem()
     if url.startswith("hf://"):
-        from huggingface_hub import HfFileSystem
+        from huggingface_hub import HfFileSystem, constants
 
+        if constants.is_offline_mode():  # every request would fail, and be retried as a network error
+            raise InputError(f"{redact(url)}: HF_HUB_OFFLINE is set, so huggingface_hub reads nothing from the "
+                             "Hub; unset it to read hf:// inputs")
         return HfFileSystem()
     import fsspec
 
