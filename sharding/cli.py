@@ -58,6 +58,9 @@ def main(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("numexpr").setLevel(logging.WARNING)  # blosc2 imports it; its INFO line is noise
+    if not verbose:  # huggingface_hub's HTTP client logs every request (each hf:// ranged read) at INFO
+        for client in ("httpx", "httpx2"):
+            logging.getLogger(client).setLevel(logging.WARNING)
 
 
 # the machine's state, not a bug: a full disk or quota, a read-only or forbidden path

@@ -14,6 +14,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
+import urllib.parse
 from datetime import datetime
 
 import numpy as np
@@ -106,10 +108,27 @@ def _timestamps(column: pa.ChunkedArray) -> pa.ChunkedArray:
                        error_is_null=True)
 
 
+_HUB_FILE_URL = re.compile(r"^https://(?:huggingface\.co|hf\.co)/datasets/([^/]+/[^/]+)/resolve/([^/]+)/(.+)$")
+
+
+def hub_file_url(url: str) -> str:
+    """A Hub download URL (`https://huggingface.co/datasets/ORG/NAME/resolve/REV/PATH`, as MajorTOM's
+    metadata.parquet names its files) as `hf://datasets/ORG/NAME[@REV]/PATH`: read through
+    huggingface_hub (HF_ENDPOINT, HF_TOKEN, ranged reads at the endpoint) instead of plain HTTP to
+    huggingface.co. Any other URL is returned unchanged."""
+    match = _HUB_FILE_URL.match(url)
+    if match is None:
+        return url
+    repo, revision, path = match.groups()
+    revision = urllib.parse.unquote(revision)
+    return f"hf://datasets/{repo}{'' if revision == 'main' else '@' + revision}/{path}"
+
+
 def rebase(parquet_url: str, root: str | None) -> str:
-    """Where to read a metadata parquet_url: itself, or the same images/ path under `root`."""
+    """Where to read a metadata parquet_url: itself (a Hub URL through hf://), or the same images/ path
+    under `root`."""
     if not root:
-        return parquet_url
+        return hub_file_url(parquet_url)
     tail = parquet_url.split("/images/", 1)[1] if "/images/" in parquet_url else f"{os.path.basename(parquet_url)}"
     prefix = "images/" if "/images/" in parquet_url else ""
     return f"{root.rstrip('/')}/{prefix}{tail}"

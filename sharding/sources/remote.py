@@ -6,8 +6,10 @@ GET per row group, spanning exactly the column chunks read. pyarrow parses from 
 bytes, so the bytes fetched per tile stay ~1x the tile and no read-ahead is wasted.
 
 S3 uses s3fs with the standard AWS environment (AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL,
-AWS_ACCESS_KEY_ID, ...; never logged); HTTP uses fsspec's aiohttp client; hf:// uses
-huggingface_hub's HfFileSystem (HF_TOKEN from the environment, if any).
+AWS_ACCESS_KEY_ID, ...; never logged); HTTP uses fsspec's aiohttp client. hf:// is listed and sized
+by huggingface_hub's HfFileSystem (tree API); its bytes are GETs of the file's resolve URL through
+huggingface_hub's session and headers (HF_ENDPOINT, HF_TOKEN from the environment, if any; on the
+Hub each is a 302 to its CDN and the ranged GET there), tested against tools/hub_server.py.
 
 Transient errors (phileo/remote.py, the same policy as the trainer's streams: HTTP 408/429/5xx,
 connection resets, timeouts, truncated bodies) are retried with bounded exponential backoff and
@@ -34,6 +36,7 @@ import pyarrow.parquet as pq
 
 from phileo.remote import RetryPolicy, is_transient, s3_filesystem
 from phileo.urls import redact, secrets_in
+from sharding.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +102,11 @@ def filesystem(url: str):
     if url.startswith("s3://"):
         return s3_filesystem()
     if url.startswith("hf://"):
-        from huggingface_hub import HfFileSystem
+        from huggingface_hub import HfFileSystem, constants
 
+        if constants.is_offline_mode():  # every request would fail, and be retried as a network error
+            raise InputError(f"{redact(url)}: HF_HUB_OFFLINE is set, so huggingface_hub reads nothing from the "
+                             "Hub; unset it to read hf:// inputs")
         return HfFileSystem()
     import fsspec
 
@@ -130,20 +136,39 @@ def with_retries(url: str, what: str, action: Callable[[], T]) -> T:
             time.sleep(delay)
 
 
-_HF_FILES: dict[str, object] = {}  # hf:// URL -> open file (one resolver request per file, not per range)
+_HF_RESOLVE_URLS: dict[str, str] = {}  # hf:// URL -> its resolve URL (the repo and revision checked once)
 
 
-def _hf_range(url: str, start: int, end: int) -> bytes:
-    """hf://: HfFileSystem's file without a cache: each read is exactly one ranged GET."""
-    file = _HF_FILES.get(url)
-    if file is None:
-        file = _HF_FILES[url] = filesystem(url).open(with_credentials(url), "rb", cache_type="none")
+def _hf_resolve_url(url: str) -> str:
+    """`{endpoint}/datasets/ORG/NAME/resolve/REV/PATH` of an hf:// URL, as HfFileSystem builds it."""
+    if url not in _HF_RESOLVE_URLS:
+        from huggingface_hub import hf_hub_url
+
+        fs = filesystem(url)
+        path = fs.resolve_path(with_credentials(url))  # FileNotFoundError for a missing repo or revision
+        _HF_RESOLVE_URLS[url] = hf_hub_url(path.repo_id, path.path_in_repo, repo_type=path.repo_type,
+                                           revision=path.revision, endpoint=fs.endpoint)
+    return _HF_RESOLVE_URLS[url]
+
+
+def _hf_get(url: str, start: int | None = None, end: int | None = None) -> bytes:
+    """One GET of an hf:// file, or of its bytes [start, end), through huggingface_hub's session, headers
+    (HF_TOKEN) and error types (404 -> FileNotFoundError), but not its retry loop: HfFileSystem's files
+    retry 429/5xx five times (up to 23 s) inside each of our retries, so a persistent 503 took minutes
+    and a 429 was retried and logged by both. with_retries is the one policy, as for s3:// and http://."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import EntryNotFoundError
+    from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+
+    headers = build_hf_headers()
+    if start is not None:
+        headers["Range"] = f"bytes={start}-{end - 1}"
+    response = get_session().get(_hf_resolve_url(url), headers=headers, timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT)
     try:
-        file.seek(start)
-        return file.read(end - start)
-    except Exception:
-        _HF_FILES.pop(url, None)  # reopen after a failure
-        raise
+        hf_raise_for_status(response)
+    except EntryNotFoundError as error:
+        raise FileNotFoundError(f"{url}: not in the repository") from error
+    return response.content
 
 
 def read_range(url: str, start: int, end: int) -> bytes:
@@ -151,7 +176,7 @@ def read_range(url: str, start: int, end: int) -> bytes:
     fs, real = filesystem(url), with_credentials(url)
 
     def fetch() -> bytes:
-        data = _hf_range(url, start, end) if url.startswith("hf://") else fs.cat_file(real, start=start, end=end)
+        data = _hf_get(url, start, end) if url.startswith("hf://") else fs.cat_file(real, start=start, end=end)
         if len(data) != end - start:
             raise ConnectionResetError(f"got {len(data)} bytes of range {start}-{end}")
         return data
@@ -161,6 +186,8 @@ def read_range(url: str, start: int, end: int) -> bytes:
 
 def read_bytes(url: str) -> bytes:
     """A whole (small) remote object: list files, metadata.parquet."""
+    if url.startswith("hf://"):
+        return with_retries(url, "GET", lambda: _hf_get(url))
     fs = filesystem(url)
     return with_retries(url, "GET", lambda: fs.cat_file(with_credentials(url)))
 

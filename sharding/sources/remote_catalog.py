@@ -31,6 +31,7 @@ from sharding.sources.remote import (
     is_remote,
     read_bytes,
     scrub,
+    with_retries,
 )
 
 log = logging.getLogger(__name__)
@@ -90,12 +91,25 @@ def remote_files(input_url: str) -> tuple[list[str], str | None]:
     if base.startswith(("http://", "https://")):
         raise InputError(f"--input {input_url}: HTTP has no listing; give a .parquet URL, a .txt/.json list "
                          "of parquet URLs, or --metadata")
+    try:
+        listed = with_retries(base, "list", lambda: _list_parquet(base))
+    except FileNotFoundError as error:  # hf://: no such repository or revision
+        raise InputError(f"--input {input_url}: {scrub(str(error))}") from None
+    if listed is None:
+        raise InputError(f"--input {input_url}: no images/*.parquet or *.parquet found")
+    return listed
+
+
+def _list_parquet(base: str) -> tuple[list[str], str | None] | None:
     scheme = base.split("://", 1)[0] + "://"
     fs = filesystem(base)
     fs.invalidate_cache()
     for pattern in (f"{base}/images/*.parquet", f"{base}/*.parquet"):
         found = sorted(scheme + p for p in fs.glob(pattern) if not p.endswith("/metadata.parquet"))
         if found:
-            metadata = f"{base}/metadata.parquet"
-            return found, metadata if fs.exists(metadata) else None
-    raise InputError(f"--input {input_url}: no images/*.parquet or *.parquet found")
+            try:  # not fs.exists: that answers False for a 503 too, and the build would drop the metadata
+                fs.info(f"{base}/metadata.parquet")
+            except FileNotFoundError:
+                return found, None
+            return found, f"{base}/metadata.parquet"
+    return None
