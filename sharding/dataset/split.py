@@ -26,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 
 from phileo.geo import EARTH_RADIUS_EQUATOR_KM
+from sharding.dataset.location import DatasetLocation
 from sharding.dataset.subset import read_index, write_selection
 from sharding.errors import InputError
 
@@ -208,7 +209,7 @@ def _assign(lat: np.ndarray, lon: np.ndarray, blocks: np.ndarray, inverse: np.nd
 def split(args: SplitArgs, overwrite: bool = False) -> SplitSummary:
     """Run `phileo-shard split`; InputError on bad input or a split that leaves one side empty."""
     started = time.monotonic()
-    source = Path(args.dataset)
+    source = DatasetLocation(args.dataset)
     manifest, index = read_index(source)
     if index.num_rows == 0:
         raise InputError(f"{source}: the dataset has no samples")
