@@ -10,6 +10,7 @@ the others check that theirs is identical.
 
 from __future__ import annotations
 
+import heapq
 import json
 import logging
 import os
@@ -18,9 +19,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
 from sharding.build.writer import atomic_write
 from sharding.errors import InputError
-from sharding.layout import NODES_DIR, TMP_SUFFIX, node_report_path, unit_stats_path
+from sharding.layout import NODES_DIR, PLAN, TMP_SUFFIX, node_report_path, unit_stats_path
 
 log = logging.getLogger(__name__)
 
@@ -50,14 +55,34 @@ class NodeShare:
 
 
 def assign_nodes(units: list[list[dict]], num_nodes: int) -> list[list[int]]:
-    """Units per node, balanced by estimated bytes (largest first to the least loaded node; ties by index)."""
-    sizes = [sum(row.get("est_bytes") or 1 for row in rows) for rows in units]
-    loads = [0] * num_nodes
+    """Units per node, balanced by estimated bytes (see `assign_sizes`)."""
+    return assign_sizes([sum(row.get("est_bytes") or 1 for row in rows) for rows in units], num_nodes)
+
+
+def plan_unit_sizes(output: Path) -> np.ndarray:
+    """Estimated bytes per unit of the saved plan, from its two columns alone: what `assign_nodes` weighs
+    (a row without an estimate counts 1 byte), without a Python object per planned row."""
+    table = pq.read_table(output / PLAN, columns=["unit", "est_bytes"])
+    units = table.column("unit").to_numpy()
+    if "est_bytes" in table.column_names:
+        estimates = pc.fill_null(table.column("est_bytes"), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+    else:
+        estimates = np.zeros(len(units), dtype=np.int64)
+    weights = np.where(estimates > 0, estimates, 1)
+    count = int(units.max()) + 1 if len(units) else 0
+    sizes = np.zeros(count, dtype=np.int64)
+    np.add.at(sizes, units, weights)
+    return sizes
+
+
+def assign_sizes(sizes, num_nodes: int) -> list[list[int]]:
+    """Units per node from their sizes: largest first to the least loaded node (ties: lower unit, lower node)."""
+    loads = [(0, node) for node in range(num_nodes)]  # a heap of (load, node): the least loaded pops first
     shares: list[list[int]] = [[] for _ in range(num_nodes)]
-    for unit in sorted(range(len(units)), key=lambda u: (-sizes[u], u)):
-        node = min(range(num_nodes), key=lambda n: (loads[n], n))
-        loads[node] += sizes[unit]
+    for unit in sorted(range(len(sizes)), key=lambda u: (-int(sizes[u]), u)):
+        load, node = heapq.heappop(loads)
         shares[node].append(unit)
+        heapq.heappush(loads, (load + int(sizes[unit]), node))
     return [sorted(share) for share in shares]
 
 
