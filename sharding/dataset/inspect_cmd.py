@@ -38,6 +38,7 @@ def _shards(path: str) -> tuple[DatasetLocation, list[str]]:
         if root.is_file() and root.suffix == ".tar":
             return DatasetLocation(str(root.parent)), [root.name]
         if not root.is_dir():
+            DatasetLocation(path)  # a URL of a scheme never read: that one-line error first
             raise InputError(f"{path}: expected a dataset directory or a .tar shard")
     location = DatasetLocation(path)
     return location, [shard["url"] for shard in load_manifest(location)["shards"]]

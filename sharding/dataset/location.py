@@ -165,6 +165,7 @@ class DatasetLocation:
             return None
         folder = f"{self.root}/{SHARDS_DIR}"
         fs = filesystem(folder)
+        fs.invalidate_cache()  # a listing cached earlier in this process (a build's) may be stale
         try:
             found = self._call(folder, "LIST", lambda: fs.ls(with_credentials(folder), detail=False))
         except FileNotFoundError:

@@ -29,6 +29,7 @@ from tqdm import tqdm
 from phileo import __version__
 from phileo.schema import SCHEMA_VERSION
 from phileo.tarstream import TarFormatError, iter_sample_spans
+from phileo.urls import redact_text, url_scheme
 from sharding.build.output_dir import claim_output_dir, clear_owned
 from sharding.build.output_lock import output_lock
 from sharding.build.writer import ShardSummary, ShardWriter, atomic_write
@@ -36,7 +37,6 @@ from sharding.dataset.location import DatasetLocation, load_manifest
 from sharding.dataset.query import build_query, select
 from sharding.errors import InputError
 from sharding.layout import INDEX, MANIFEST, REJECTED, SHARDS_DIR
-from sharding.sources.remote import is_remote
 
 log = logging.getLogger(__name__)
 
@@ -93,10 +93,15 @@ class RawShardWriter(ShardWriter):
         return self._added(key, offset, meta)
 
 
+def local_output(given: str, flag: str = "--output") -> Path:
+    """The output directory given on the command line: local, whatever the source is."""
+    if url_scheme(given) is not None and len(url_scheme(given)) > 1:  # len 1: a Windows drive letter
+        raise InputError(f"{flag} {redact_text(given)}: outputs are local directories (the source may be remote)")
+    return Path(given)
+
+
 def _check_output(output: Path, source: DatasetLocation, flag: str) -> None:
-    """The output is a local directory, and not the source dataset."""
-    if is_remote(str(output)) or "://" in str(output):
-        raise InputError(f"{flag} {output}: outputs are local directories (the source may be remote)")
+    """The output is not the source dataset."""
     if not source.remote and output.resolve() == Path(source.root).resolve():
         raise InputError(f"{flag} {output}: is the source dataset; choose another directory")
 
@@ -229,6 +234,7 @@ class SubsetSummary:
 def subset(args: SubsetArgs, overwrite: bool = False) -> SubsetSummary:
     """Run `phileo-shard subset`; InputError on bad input (unknown column, nothing selected, ...)."""
     started = time.monotonic()
+    local_output(args.output)
     source = DatasetLocation(args.source)
     source_manifest, index = read_index(source)
     query = build_query(index.schema, args.where, args.bbox, args.start, args.end)
@@ -239,7 +245,7 @@ def subset(args: SubsetArgs, overwrite: bool = False) -> SubsetSummary:
         given = ", ".join(f"--{name} {value!r}" for name, value in criteria.items() if value is not None)
         raise InputError(f"{given or 'the query'}: selects none of the {index.num_rows} samples of {source}")
     log.info("selected %d of %d samples of %s", rows.num_rows, index.num_rows, source)
-    manifest = write_selection(source, source_manifest, rows, Path(args.output), args.shard_size,
+    manifest = write_selection(source, source_manifest, rows, local_output(args.output), args.shard_size,
                                {"command": "subset", "query": criteria}, overwrite)
     totals = manifest["totals"]
     return SubsetSummary(totals["samples"], index.num_rows, totals["shards"], totals["bytes"],
