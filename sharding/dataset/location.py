@@ -35,6 +35,7 @@ from sharding.layout import MANIFEST, SHARDS_DIR
 from sharding.sources.remote import (
     RemoteUnavailable,
     filesystem,
+    forget_file,
     hide_credentials,
     is_remote,
     read_range,
@@ -195,6 +196,10 @@ class RangeReader(io.RawIOBase):
         base = {io.SEEK_SET: 0, io.SEEK_CUR: self.position, io.SEEK_END: self.size}[whence]
         self.position = max(0, base + offset)
         return self.position
+
+    def close(self) -> None:
+        forget_file(self.url)
+        super().close()
 
     def readinto(self, buffer) -> int:
         view = memoryview(buffer).cast("B")

@@ -14,6 +14,7 @@ import hashlib
 import logging
 from typing import BinaryIO
 
+import pyarrow as pa
 from tqdm import tqdm
 
 from phileo.schema import SchemaError, decode_sample
@@ -93,7 +94,11 @@ def check_shard(location: DatasetLocation, shard: dict, pixels: bool = True) -> 
 
 
 def _open_index(location: DatasetLocation, manifest: dict, problems: Problems) -> IndexRows | None:
-    index = location.parquet(INDEX)
+    try:
+        index = location.parquet(INDEX)
+    except (pa.ArrowException, OSError) as error:  # not a parquet file (a truncated one included)
+        problems.add(f"{INDEX}: unreadable ({str(error).splitlines()[0]})")
+        return None
     if index is None:
         problems.add(f"{INDEX}: missing")
         return None
