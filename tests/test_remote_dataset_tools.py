@@ -267,6 +267,8 @@ def test_a_missing_manifest_a_refusal_and_bad_urls_are_one_line_errors(http, s3,
     cases = [(f"{base}/nothing-here", 2, "no manifest.json"), (s3.url("no-such-prefix"), 2, "no manifest.json"),
              (f"{base}/forbidden/ds", 2, "HTTP 403"),
              (f"http://user:s3cr3t-pw@{host}/forbidden/ds?token=tok-XYZ123", 2, "HTTP 403"),
+             (f"http://user:s3cr3t-pw@{host}/forbidden/ds", 2, "HTTP 403"),
+             ("http://user:s3cr3t-pw@127.0.0.1:9/ds", 1, "rerun the same command"),
              ("ftp://example.org/ds", 2, "ftp:// datasets are not read"), ("s3:///prefix", 2, "no host or bucket"),
              ("http://127.0.0.1:9/ds", 1, "rerun the same command")]  # nothing listens on the discard port
     for url, code, message in cases:
