@@ -239,6 +239,7 @@ DAMAGE = {
     "manifest sha256": (lambda d: _edit_manifest(d, "sha256", lambda _: "0" * 64), "sha256 differs"),
     "sample count": (lambda d: _edit_manifest(d, "samples", lambda n: n + 1), "samples, manifest says"),
     "duplicate key": (_duplicate_a_key, "also in shards/"),
+    "missing shard": (lambda d: (d / read_manifest(d)["shards"][1]["url"]).unlink(), "-0000.tar: missing"),
     "index not parquet": (lambda d: (d / "index.parquet").write_bytes(b"no" * 600), "index.parquet: unreadable"),
 }
 

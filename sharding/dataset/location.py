@@ -57,8 +57,8 @@ def refusal(error: BaseException) -> str | None:
     does not exist (HTTP 4xx other than 404, S3 AccessDenied, unknown host); None for anything else."""
     cause = error.__cause__ if isinstance(error, FileNotFoundError) and error.__cause__ else error
     status = http_status(cause)
-    if status is not None and status != 404:
-        return f"HTTP {status}"
+    if status is not None:
+        return None if status == 404 else f"HTTP {status}"  # 404: missing, which the caller reports
     if isinstance(cause, PermissionError):
         return "access denied"
     if unknown_host(cause):
