@@ -253,21 +253,27 @@ def _run_phileo_bench_build(inputs: tuple[str, ...], output: str, shard_size: st
     return build_phileo_bench(args, workers=workers, overwrite=overwrite)
 
 
-@main.command()
+DATASET_HELP = "DATASET: a local directory, s3://bucket/prefix, http(s)://host/path or hf://datasets/org/name[/path]."
+
+
+@main.command(epilog=DATASET_HELP)
 @click.argument("dataset")
-def verify(dataset: str) -> None:
-    """Re-read every shard: checksums, counts, decodable members, index rows."""
+@click.option("--no-pixels", is_flag=True, help="Check counts, sizes, tar offsets against the index and sha256 "
+                                                "only; decode no member.")
+def verify(dataset: str, no_pixels: bool) -> None:
+    """Re-read every shard once: checksums, counts, decodable members, index rows."""
     from sharding.dataset.verify import verify_dataset
 
-    problems, samples = run_or_exit(verify_dataset, dataset)
+    problems, samples = run_or_exit(verify_dataset, dataset, pixels=not no_pixels)
     if problems:
         click.echo(f"error: {problems[0]}" + (f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""),
                    err=True)
         sys.exit(1)
-    click.echo(f"ok: {samples} samples verified in {dataset}")
+    click.echo(f"ok: {samples} samples verified in {redact_text(dataset)}" + (" (no pixels)" if no_pixels else ""))
 
 
-@main.command()
+@main.command(epilog="PATH: a dataset (a local directory, s3://bucket/prefix, http(s)://host/path or "
+                     "hf://datasets/org/name[/path]) or one .tar shard, local or at such a URL.")
 @click.argument("path")
 @click.option("--max-samples", default=8, show_default=True)
 @click.option("--preview", help="Write an RGB preview PNG with cloud mask outlines here.")
@@ -297,9 +303,9 @@ def inspect(path: str, max_samples: int, preview: str | None) -> None:
         sys.exit(1)
 
 
-@main.command()
+@main.command(epilog="SOURCE: " + DATASET_HELP.split(": ", 1)[1] + " The output is always a local directory.")
 @click.argument("source")
-@click.option("--output", required=True, help="Output dataset directory.")
+@click.option("--output", required=True, help="Output dataset directory (local).")
 @click.option("--where", help="Condition on index columns, e.g. \"cloud_cover < 10 and centre_lat > 0\" "
                               "(comparisons, in (...), and/or/not, parentheses, numbers, quoted strings).")
 @click.option("--bbox", help="W,S,E,N in degrees: keep samples whose centre lies inside.")
@@ -321,10 +327,10 @@ def subset(source: str, output: str, where: str | None, bbox: str | None, start:
     click.echo(run_or_exit(run).line())
 
 
-@main.command()
+@main.command(epilog=DATASET_HELP + " The outputs are always local directories.")
 @click.argument("dataset")
-@click.option("--output-train", required=True, help="Output dataset directory of the training samples.")
-@click.option("--output-val", required=True, help="Output dataset directory of the validation samples.")
+@click.option("--output-train", required=True, help="Output dataset directory of the training samples (local).")
+@click.option("--output-val", required=True, help="Output dataset directory of the validation samples (local).")
 @click.option("--val-fraction", default=0.01, show_default=True, help="About this fraction of samples for val.")
 @click.option("--block-km", default=100.0, show_default=True, help="Side of the square blocks held out whole.")
 @click.option("--buffer-km", default=12.0, show_default=True,
@@ -348,9 +354,9 @@ def split(dataset: str, output_train: str, output_val: str, val_fraction: float,
     click.echo(run_or_exit(run).line())
 
 
-@main.command()
+@main.command(epilog=DATASET_HELP)
 @click.argument("dataset")
-@output_option("PNG to write; the counts go to the same name with .json.", dest="out")
+@output_option("PNG to write (local); the counts go to the same name with .json.", dest="out")
 def coverage(dataset: str, out: str) -> None:
     """World map of sample centres, counts per latitude band, acquisition months and cloud cover."""
     from sharding.dataset.coverage import coverage_map

@@ -163,3 +163,15 @@ def test_ray_unit_failure_is_reported_not_raised(ray_cluster, tmp_path):
     assert sorted(by_unit) == [0, 1]
     assert by_unit[0]["error"].startswith("KeyError") and "source_row" in by_unit[0]["error"]
     assert "error" not in by_unit[1] and by_unit[1]["written"] == 0
+
+
+def test_merge_weighs_units_from_the_plan_columns_as_the_nodes_do(built):
+    """merge reads only the plan's unit and est_bytes columns; the node shares must be the nodes' own."""
+    from sharding.build.driver import load_units
+    from sharding.build.nodes import assign_nodes, assign_sizes, plan_unit_sizes
+
+    plan = load_units(built)
+    sizes = plan_unit_sizes(built)
+    assert sizes.tolist() == [sum(row.get("est_bytes") or 1 for row in plan.rows(unit)) for unit in range(len(plan))]
+    for nodes in (1, 2, 3, 64):
+        assert assign_sizes(sizes, nodes) == assign_nodes(plan, nodes)

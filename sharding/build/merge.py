@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
-from sharding.build.driver import BuildSummary, load_units
+from sharding.build.driver import BuildSummary
 from sharding.build.manifest import finalize
-from sharding.build.nodes import assign_nodes
+from sharding.build.nodes import assign_sizes, plan_unit_sizes
 from sharding.build.output_dir import remove_temp_files
 from sharding.build.output_lock import output_lock
-from sharding.build.plan import SavedPlan
 from sharding.errors import InputError
 from sharding.layout import BUILD_INFO, NODES_DIR, PLAN_REJECTED, UNITS_DIR, unit_stats_path
 
@@ -53,12 +53,15 @@ def _node_reports(output: Path) -> list[dict]:
     return reports
 
 
-def check_complete(output: Path, units: SavedPlan) -> None:
-    """Raise InputError (one line) unless every planned unit has exactly one stats file and reports agree."""
+def check_complete(output: Path, sizes: Sequence[int]) -> None:
+    """Raise InputError (one line) unless every planned unit has exactly one stats file and reports agree.
+
+    `sizes`: the estimated bytes of each planned unit (nodes.py `plan_unit_sizes`), which fix the node shares.
+    """
     claims = _stats_files(output)
-    stray = sorted(unit for unit in claims if not 0 <= unit < len(units))
+    stray = sorted(unit for unit in claims if not 0 <= unit < len(sizes))
     if stray:
-        raise InputError(f"merge {output}: stats for unit(s) {_names(stray)} not in the plan of {len(units)} units")
+        raise InputError(f"merge {output}: stats for unit(s) {_names(stray)} not in the plan of {len(sizes)} units")
     duplicated = sorted(unit for unit, files in claims.items() if len(files) > 1)
     if duplicated:
         raise InputError(f"merge {output}: unit(s) {_names(duplicated)} have more than one stats file "
@@ -72,31 +75,32 @@ def check_complete(output: Path, units: SavedPlan) -> None:
     if twice:
         raise InputError(f"merge {output}: unit(s) {_names(twice)} reported by more than one node "
                          f"({', '.join(owners[twice[0]])})")
-    missing = [unit for unit in range(len(units)) if not unit_stats_path(output, unit).is_file()]
+    missing = [unit for unit in range(len(sizes)) if not unit_stats_path(output, unit).is_file()]
     if missing:
         raise InputError(f"merge {output}: unit(s) {_names(missing)} missing (no stats file)"
-                         + _who(reports, missing, units))
-    _check_reports(output, reports, units)
+                         + _who(reports, missing, sizes))
+    _check_reports(output, reports, sizes)
 
 
-def _who(reports: list[dict], missing: list[int], units: SavedPlan) -> str:
+def _who(reports: list[dict], missing: list[int], sizes: Sequence[int]) -> str:
     """`; they belong to node(s) ...` when the node count is known from the reports."""
     counts = {report["num_nodes"] for report in reports}
     if len(counts) != 1:
         return ""
-    shares = assign_nodes(units, counts.pop())
-    nodes = sorted({rank for rank, share in enumerate(shares) for unit in missing if unit in share})
+    shares = assign_sizes(sizes, counts.pop())
+    absent = set(missing)
+    nodes = sorted({rank for rank, share in enumerate(shares) for unit in share if unit in absent})
     return f"; rerun the build of --node-rank {', '.join(map(str, nodes))}"
 
 
-def _check_reports(output: Path, reports: list[dict], units: SavedPlan) -> None:
+def _check_reports(output: Path, reports: list[dict], sizes: Sequence[int]) -> None:
     if not reports:
         return  # a plain (single-node) build: the stats files are the whole story
     counts = sorted({report["num_nodes"] for report in reports})
     if len(counts) > 1:
         raise InputError(f"merge {output}: node reports disagree on --num-nodes ({', '.join(map(str, counts))}); "
                          f"remove {NODES_DIR}/ reports of the abandoned run")
-    shares = assign_nodes(units, counts[0])
+    shares = assign_sizes(sizes, counts[0])
     ranks = {report["node_rank"] for report in reports}
     absent = [rank for rank in range(counts[0]) if rank not in ranks]
     if absent:
@@ -121,7 +125,7 @@ def _merge(out: Path) -> BuildSummary:
     output = str(out)
     remove_temp_files(out)  # of a killed merge: every node has finished, this process holds the lock
     info = json.loads((out / BUILD_INFO).read_text())
-    units = load_units(out, columns=["est_bytes"])  # enough to count and balance the units
+    units = plan_unit_sizes(out)  # columnar: the plan's rows are never Python objects here
     if len(units) != info["units"]:
         raise InputError(f"merge {output}: plan lists {len(units)} units, {BUILD_INFO} {info['units']}")
     check_complete(out, units)

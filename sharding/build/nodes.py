@@ -20,11 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 
 from sharding.build.plan import SavedPlan
 from sharding.build.writer import atomic_write
 from sharding.errors import InputError
-from sharding.layout import NODES_DIR, TMP_SUFFIX, node_report_path, unit_stats_path
+from sharding.layout import NODES_DIR, PLAN, TMP_SUFFIX, node_report_path, unit_stats_path
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,11 @@ class NodeShare:
 def assign_nodes(plan: SavedPlan, num_nodes: int) -> list[list[int]]:
     """Units per node, balanced by estimated bytes (a row without an estimate weighs 1; see `assign_sizes`)."""
     return assign_sizes(plan.unit_bytes(floor=1), num_nodes)
+
+
+def plan_unit_sizes(output: Path) -> np.ndarray:
+    """What `assign_nodes` weighs, from the saved plan's `unit` and `est_bytes` columns alone."""
+    return SavedPlan(pq.read_table(output / PLAN, columns=["unit", "est_bytes"])).unit_bytes(floor=1)
 
 
 def assign_sizes(sizes: np.ndarray, num_nodes: int) -> list[list[int]]:

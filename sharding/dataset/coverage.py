@@ -16,10 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from sharding.build.writer import CLOUD_HISTOGRAM_BINS, atomic_write
-from sharding.dataset.verify import load_manifest
+from sharding.dataset.location import DatasetLocation, load_manifest
 from sharding.errors import InputError
 from sharding.layout import INDEX
 
@@ -60,12 +59,13 @@ class Coverage:
                 f"{busiest} ({self.lat_bands[busiest]}): map {png}, counts {json_path}")
 
 
-def read_columns(dataset: Path) -> dict[str, np.ndarray]:
+def read_columns(dataset: DatasetLocation) -> dict[str, np.ndarray]:
+    """The index columns the map needs (a remote index: only their column chunks are fetched)."""
     load_manifest(dataset)  # a finished dataset, or a one-line error
-    path = dataset / INDEX
-    if not path.is_file():
+    index = dataset.parquet(INDEX)
+    if index is None:
         raise InputError(f"{dataset}: no {INDEX}")
-    table = pq.read_table(path, columns=["centre_lat", "centre_lon", "timestamp", "cloud_cover"])
+    table = index.read(columns=["centre_lat", "centre_lon", "timestamp", "cloud_cover"])
     located = table.filter(pc.and_(pc.is_valid(table.column("centre_lat")), pc.is_valid(table.column("centre_lon"))))
     if located.num_rows == 0:
         raise InputError(f"{dataset}: no sample with a location in {INDEX}; nothing to map")
@@ -130,7 +130,7 @@ def draw(columns: dict[str, np.ndarray], coverage: Coverage, title: str, path: P
 
 def coverage_map(dataset: str, out: str) -> tuple[Coverage, Path, Path]:
     """Write the PNG at `out` and `<out stem>.json` next to it; returns (counts, png path, json path)."""
-    root, png = Path(dataset), Path(out)
+    root, png = DatasetLocation(dataset), Path(out)
     if png.suffix.lower() != ".png":
         raise InputError(f"--output {out}: expected a .png file name")
     if png.is_dir():
@@ -138,8 +138,8 @@ def coverage_map(dataset: str, out: str) -> tuple[Coverage, Path, Path]:
     columns = read_columns(root)
     coverage = count(columns)
     png.parent.mkdir(parents=True, exist_ok=True)
-    draw(columns, coverage, root.resolve().name, png)
+    draw(columns, coverage, root.name, png)
     json_path = png.with_suffix(".json")
     atomic_write(json_path, lambda p: p.write_text(json.dumps(
-        {"dataset": str(root.resolve()), **coverage.__dict__}, indent=1)))
+        {"dataset": str(root) if root.remote else str(Path(root.root).resolve()), **coverage.__dict__}, indent=1)))
     return coverage, png, json_path

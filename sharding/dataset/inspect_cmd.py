@@ -12,9 +12,10 @@ import numpy as np
 from phileo.bands import MODEL_BANDS, RESOLUTION_GROUPS, STACK_MEMBER
 from phileo.schema import Sample, SchemaError, decode_sample
 from phileo.tarstream import TarFormatError
-from sharding.dataset.tarread import iter_tar_samples
-from sharding.dataset.verify import load_manifest
+from sharding.dataset.location import DatasetLocation, load_manifest
+from sharding.dataset.tarread import TarSample, iter_stream_samples
 from sharding.errors import InputError
+from sharding.sources.remote import is_remote
 
 PREVIEW_TILE = 256
 
@@ -27,30 +28,49 @@ class BadData:
     reason: str
 
 
+def _shards(path: str) -> tuple[DatasetLocation, list[str]]:
+    """(where the shards are, their URLs in it): a dataset (manifest order) or one .tar shard."""
+    if is_remote(path) and path.split("?", 1)[0].endswith(".tar"):
+        parent, _, name = path.rpartition("/")
+        return DatasetLocation(parent), [name]
+    if not is_remote(path):
+        root = Path(path)
+        if root.is_file() and root.suffix == ".tar":
+            return DatasetLocation(str(root.parent)), [root.name]
+        if not root.is_dir():
+            DatasetLocation(path)  # a URL of a scheme never read: that one-line error first
+            raise InputError(f"{path}: expected a dataset directory or a .tar shard")
+    location = DatasetLocation(path)
+    return location, [shard["url"] for shard in load_manifest(location)["shards"]]
+
+
+def _shard_samples(location: DatasetLocation, url: str) -> Iterator[TarSample]:
+    size = location.size(url)
+    if size is None:
+        raise FileNotFoundError(f"{location}/{url}: missing")
+    with location.open_stream(url, size) as stream:
+        yield from iter_stream_samples(stream, f"{location}/{url}")
+
+
 def iter_samples(path: str, max_samples: int) -> Iterator[Sample | BadData]:
-    """Samples of a shard tar, or of a dataset directory (shards in manifest order); a bad sample or an
-    unreadable shard is yielded as BadData (and counts toward `max_samples`) instead of stopping."""
-    root = Path(path)
-    if root.is_dir():
-        shards = [root / shard["url"] for shard in load_manifest(root)["shards"]]
-    elif root.is_file() and root.suffix == ".tar":
-        shards = [root]
-    else:
-        raise InputError(f"{path}: expected a dataset directory or a .tar shard")
+    """Samples of a shard tar, or of a dataset (shards in manifest order), local or remote; a bad sample or
+    an unreadable shard is yielded as BadData (and counts toward `max_samples`) instead of stopping."""
+    location, shards = _shards(path)
     count = 0
-    for shard in shards:
+    for url in shards:
+        where = f"{location}/{url}"
         try:
-            for raw in iter_tar_samples(shard):
+            for raw in _shard_samples(location, url):
                 if count >= max_samples:
                     return
                 count += 1
                 try:
                     yield decode_sample(raw.key, raw.members)
                 except SchemaError as error:
-                    yield BadData(f"{shard}", str(error))
+                    yield BadData(where, str(error))
         except (TarFormatError, OSError) as error:  # missing, empty, truncated, not a tar
             count += 1
-            yield BadData(str(shard), f"unreadable shard ({type(error).__name__}: {error})")
+            yield BadData(where, f"unreadable shard ({type(error).__name__}: {error})")
             if count >= max_samples:
                 return
 

@@ -20,13 +20,13 @@ import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
 from phileo.geo import EARTH_RADIUS_EQUATOR_KM
-from sharding.dataset.subset import read_index, write_selection
+from sharding.dataset.location import DatasetLocation
+from sharding.dataset.subset import local_output, read_index, write_selection
 from sharding.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -153,7 +153,8 @@ class SplitArgs:
         if not self.block_km > 2 * self.buffer_km:
             raise InputError(f"--block-km {self.block_km:g}: expected more than twice --buffer-km "
                              f"({self.buffer_km:g}), or every sample would be within the buffer of an edge")
-        if Path(self.output_train).resolve() == Path(self.output_val).resolve():
+        train, val = local_output(self.output_train, "--output-train"), local_output(self.output_val, "--output-val")
+        if train.resolve() == val.resolve():
             raise InputError(f"--output-val {self.output_val}: same directory as --output-train")
 
 
@@ -208,7 +209,7 @@ def _assign(lat: np.ndarray, lon: np.ndarray, blocks: np.ndarray, inverse: np.nd
 def split(args: SplitArgs, overwrite: bool = False) -> SplitSummary:
     """Run `phileo-shard split`; InputError on bad input or a split that leaves one side empty."""
     started = time.monotonic()
-    source = Path(args.dataset)
+    source = DatasetLocation(args.dataset)
     manifest, index = read_index(source)
     if index.num_rows == 0:
         raise InputError(f"{source}: the dataset has no samples")
@@ -234,8 +235,8 @@ def split(args: SplitArgs, overwrite: bool = False) -> SplitSummary:
     for role, mask, output, flag in (("train", train_mask, args.output_train, "--output-train"),
                                      ("val", val_mask, args.output_val, "--output-val")):
         derived = {"command": "split", "role": role, "parameters": parameters, "counts": summary.counts()}
-        write_selection(source, manifest, index.filter(pa.array(mask)), Path(output), args.shard_size, derived,
-                        overwrite, flag)
+        write_selection(source, manifest, index.filter(pa.array(mask)), local_output(output, flag), args.shard_size,
+                        derived, overwrite, flag)
     log.debug("val blocks: %s", parameters["val_blocks"])
     summary.seconds = time.monotonic() - started
     return summary

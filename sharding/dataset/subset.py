@@ -12,6 +12,7 @@ same `write_selection`.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -28,12 +29,12 @@ from tqdm import tqdm
 from phileo import __version__
 from phileo.schema import SCHEMA_VERSION
 from phileo.tarstream import TarFormatError, iter_sample_spans
-from phileo.urls import UnsafeURLError, inside_root
+from phileo.urls import redact_text, url_scheme
 from sharding.build.output_dir import claim_output_dir, clear_owned
 from sharding.build.output_lock import output_lock
-from sharding.build.writer import ShardSummary, ShardWriter, atomic_write, sha256_file
+from sharding.build.writer import ShardSummary, ShardWriter, atomic_write
+from sharding.dataset.location import DatasetLocation, load_manifest
 from sharding.dataset.query import build_query, select
-from sharding.dataset.verify import load_manifest
 from sharding.errors import InputError
 from sharding.layout import INDEX, MANIFEST, REJECTED, SHARDS_DIR
 
@@ -92,10 +93,22 @@ class RawShardWriter(ShardWriter):
         return self._added(key, offset, meta)
 
 
-def prepare_output(output: Path, source: Path, overwrite: bool, flag: str = "--output") -> None:
-    """An empty or new directory, or a previous output of this command (replaced only with --overwrite)."""
-    if output.resolve() == source.resolve():
+def local_output(given: str, flag: str = "--output") -> Path:
+    """The output directory given on the command line: local, whatever the source is."""
+    if url_scheme(given) is not None and len(url_scheme(given)) > 1:  # len 1: a Windows drive letter
+        raise InputError(f"{flag} {redact_text(given)}: outputs are local directories (the source may be remote)")
+    return Path(given)
+
+
+def _check_output(output: Path, source: DatasetLocation, flag: str) -> None:
+    """The output is not the source dataset."""
+    if not source.remote and output.resolve() == Path(source.root).resolve():
         raise InputError(f"{flag} {output}: is the source dataset; choose another directory")
+
+
+def prepare_output(output: Path, source: DatasetLocation, overwrite: bool, flag: str = "--output") -> None:
+    """An empty or new directory, or a previous output of this command (replaced only with --overwrite)."""
+    _check_output(output, source, flag)
     claim_output_dir(output, lambda name: name in OWNED, flag, what="a dataset")
     if (output / MANIFEST).is_file() and not overwrite:
         raise InputError(f"{flag} {output}: already holds a dataset; add --overwrite to replace it")
@@ -103,16 +116,17 @@ def prepare_output(output: Path, source: Path, overwrite: bool, flag: str = "--o
     (output / SHARDS_DIR).mkdir()
 
 
-def read_index(dataset: Path) -> tuple[dict, pa.Table]:
-    """(manifest, index table) of a finished dataset."""
+def read_index(dataset: DatasetLocation) -> tuple[dict, pa.Table]:
+    """(manifest, index table) of a finished dataset, local or remote."""
     manifest = load_manifest(dataset)
-    path = dataset / INDEX
-    if not path.is_file():
+    index = dataset.parquet(INDEX)
+    if index is None:
         raise InputError(f"{dataset}: no {INDEX}")
-    return manifest, pq.read_table(path)
+    return manifest, index.read()
 
 
-def copy_rows(source: Path, rows: pa.Table, output: Path, shard_size: int, desc: str) -> tuple[pa.Table, list]:
+def copy_rows(source: DatasetLocation, rows: pa.Table, output: Path, shard_size: int,
+              desc: str) -> tuple[pa.Table, list]:
     """Copy the samples of `rows` (in source shard/offset order); returns (their new index, shard summaries)."""
     rows = rows.sort_by([("shard", "ascending"), ("offset", "ascending")])
     writer = RawShardWriter(output / SHARDS_DIR, shard_size)
@@ -124,10 +138,10 @@ def copy_rows(source: Path, rows: pa.Table, output: Path, shard_size: int, desc:
             for row in (r for batch in rows.select(["key", "shard", "offset", "bytes"]).to_batches()
                         for r in batch.to_pylist()):
                 if row["shard"] != current:
-                    handle = _reopen(handle, _shard_path(source, row["shard"]))
+                    handle = _reopen(handle, source, row["shard"])
                     current = row["shard"]
                 handle.seek(row["offset"])
-                entry = writer.copy_sample(handle, row["key"], row["bytes"], f"{source / current}@{row['offset']}")
+                entry = writer.copy_sample(handle, row["key"], row["bytes"], f"{source}/{current}@{row['offset']}")
                 for name in located:
                     located[name].append(entry[name])
                 bar.update(row["bytes"])
@@ -144,40 +158,37 @@ def copy_rows(source: Path, rows: pa.Table, output: Path, shard_size: int, desc:
     return rows, shards
 
 
-def _shard_path(source: Path, url: str) -> Path:
-    """A shard the source index names, which must lie inside the source dataset."""
-    try:
-        return Path(inside_root(str(source), url, f"{source / INDEX}: shard"))
-    except UnsafeURLError as error:
-        raise InputError(str(error)) from None
-
-
-def _reopen(handle: BinaryIO | None, path: Path) -> BinaryIO:
+def _reopen(handle: BinaryIO | None, source: DatasetLocation, url: str) -> BinaryIO:
+    """The shard `url` the source index names, which must lie inside the source dataset; remote: one
+    ranged GET per sample read."""
     if handle is not None:
         handle.close()
-    if not path.is_file():
+    path = source.file(url, f"{source}/{INDEX}: shard")
+    size = source.size(url)
+    if size is None:
         raise InputError(f"{path}: shard named in the source index is missing")
-    return open(path, "rb")
+    return source.open_ranges(url, size)
 
 
-def write_selection(source: Path, source_manifest: dict, rows: pa.Table, output: Path, shard_size: int,
+def write_selection(source: DatasetLocation, source_manifest: dict, rows: pa.Table, output: Path, shard_size: int,
                     derived_from: dict, overwrite: bool, flag: str = "--output") -> dict:
     """Write the samples of `rows` as a dataset in `output`; returns its manifest (written last)."""
     if shard_size < 1:
         raise InputError(f"--shard-size {shard_size}: expected a positive number of bytes")
-    if output.resolve() == source.resolve():
-        raise InputError(f"{flag} {output}: is the source dataset; choose another directory")
+    _check_output(output, source, flag)
     with output_lock(output, flag):
         return _write_selection(source, source_manifest, rows, output, shard_size, derived_from, overwrite, flag)
 
 
-def _write_selection(source: Path, source_manifest: dict, rows: pa.Table, output: Path, shard_size: int,
+def _write_selection(source: DatasetLocation, source_manifest: dict, rows: pa.Table, output: Path, shard_size: int,
                      derived_from: dict, overwrite: bool, flag: str) -> dict:
     prepare_output(output, source, overwrite, flag)
+    manifest_bytes = source.read_bytes(MANIFEST) or b""
     index, shards = copy_rows(source, rows, output, shard_size, desc=output.name)
     atomic_write(output / INDEX, lambda p: pq.write_table(index, p))
     atomic_write(output / REJECTED, lambda p: p.write_text(""))
-    origin = {"dataset": str(source.resolve()), "manifest_sha256": sha256_file(source / MANIFEST),
+    origin = {"dataset": str(source) if source.remote else str(Path(source.root).resolve()),
+              "manifest_sha256": hashlib.sha256(manifest_bytes).hexdigest(),
               "samples": source_manifest.get("totals", {}).get("samples"), **derived_from}
     manifest = {"schema": SCHEMA_VERSION, "source": source_manifest.get("source"), "tool_version": __version__,
                 "build_args": source_manifest.get("build_args")}
@@ -223,7 +234,8 @@ class SubsetSummary:
 def subset(args: SubsetArgs, overwrite: bool = False) -> SubsetSummary:
     """Run `phileo-shard subset`; InputError on bad input (unknown column, nothing selected, ...)."""
     started = time.monotonic()
-    source = Path(args.source)
+    local_output(args.output)
+    source = DatasetLocation(args.source)
     source_manifest, index = read_index(source)
     query = build_query(index.schema, args.where, args.bbox, args.start, args.end)
     rows = select(index, query, args.where)
@@ -233,7 +245,7 @@ def subset(args: SubsetArgs, overwrite: bool = False) -> SubsetSummary:
         given = ", ".join(f"--{name} {value!r}" for name, value in criteria.items() if value is not None)
         raise InputError(f"{given or 'the query'}: selects none of the {index.num_rows} samples of {source}")
     log.info("selected %d of %d samples of %s", rows.num_rows, index.num_rows, source)
-    manifest = write_selection(source, source_manifest, rows, Path(args.output), args.shard_size,
+    manifest = write_selection(source, source_manifest, rows, local_output(args.output), args.shard_size,
                                {"command": "subset", "query": criteria}, overwrite)
     totals = manifest["totals"]
     return SubsetSummary(totals["samples"], index.num_rows, totals["shards"], totals["bytes"],
