@@ -176,3 +176,25 @@ def test_hub_server_answers_as_huggingface_hub_expects(majortom, hub):
     for missing in (f"{HF_URL}/images/nope.parquet", f"{HF_URL}@v9/metadata.parquet", "hf://datasets/a/b/x"):
         with pytest.raises(FileNotFoundError):
             fs.info(missing)
+
+
+def test_dataset_tools_read_a_dataset_on_the_hub(built, tmp_path):
+    """verify (with and without pixels) and inspect take an hf:// dataset; verify reads each shard once."""
+    manifest = read_manifest(built)
+    with HubServer(built, "org/shards") as server:
+        environment = os.environ | server.env | {"HF_TOKEN": TOKEN, "HF_HOME": str(tmp_path / "hf-home")}
+        outputs = []
+        for args in (["verify", "--no-pixels"], ["verify"], ["inspect", "--max-samples", "2"]):
+            server.reset_stats()
+            result = subprocess.run([sys.executable, "-m", "sharding.cli", *args, "hf://datasets/org/shards"],
+                                    env=environment, capture_output=True, text=True, timeout=300)
+            assert result.returncode == 0, result.stderr[-3000:]
+            assert TOKEN not in result.stdout + result.stderr
+            outputs.append(result.stdout)
+            if args[0] == "verify":
+                served = server.stats()["bytes"]
+                assert {s["url"]: served.get(s["url"]) for s in manifest["shards"]} == {
+                    s["url"]: s["bytes"] for s in manifest["shards"]}
+        assert server.stats()["foreign"] == []
+    assert all(f"ok: {manifest['totals']['samples']} samples verified" in out for out in outputs[:2])
+    assert outputs[2].count("cloud") >= 2
