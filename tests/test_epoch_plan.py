@@ -1,12 +1,14 @@
 """The epoch plan and its resume position, from sample counts alone: every crop dealt once, drops under one
 global batch, and the crops left after any interruption computed exactly (training/data/epoch.py, position.py)."""
 
+import pickle
+
 import numpy as np
 import pytest
 
 from training.data.batches import redeal
-from training.data.epoch import Deal, EpochPosition, Layout, PlanError, plan_epoch
-from training.data.position import replay_output
+from training.data.deal import Deal, Layout
+from training.data.epoch import EpochPosition, PlanError, plan_epoch
 from training.data.shards import ShardInfo
 
 SHAPES = [  # (tiles per shard, world, workers, batch, K, grad_accum)
@@ -79,7 +81,7 @@ def resume_sequence(shards, layouts, stops, seed=2, crops=3):
         for unit, count in enumerate(counts.tolist()):
             rank, worker = divmod(unit, layout.streams)
             ids = plan.crop_ids(rank, worker)
-            trained.append(replay_output(plan, len(history), plan.deal, unit, ids, count))
+            trained.append(plan.remaining.replay(len(history), plan.deal, unit, ids, count))
         history = plan.position_after(stop).segments
     last = layouts[-1]
     plan = plan_epoch(shards, last.world_size, last.num_workers, last.batch_size, crops, seed, 0, last.grad_accum,
@@ -102,3 +104,5 @@ def test_a_resumed_epoch_trains_every_remaining_crop_exactly_once(layouts, stops
     assert plan.dropped < plan.layout.global_batch
     position = plan.position_after(0)
     assert EpochPosition.from_dict(position.to_dict()) == position and len(str(position.to_dict())) < 1000
+    copy = pickle.loads(pickle.dumps(plan))  # what a spawned DataLoader worker gets, replay cache included
+    assert all(np.array_equal(a, b) for a, b in zip(every_crop(copy), rest, strict=True))

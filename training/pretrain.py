@@ -31,7 +31,8 @@ from training.checkpoint import (
     save_sharded_checkpoint,
 )
 from training.config import ConfigError, PretrainConfig, TrainingDiverged
-from training.data.epoch import EpochPlan, EpochPosition, Segment, fingerprint, plan_epoch
+from training.data.deal import Segment
+from training.data.epoch import EpochPlan, EpochPosition, fingerprint, plan_epoch
 from training.data.loader import BAND_KEYS, StreamOptions, make_loader, model_input
 from training.data.shards import resolve_shards
 from training.distributed import World, all_reduce_mean, barrier, init_world, shutdown

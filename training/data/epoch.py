@@ -25,40 +25,13 @@ from functools import cached_property
 import numpy as np
 
 from training.config import DataConfig
+from training.data.deal import Deal, Layout, Segment
+from training.data.position import RemainingCrops
 from training.data.shards import ShardInfo
 
 
 class PlanError(ValueError):
     """The data cannot feed this world size / batch size; the message says what to change."""
-
-
-@dataclass(frozen=True)
-class Layout:
-    """What the deal of a segment depends on, besides the crops: saved in the resume position."""
-
-    world_size: int
-    num_workers: int  # DataLoader workers per rank; 0 = in the main process (one stream)
-    batch_size: int
-    grad_accum: int = 1
-    shuffle_buffer: int = DataConfig.shuffle_buffer
-    shards_in_parallel: int = DataConfig.shards_in_parallel
-
-    @property
-    def streams(self) -> int:
-        return max(self.num_workers, 1)
-
-    @property
-    def global_batch(self) -> int:
-        """Crops of one optimizer step over all ranks: what `steps` is rounded to."""
-        return self.world_size * self.batch_size * self.grad_accum
-
-
-@dataclass(frozen=True)
-class Segment:
-    """Part of an epoch trained in one run: its layout and the micro-batches each rank trained."""
-
-    layout: Layout
-    batches: int
 
 
 @dataclass(frozen=True)
@@ -88,53 +61,6 @@ def fingerprint(shards: list[ShardInfo]) -> str:
     return f"{len(shards)}:{int(counts.sum())}:{hashlib.sha256(counts.tobytes()).hexdigest()[:16]}"
 
 
-@dataclass(frozen=True)
-class Deal:
-    """The arithmetic of one segment: `length` crops dealt on `layout` (arrays over rank x worker units)."""
-
-    layout: Layout
-    length: int
-
-    @cached_property
-    def steps(self) -> int:
-        """Micro-batches per rank, a multiple of grad_accum."""
-        return self.length // self.layout.global_batch * self.layout.grad_accum
-
-    @property
-    def dealt(self) -> int:
-        return self.steps * self.layout.world_size * self.layout.batch_size
-
-    @cached_property
-    def batches(self) -> np.ndarray:
-        """Loader batches of every unit (rank * streams + worker)."""
-        streams = self.layout.streams
-        per_worker = self.steps // streams + (np.arange(streams) < self.steps % streams)
-        return np.tile(per_worker.astype(np.int64), self.layout.world_size)
-
-    @cached_property
-    def starts(self) -> np.ndarray:
-        """Where each unit's range begins in the segment's sequence (one more entry: the end of the last)."""
-        return np.concatenate([[0], np.cumsum(self.batches * self.layout.batch_size)])
-
-    def trained(self, micro_batches: int) -> np.ndarray:
-        """Crops of each unit trained once every rank has trained `micro_batches` (a prefix of its output).
-
-        Batch i of a rank comes from worker i % streams, and WorkerMixedBatches (batches.py
-        `redeal`) re-deals each group of `streams` batches crop by crop: crop j of the group's
-        batch b lands at position j * count + b. So after the group's first m mixed batches,
-        worker b has given the crops j with j * count + b < m * batch.
-        """
-        streams, size = self.layout.streams, self.layout.batch_size
-        group, into = divmod(micro_batches, streams)
-        lengths = np.full(streams, group * size, dtype=np.int64)
-        if into:
-            count = min(streams, self.steps - group * streams)
-            worker = np.arange(streams)
-            part = np.clip(-((worker - into * size) // count), 0, size)
-            lengths += np.where(worker < count, part, 0)
-        return np.tile(lengths, self.layout.world_size)
-
-
 @dataclass
 class EpochPlan:
     """The same on every rank; workers ask it for their crops (`crop_ids`)."""
@@ -148,7 +74,7 @@ class EpochPlan:
     deal: Deal
     dataset: str
     total_crops: int  # crops of the whole epoch
-    _crops: object = field(default=None, repr=False)  # position.RemainingCrops, made on first use
+    _crops: RemainingCrops | None = field(default=None, repr=False)  # made on first use
 
     @property
     def layout(self) -> Layout:
@@ -184,14 +110,18 @@ class EpochPlan:
         """Crops this worker yields: whole batches."""
         return int(self.deal.batches[self.unit(rank, worker)]) * self.layout.batch_size
 
+    @property
+    def remaining(self) -> RemainingCrops:
+        """The crops of this epoch not trained before this segment (made on first use, then cached)."""
+        if self._crops is None:
+            self._crops = RemainingCrops(self.seed, self.epoch, self.crops_per_tile, self.tile_starts,
+                                         self.history, self.total_crops)
+        return self._crops
+
     def crop_ids(self, rank: int, worker: int) -> np.ndarray:
         """This worker's crop ids, increasing (tile = id // K, crop index = id % K)."""
-        from training.data.position import RemainingCrops
-
-        if self._crops is None:
-            self._crops = RemainingCrops(self)
         unit = self.unit(rank, worker)
-        return self._crops.slice(len(self.history), int(self.deal.starts[unit]), int(self.deal.starts[unit + 1]))
+        return self.remaining.slice(len(self.history), int(self.deal.starts[unit]), int(self.deal.starts[unit + 1]))
 
     def position_after(self, micro_batches: int) -> EpochPosition:
         """The resume state once every rank has trained `micro_batches` of this plan."""

@@ -71,10 +71,11 @@ class ShuffleCrops:
 
     def __call__(self, crops: Iterable[dict]) -> Iterator[dict]:
         worker = self.worker
-        if worker is None:
-            from training.data.loader import worker_position  # torch; the replay passes `worker`
+        if worker is None:  # in a DataLoader worker (the replay passes `worker`, and needs no torch)
+            from torch.utils.data import get_worker_info
 
-            worker = worker_position()[0]
+            info = get_worker_info()
+            worker = 0 if info is None else info.id
         salt = f"-{self.segment}" if self.segment else ""
         rng = random.Random(f"{self.seed}-{self.epoch}-{self.rank}-{worker}{salt}")
         by_tile: dict = {}

@@ -16,15 +16,10 @@ shifted that worker's stream, so its replayed output may differ from what was tr
 
 from __future__ import annotations
 
-from functools import lru_cache
-from typing import TYPE_CHECKING
-
 import numpy as np
 
+from training.data.deal import Deal, Segment
 from training.data.order import ShuffleCrops, interleave
-
-if TYPE_CHECKING:
-    from training.data.epoch import Deal, EpochPlan
 
 
 def tile_groups(tile_starts: np.ndarray, ids: np.ndarray, crops_per_tile: int) -> list[tuple[int, list]]:
@@ -45,24 +40,28 @@ def tile_groups(tile_starts: np.ndarray, ids: np.ndarray, crops_per_tile: int) -
 
 
 class RemainingCrops:
-    """Any slice of any segment's sequence of a plan's epoch (`slice`), replaying only what it needs."""
+    """Any slice of any segment's sequence of an epoch (`slice`), replaying only what it needs.
 
-    def __init__(self, plan: EpochPlan):
-        from training.data.epoch import Deal
+    `tile_starts`: the first epoch tile number of each shard in the epoch's order (and the tile
+    count); `history`: the segments trained before the current one.
+    """
 
-        self.plan = plan
+    def __init__(self, seed: int, epoch: int, crops_per_tile: int, tile_starts: np.ndarray,
+                 history: tuple[Segment, ...], total_crops: int):
+        self.seed, self.epoch, self.crops_per_tile, self.tile_starts = seed, epoch, crops_per_tile, tile_starts
+        self.history = history
         self.deals: list[Deal] = []
-        length = plan.total_crops
-        for segment in plan.history:
+        length = total_crops
+        for segment in history:
             self.deals.append(Deal(segment.layout, length))
             length -= segment.batches * segment.layout.world_size * segment.layout.batch_size
-        self.remaining = [self._remaining_per_unit(level) for level in range(len(plan.history))]
-        self.remainder = lru_cache(maxsize=64)(self._remainder)
+        self.remaining = [self._remaining_per_unit(level) for level in range(len(history))]
+        self.replayed: dict[tuple[int, int], np.ndarray] = {}  # (level, unit) -> its remainder; a few per rank
 
     def _remaining_per_unit(self, level: int) -> np.ndarray:
         """Cumulative crops each unit of segment `level` left untrained (leading 0)."""
         deal = self.deals[level]
-        left = deal.batches * deal.layout.batch_size - deal.trained(self.plan.history[level].batches)
+        left = deal.batches * deal.layout.batch_size - deal.trained(self.history[level].batches)
         return np.concatenate([[0], np.cumsum(left)])
 
     def slice(self, level: int, start: int, stop: int) -> np.ndarray:
@@ -87,28 +86,33 @@ class RemainingCrops:
             parts.append(self.slice(below, max(start, carried) + offset, stop + offset))
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
-    def _remainder(self, level: int, unit: int) -> np.ndarray:
+    def remainder(self, level: int, unit: int) -> np.ndarray:
         """Crop ids of `unit`'s range in segment `level` that it had not output when the segment ended."""
+        if (level, unit) not in self.replayed:
+            self.replayed[level, unit] = self._replay_remainder(level, unit)
+        return self.replayed[level, unit]
+
+    def _replay_remainder(self, level: int, unit: int) -> np.ndarray:
         deal = self.deals[level]
         ids = self.slice(level, int(deal.starts[unit]), int(deal.starts[unit + 1]))
-        trained = int(deal.trained(self.plan.history[level].batches)[unit])
-        done = replay_output(self.plan, level, deal, unit, ids, trained)
+        trained = int(deal.trained(self.history[level].batches)[unit])
+        done = self.replay(level, deal, unit, ids, trained)
         return ids[~np.isin(ids, done)]
 
-
-def replay_output(plan: EpochPlan, level: int, deal: Deal, unit: int, ids: np.ndarray, count: int) -> np.ndarray:
-    """The first `count` crop ids that `unit` of segment `level` output: its stages replayed on ids."""
-    if count == 0:
-        return np.zeros(0, dtype=np.int64)
-    layout = deal.layout
-    rank, worker = divmod(unit, layout.streams)
-    groups = tile_groups(plan.tile_starts, ids, plan.crops_per_tile)
-    streams = [[(int(crops[0]) // plan.crops_per_tile, crops) for _, crops in tiles] for _, tiles in groups]
-    crops = ({"key": tile, "id": int(crop)} for tile, tile_crops in interleave(streams, layout.shards_in_parallel)
-             for crop in tile_crops)
-    shuffle = ShuffleCrops(layout.shuffle_buffer, plan.seed, plan.epoch, rank, spread=layout.batch_size,
-                           worker=worker, segment=level)
-    out = np.empty(count, dtype=np.int64)
-    for index, crop in zip(range(count), shuffle(crops)):
-        out[index] = crop["id"]
-    return out
+    def replay(self, level: int, deal: Deal, unit: int, ids: np.ndarray, count: int) -> np.ndarray:
+        """The first `count` crop ids that `unit` of segment `level` (dealt by `deal`, its range `ids`) output:
+        the loader's stages replayed on ids."""
+        if count == 0:
+            return np.zeros(0, dtype=np.int64)
+        layout, size = deal.layout, self.crops_per_tile
+        rank, worker = divmod(unit, layout.streams)
+        groups = tile_groups(self.tile_starts, ids, size)
+        streams = [[(int(crops[0]) // size, crops) for _, crops in tiles] for _, tiles in groups]
+        crops = ({"key": tile, "id": int(crop)} for tile, tile_crops in interleave(streams, layout.shards_in_parallel)
+                 for crop in tile_crops)
+        shuffle = ShuffleCrops(layout.shuffle_buffer, self.seed, self.epoch, rank, spread=layout.batch_size,
+                               worker=worker, segment=level)
+        out = np.empty(count, dtype=np.int64)
+        for index, crop in zip(range(count), shuffle(crops)):
+            out[index] = crop["id"]
+        return out
