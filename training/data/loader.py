@@ -42,7 +42,11 @@ HALO_20M = 1  # extra 20 m pixels around a crop so bilinear upsampling matches t
 
 @dataclass(frozen=True)
 class StreamOptions:
-    """What the pipeline stages need; defaults are the pretraining config's (training/config.py)."""
+    """What the pipeline stages need; defaults are the pretraining config's (training/config.py).
+
+    Batch size, shuffle buffer and shards in parallel are taken from the plan's `Layout`
+    (training/data/deal.py), which the resume position records; pass the same values to `plan_epoch`.
+    """
 
     crops_per_tile: int = DataConfig.crops_per_tile
     crop_size: int = DataConfig.crop_size
@@ -319,7 +323,8 @@ def pipeline_loader(pipeline: wds.DataPipeline, num_workers: int) -> torch.utils
 
 def make_loader(plan: EpochPlan, rank: int, options: StreamOptions, num_workers: int) -> Iterable[dict]:
     """Batches of this rank for the epoch (numpy arrays already wrapped as tensors)."""
-    assert plan.layout.num_workers == num_workers, "the plan's worker count is how its crops were dealt"
+    assert (plan.layout.num_workers, plan.layout.batch_size) == (num_workers, options.batch_size), \
+        "the plan's workers and batch size are how its crops were dealt"
     collate = CollateCrops()
     loader = pipeline_loader(make_pipeline(plan, rank, options, collate), num_workers)
     # room for 10 uint16 bands per crop on the 10 m grid (s2_stack; 4 at 10 m + 6 at 20 m with halos take less),
