@@ -33,45 +33,40 @@ ROWS_PER_GROUP = 65_536  # as sharding/build/manifest.py writes index.parquet
 BEFORE = (56_368, 52_480, 60.8)  # dropped, repeated, resume MB: whole-shard dealing + a `done` key list (2026-12-02)
 
 RANK_LOOKUP = """
-import json, resource, sys, time
-started = time.perf_counter()
+import json, sys, time
 from training.data.epoch import plan_epoch
 from training.data.pieces import rank_pieces
 from training.data.shards import resolve_shards
-import pyarrow.parquet as pq
+import pyarrow, pyarrow.compute, pyarrow.parquet as pq
 world, workers = int(sys.argv[2]), int(sys.argv[3])
 plan = plan_epoch(resolve_shards(sys.argv[1]), world, workers, 16, 16, 0, 0)
 real = pq.ParquetFile.read_row_groups
 groups = []
 pq.ParquetFile.read_row_groups = lambda self, g, **kw: groups.extend(g) or real(self, g, **kw)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 begun = time.perf_counter()
 pieces = rank_pieces(plan, 0)
 spans = sum(p.span is not None for worker in pieces for p in worker)
 meta = pq.ParquetFile(plan.shards[0].index).metadata
 read = sum(meta.row_group(g).column(c).total_compressed_size for g in groups for c in (1, 2, 3))
 result = {"seconds": time.perf_counter() - begun, "groups": len(groups), "spans": spans, "bytes": read,
-          "before": before, "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+          "arrow": pyarrow.default_memory_pool().max_memory() / 1e6}
 history = plan.position_after(plan.steps // 2 + 3).segments  # killed mid-epoch, mid-group of the worker mixing
 begun = time.perf_counter()
 resumed = plan_epoch(plan.shards, world // 2, workers, 16, 16, 0, 0, history=history)
 crops = sum(len(resumed.crop_ids(0, worker)) for worker in range(workers))
-result |= {"resume_seconds": time.perf_counter() - begun, "resume_crops": crops,
-           "resume_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+result |= {"resume_seconds": time.perf_counter() - begun, "resume_crops": crops}
 print(json.dumps(result))
 """
 WHOLE_INDEX = """
-import json, resource, sys, time
-import pyarrow.parquet as pq
-begun = time.perf_counter()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+import json, sys, time
+import pyarrow, pyarrow.parquet as pq
 begun = time.perf_counter()
 table = pq.read_table(sys.argv[1], columns=["shard", "offset", "bytes"])
 seconds = time.perf_counter() - begun
 meta = pq.ParquetFile(sys.argv[1]).metadata
 read = sum(meta.row_group(g).column(c).total_compressed_size for g in range(meta.num_row_groups) for c in (1, 2, 3))
 print(json.dumps({"seconds": seconds, "rows": table.num_rows, "groups": meta.num_row_groups, "bytes": read,
-                  "before": before, "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                  "arrow": pyarrow.default_memory_pool().max_memory() / 1e6}))
 """
 
 
@@ -83,18 +78,22 @@ def write_manifest(path: Path, shards: int, seed: int = 0) -> int:
     return int(samples.sum())
 
 
-def write_index(path: Path, manifest: Path) -> int:
-    """An index.parquet of the manifest's shards: key, shard, offset, bytes (10 MB tiles); returns its size."""
+def write_index(path: Path, manifest: Path, seed: int = 0) -> int:
+    """An index.parquet of the manifest's shards: MajorTOM-like keys, shard, offset, bytes (5-8 MB samples, as
+    MajorTOM tiles); returns its size. Only these four of the eleven columns: the lookup reads three."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     shards = json.loads(manifest.read_text())["shards"]
     counts = np.array([s["samples"] for s in shards])
     names = np.repeat(np.array([s["url"] for s in shards], dtype=object), counts)
-    within = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
-    table = pa.table({"key": pa.array([f"{i:07d}_{j:03d}" for i, j in enumerate(within)]), "shard": pa.array(names),
-                      "offset": pa.array(within * 10_000_000, pa.int64()), "bytes": pa.array(
-                          np.full(len(within), 10_000_000), pa.int64())})
+    sizes = np.random.default_rng(seed).integers(5_000_000 // 512, 8_000_000 // 512, counts.sum()) * 512
+    ends = np.cumsum(sizes)
+    offsets = ends - sizes - np.repeat(ends[np.cumsum(counts) - counts] - sizes[np.cumsum(counts) - counts], counts)
+    keys = [f"{i % 997:03d}U_{i // 997 % 3000}R_2023{i % 12 + 1:02d}{i % 28 + 1:02d}T1033{i % 60:02d}"
+            for i in range(len(sizes))]
+    table = pa.table({"key": pa.array(keys), "shard": pa.array(names), "offset": pa.array(offsets, pa.int64()),
+                      "bytes": pa.array(sizes, pa.int64())})
     pq.write_table(table, path, row_group_size=ROWS_PER_GROUP)
     return path.stat().st_size
 
@@ -141,18 +140,17 @@ def main(argv: list[str] | None = None) -> int:
              f"One rank's start of an epoch (rank 0 of {args.world_size}, {args.workers} workers) against a generated "
              f"index.parquet of {whole['rows']} rows in {whole['groups']} row groups "
              f"({index_bytes / 1e6:.0f} MB), each in a fresh process:", "",
-             "| | wall | row groups read | column chunks read | peak RSS growth |", "|---|---|---|---|---|",
+             "| | wall | row groups read | column chunks read | Arrow memory, peak |", "|---|---|---|---|---|",
              f"| `rank_pieces`: crops of {args.workers} workers + byte ranges of their {lookup['spans']} partial "
              f"shards | {lookup['seconds']:.2f} s | {lookup['groups']} | {lookup['bytes'] / 1e6:.1f} MB | "
-             f"{lookup['rss'] - lookup['before']:.0f} MB |",
+             f"{lookup['arrow']:.1f} MB |",
              f"| reading shard, offset, bytes of the whole index | {whole['seconds']:.2f} s | {whole['groups']} | "
-             f"{whole['bytes'] / 1e6:.1f} MB | {whole['rss'] - whole['before']:.0f} MB |", "",
+             f"{whole['bytes'] / 1e6:.1f} MB | {whole['arrow']:.1f} MB |", "",
              "A rank's shards are scattered over the index (the epoch order is shuffled), so each partial shard "
              "costs about one row group; column chunks are what a remote index read transfers.", "",
              "Resuming that epoch from a checkpoint taken halfway (half the micro-batches + 3) on "
              f"{args.world_size // 2} ranks: rank 0 replays the shuffle of the earlier workers its ranges overlap "
-             f"and gets its {lookup['resume_crops']} crops in {lookup['resume_seconds']:.2f} s (peak RSS "
-             f"{lookup['resume_rss']:.0f} MB, process)."]
+             f"and gets its {lookup['resume_crops']} crops in {lookup['resume_seconds']:.2f} s."]
     report(SECTION, lines, args.write_docs)
     return 0
 
