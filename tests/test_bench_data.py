@@ -23,7 +23,7 @@ def test_bench_data_ends_with_crops_per_second(built):
 
 @pytest.mark.parametrize(("flags", "message"), [
     (["--shards", "{tmp}/missing-{{0..1}}.tar"], "--shards"),
-    (["--shards", "{built}", "--num-workers", "99"], "shards for 1 ranks x 99 workers: every worker needs a shard"),
+    (["--shards", "{built}", "--batch-size", "999"], "192 crops in an epoch: less than 1 batch(es) of 999"),
     (["--shards", "{built}", "--seconds", "0"], "--seconds 0.0: expected a positive number"),
 ])
 def test_bench_data_bad_input_is_a_one_line_error(built, tmp_path, flags, message):

@@ -69,26 +69,38 @@ def run_pretrain(dataset: Path, run: Path, ranks: int, *extra: str) -> subproces
     return result
 
 
+def recorded(path: Path) -> list[tuple[str, int]]:
+    """(tile key, crop index) of every crop a rank trained, from its --record-keys file."""
+    return [(key, int(crop)) for key, crop in (line.split() for line in path.read_text().splitlines())]
+
+
 def audit(run: Path) -> tuple[Counter, list[int], list[dict]]:
-    """(crops per tile key over all ranks, lines per rank file, epoch records)."""
-    files = sorted((run / "keys").glob("rank*.txt"))
-    lines = [f.read_text().split() for f in files]
+    """(times each (tile key, crop index) was trained over all ranks, crops per rank, epoch records)."""
+    crops = [recorded(f) for f in sorted((run / "keys").glob("rank*.txt"))]
     epochs = [json.loads(line) for line in (run / "epochs.jsonl").read_text().splitlines()]
-    return Counter(key for keys in lines for key in keys), [len(keys) for keys in lines], epochs
+    return Counter(pair for rank in crops for pair in rank), [len(rank) for rank in crops], epochs
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("ranks", [2, 3])
 def test_uneven_shards_equal_steps_and_every_tile_k_times(uneven, tmp_path, ranks):
+    from click.testing import CliRunner
+
+    from training.cli import main
+
     run = tmp_path / "run"
     run_pretrain(uneven, run, ranks, "--epochs", "1")
     counts, per_rank, (epoch,) = audit(run)
     assert len(per_rank) == ranks and len(set(per_rank)) == 1  # identical step counts on all ranks
     assert per_rank[0] == epoch["micro_batches"] * 2
     keys = all_keys(uneven)
-    assert sum(max(0, K - counts[k]) for k in keys) == epoch["dropped_crops"]
-    assert sum(max(0, c - K) for c in counts.values()) == epoch["repeated_crops"]
-    assert set(counts) <= set(keys)
+    assert set(counts.values()) == {1} and {key for key, _ in counts} <= set(keys)  # every crop at most once
+    assert len(counts) + epoch["dropped_crops"] == len(keys) * K and epoch["repeated_crops"] == 0
+    assert epoch["dropped_crops"] < ranks * 2
+    report = CliRunner().invoke(main, ["plan", "--shards", str(uneven / "manifest.json"), "--world-size", str(ranks),
+                                       "--num-workers", "2", "--batch-size", "2", "--crops-per-tile", str(K)])
+    assert f"steps per rank: {epoch['micro_batches']} optimizer steps" in report.output  # what the trainer did
+    assert f"{epoch['dropped_crops']} crops dropped, 0 repeated" in report.output
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert metrics[-1]["step"] == epoch["micro_batches"] and all(m["loss"] == m["loss"] for m in metrics)
     assert (run / "config.json").is_file() and list((run / "checkpoints").glob("ckpt-*.pt"))
@@ -127,17 +139,12 @@ def test_sigkill_mid_epoch_then_resume_misses_no_tile(uneven, tmp_path, resume_r
     kill_after_checkpoint(pretrain_command(uneven, run, 2, "--epochs", "1", "--ckpt-every", "2"), run, step=6)
     run_pretrain(uneven, run, resume_ranks, "--epochs", "1", "--ckpt-every", "2", "--resume")
     counts, _, epochs = audit(run)
-    first, resumed = epochs[0], epochs[-1]
-    assert resumed["resumed_tiles_done"] > 0 and resumed["world_size"] == resume_ranks
+    resumed = epochs[-1]
+    assert resumed["segment"] == 1 and resumed["world_size"] == resume_ranks and resumed["step"] >= 6
+    assert resumed["trained_before_crops"] == resumed["step"] * 2 * 2  # 2 ranks x batch 2 per step
     keys = all_keys(uneven)
-    missed = [k for k in keys if counts[k] < K]
-    assert len(missed) * K <= first["dropped_crops"] + resumed["dropped_crops"]
-    # repeats = what was in flight at the checkpoint (reported) + what equalising ranks repeated
-    extra = sum(max(0, c - K) for c in counts.values())
-    assert 0 < resumed["repeated_in_flight_crops"] <= 6 * 2 * 2  # at most what step 6 trained, all ranks
-    in_flight = resumed["repeated_in_flight_crops"]
-    equalised = first["repeated_crops"] + resumed["repeated_crops"]
-    assert in_flight - resumed["dropped_crops"] <= extra <= in_flight + equalised
+    assert set(counts.values()) == {1}  # no crop trained twice, before or after the kill
+    assert len(counts) + resumed["dropped_crops"] == len(keys) * K and resumed["dropped_crops"] < resume_ranks * 2
 
 
 def train_in_process(*args: str):
@@ -174,8 +181,8 @@ def test_clear_errors_for_bad_flags_and_too_few_shards(uneven, tmp_path):
     for extra, message in cases:
         result = train_in_process(*base, *extra)
         assert result.exit_code == 2 and message in result.output, result.output
-    result = train_in_process(*base, "--num-workers", "8")
-    assert result.exit_code == 2 and "error: 7 shards for 1 ranks x 8 workers" in result.output
+    result = train_in_process(*base, "--crops-per-tile", "1", "--batch-size", "32")
+    assert result.exit_code == 2 and "error: 28 crops in an epoch: less than 1 batch(es) of 32" in result.output
     assert not (tmp_path / "r" / "checkpoints").exists() or not any((tmp_path / "r" / "checkpoints").iterdir())
 
 
@@ -232,8 +239,8 @@ def test_streams_shards_over_http(uneven, tmp_path):
                                   "--crops-per-tile", "1", "--batch-size", "4", "--num-workers", "1", "--no-amp",
                                   "--epochs", "1", "--record-keys", str(run / "keys"))
         assert result.exit_code == 0, result.output
-        recorded = (run / "keys" / "rank0.txt").read_text().split()
-        assert sorted(recorded) == sorted(all_keys(uneven))  # 28 tiles x 1 crop = 7 batches, nothing dropped
+        trained = [key for key, _ in recorded(run / "keys" / "rank0.txt")]
+        assert sorted(trained) == sorted(all_keys(uneven))  # 28 tiles x 1 crop = 7 batches, nothing dropped
     finally:
         server.shutdown()
 
@@ -247,6 +254,25 @@ def test_resume_from_a_checkpoint_at_the_end_of_an_epoch(uneven, tmp_path):
     assert result.exit_code == 0, result.output
     epochs = [json.loads(line) for line in (run / "epochs.jsonl").read_text().splitlines()]
     assert [e["epoch"] for e in epochs] == [0, 1] and epochs[1]["step"] == 7
+
+
+def test_resume_refuses_a_checkpoint_of_the_older_done_list_and_other_data_in_one_line(uneven, tmp_path):
+    run = tmp_path / "run"
+    common = ["--shards", str(uneven), "--out", str(run), "--model", "geoaware-unet-tiny", "--crops-per-tile", "1",
+              "--batch-size", "4", "--num-workers", "0", "--no-amp", "--ckpt-every", "2"]
+    assert train_in_process(*common, "--steps", "2").exit_code == 0
+    (checkpoint,) = (run / "checkpoints").glob("ckpt-*.pt")
+    state = torch.load(checkpoint, weights_only=True)
+    assert state["data_position"]["epoch"] == 0 and state["data_position"]["segments"][0]["batches"] == 2
+    assert len(str(state["data_position"])) < 400  # a position, not a list of tiles
+    other = train_in_process(*common[:1], str(uneven / "shards" / "part-06.tar"), *common[2:], "--steps", "3",
+                             "--resume")
+    assert other.exit_code == 2 and "stopped mid-epoch on other data (7 shards)" in other.output, other.output
+    state.pop("data_position")
+    torch.save(state | {"done": {"shards/part-00.tar": ["key"]}, "in_flight_crops": 0}, checkpoint)
+    old = train_in_process(*common, "--steps", "3", "--resume")
+    assert old.exit_code == 2 and len(old.output.strip().splitlines()) == 1, old.output
+    assert f"{checkpoint} holds the data position of an older phileo-train" in old.output
 
 
 @pytest.mark.slow
@@ -289,7 +315,7 @@ def test_grad_accum_counts_optimizer_steps(uneven, tmp_path):
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     (epoch,) = [json.loads(line) for line in (run / "epochs.jsonl").read_text().splitlines()]
     assert epoch["micro_batches"] == 6 and steps == [1, 2, 3]  # 28 crops -> 3 steps of 2 x 4, 4 dropped
-    assert len((run / "keys" / "rank0.txt").read_text().split()) == 24 and epoch["dropped_crops"] == 4
+    assert len(recorded(run / "keys" / "rank0.txt")) == 24 and epoch["dropped_crops"] == 4
 
 
 @pytest.mark.parametrize("model", ["phileo-vit-tiny", "vit-upernet-tiny-pretrain"])

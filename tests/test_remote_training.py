@@ -17,7 +17,7 @@ import pytest
 
 from sharding.dataset.tarread import iter_tar_samples
 from tests.s3_server import SeaweedS3
-from tests.test_pretrain import all_keys, audit, pretrain_command, train_in_process, uneven  # noqa: F401 (fixture)
+from tests.test_pretrain import all_keys, audit, pretrain_command, recorded, train_in_process, uneven  # noqa: F401
 from training.data import remote
 from training.data.loader import BadDataPolicy, read_tiles
 from training.data.shards import ShardSpecError, open_shard, resolve_shards
@@ -79,8 +79,8 @@ def test_s3_stream_reads_in_bounded_blocks_and_resumes_at_the_offset(s3_env, s3_
     expected = (uneven / "shards" / "part-06.tar").read_bytes()
     opened, real_open = [], remote.open_s3_at
 
-    def flaky_open(url: str, offset: int):
-        handle, size = real_open(url, offset)
+    def flaky_open(url: str, offset: int, end: int | None = None):
+        handle, size = real_open(url, offset, end)
         opened.append((offset, handle))
         if len(opened) == 1:  # the first connection resets after 100 kB
             handle.read = _fail_after(handle.read, 100_000, ConnectionResetError("Connection reset by peer"))
@@ -113,6 +113,35 @@ def _fail_after(read, limit: int, error: Exception):
     return read_then_fail
 
 
+def test_a_shard_split_between_workers_is_read_by_byte_ranges_from_s3(s3_env, built):
+    """Two workers share a shard (and a tile of it); each reads its byte range of the S3 object, found in the
+    index.parquet next to the manifest, and the batches equal those of the local dataset bit for bit."""
+    import torch
+
+    from training.data.epoch import plan_epoch
+    from training.data.loader import StreamOptions, make_loader
+    from training.data.pieces import rank_pieces
+
+    prefix = s3_env.upload_dir(built, "ranged")
+    local = resolve_shards(str(built / "manifest.json"))
+    shard = (built / "shards" / Path(local[0].url).name).read_bytes()
+    with open_shard(f"{prefix}/shards/{Path(local[0].url).name}", 1000, 5000) as stream:
+        assert stream.read() == shard[1000:5000]  # a ranged read ends at its end
+    options = StreamOptions(crops_per_tile=3, crop_size=32, batch_size=5)
+    plans = [plan_epoch(resolve_shards(spec), 1, 2, 5, 3, 0, 0, shuffle_buffer=5)
+             for spec in (f"{prefix}/manifest.json", str(built / "manifest.json"))]
+    remote_pieces, local_pieces = (rank_pieces(plan, 0) for plan in plans)
+    assert [[(p.tiles, p.span) for p in worker] for worker in remote_pieces] == \
+        [[(p.tiles, p.span) for p in worker] for worker in local_pieces]
+    assert any(p.span and p.span[0] > 0 for worker in remote_pieces for p in worker)
+    assert remote_pieces[0][-1].url == remote_pieces[1][0].url and remote_pieces[0][-1].url.startswith("s3://")
+    from_s3, from_disk = (list(make_loader(plan, 0, options, 2)) for plan in plans)
+    assert len(from_s3) == len(from_disk) == plans[0].steps
+    for a, b in zip(from_s3, from_disk, strict=True):
+        assert (a["keys"], a["crop_index"]) == (b["keys"], b["crop_index"])
+        assert torch.equal(a["s2_10m"], b["s2_10m"]) and torch.equal(a["s2_20m"], b["s2_20m"])
+
+
 def test_missing_s3_shard_is_skipped_at_once_and_counted(s3_env, s3_uneven):
     policy = BadDataPolicy(max_bad_fraction=0.0)
     assert list(read_tiles(f"{s3_uneven}/shards/part-99.tar", policy)) == []
@@ -132,7 +161,7 @@ def test_torchrun_pretraining_streams_every_tile_exactly_once_from_s3(s3, s3_une
     counts, per_rank, (epoch,) = audit(run)
     assert len(per_rank) == 2 and per_rank[0] == per_rank[1]
     assert (epoch["dropped_crops"], epoch["repeated_crops"]) == (0, 0)
-    assert counts == Counter(all_keys(uneven))  # 28 tiles x 1 crop, each exactly once over both ranks
+    assert counts == Counter((key, 0) for key in all_keys(uneven))  # 28 tiles x 1 crop, each once over both ranks
     assert s3.secret_key not in result.stdout + result.stderr  # credentials never logged
 
 
@@ -212,7 +241,7 @@ def test_http_faults_are_retried_and_every_tile_streams_exactly_once(faulty_http
                               "--crops-per-tile", "1", "--batch-size", "4", "--num-workers", "0", "--no-amp",
                               "--epochs", "1", "--record-keys", str(run / "keys"))
     assert result.exit_code == 0, result.output
-    assert sorted((run / "keys" / "rank0.txt").read_text().split()) == sorted(all_keys(uneven))
+    assert sorted(key for key, _ in recorded(run / "keys" / "rank0.txt")) == sorted(all_keys(uneven))
     injected = sum(state["injected"].values())
     assert state["injected"][500] and state["injected"][429] and state["injected"]["drop"] == 1
     assert remote.STATS.retries == injected and remote.STATS.failed == 0 and remote.STATS.resumed >= 1
@@ -234,7 +263,7 @@ def test_shard_that_keeps_failing_is_skipped_counted_and_fails_a_strict_run(faul
                               "--record-keys", str(run / "keys"))
     assert result.exit_code == 0, result.output
     lost = {s.key for s in iter_tar_samples(uneven / "shards" / "part-03.tar")}
-    assert set((run / "keys" / "rank0.txt").read_text().split()) == set(all_keys(uneven)) - lost
+    assert {key for key, _ in recorded(run / "keys" / "rank0.txt")} == set(all_keys(uneven)) - lost
     assert re.search(r"skipping bad data in http://\S+/shards/part-03\.tar \(1 so far\)", caplog.text)
     assert "after 2 retries" in caplog.text and remote.STATS.failed >= 1
     assert state["requests"]["/shards/part-03.tar"] % 3 == 0  # each pass: 1 try + 2 retries, then skipped

@@ -1,6 +1,7 @@
 """Training data path: shard lists, epoch plans, crops and labels, exactly-once streaming."""
 
 import json
+import re
 from collections import Counter
 
 import numpy as np
@@ -11,9 +12,10 @@ from rasterio.warp import transform as warp
 from phileo.geo import encode_latlon
 from tests.test_build import read_dataset
 from training.data.crop_labels import cloud_fractions, crop_labels, landcover_fractions
-from training.data.epoch import PlanError, plan_epoch
+from training.data.epoch import plan_epoch
 from training.data.loader import StreamOptions, make_loader, model_input
-from training.data.shards import ShardInfo, ShardSpecError, resolve_shards
+from training.data.pieces import rank_pieces
+from training.data.shards import ShardSpecError, resolve_shards
 
 
 def test_label_coords_match_rasterio_in_all_quadrants(built):
@@ -70,29 +72,15 @@ def test_resolve_shards_from_manifest_dir_list_and_pattern(built, tmp_path, monk
         resolve_shards("https://example.invalid/shards/{0..1}.tar")
 
 
-def test_epoch_plan_equal_steps_balanced_and_counted():
-    shards = [ShardInfo(f"s{i}", n) for i, n in enumerate([1, 2, 3, 4, 5, 6, 7])]
-    for world in (1, 2, 3, 5):
-        plan = plan_epoch(shards, world, 1, batch_size=2, crops_per_tile=3, seed=1, epoch=0)
-        quotas = [sum(w.quota for w in rank) for rank in plan.workers]
-        assert quotas == [plan.steps * 2] * world
-        assigned = sorted(url for rank in plan.workers for w in rank for url in w.shards)
-        assert assigned == sorted(s.url for s in shards)  # every shard exactly once
-        drops, repeats = plan.totals(3)
-        assert 28 * 3 - drops + repeats == plan.steps * 2 * world
-    again = plan_epoch(shards, 3, 1, 2, 3, seed=1, epoch=0)
-    other = plan_epoch(shards, 3, 1, 2, 3, seed=1, epoch=1)
-    assert again.workers == plan_epoch(shards, 3, 1, 2, 3, seed=1, epoch=0).workers
-    assert [w.shards for r in other.workers for w in r] != [w.shards for r in again.workers for w in r]
-    with pytest.raises(PlanError, match="7 shards for 4 ranks x 2 workers"):
-        plan_epoch(shards, 4, 2, 2, 3, seed=1, epoch=0)
+def crops_of(batches) -> Counter:
+    return Counter(pair for batch in batches for pair in zip(batch["keys"], batch["crop_index"]))
 
 
-@pytest.mark.parametrize("world, workers", [(1, 0), (2, 2), (3, 1)])
-def test_stream_is_exactly_once_except_counted_equalisation(built, world, workers):
+@pytest.mark.parametrize("world, workers", [(1, 0), (2, 2), (3, 1), (2, 3)])
+def test_stream_trains_every_crop_exactly_once_but_the_last_partial_global_batch(built, world, workers):
     shards = resolve_shards(str(built))
-    options = StreamOptions(crops_per_tile=3, crop_size=64, batch_size=2, shuffle_buffer=7)
-    plan = plan_epoch(shards, world, workers, options.batch_size, options.crops_per_tile, 0, 0)
+    options = StreamOptions(crops_per_tile=3, crop_size=64, batch_size=2)
+    plan = plan_epoch(shards, world, workers, options.batch_size, options.crops_per_tile, 0, 0, shuffle_buffer=7)
     counts: Counter = Counter()
     for rank in range(world):
         batches = list(make_loader(plan, rank, options, workers))
@@ -101,10 +89,81 @@ def test_stream_is_exactly_once_except_counted_equalisation(built, world, worker
             image = model_input(batch, torch.device("cpu"))
             assert image.shape == (2, 10, 64, 64) and image.dtype == torch.float32 and batch["coords"].shape == (2, 4)
             assert 0 < float(image.max()) < 7 and batch["s2_10m"].dtype == torch.uint16
-            counts.update(batch["keys"])
-    drops, repeats = plan.totals(3)
-    assert sum(max(0, 3 - counts[k]) for k in read_dataset(built)) == drops
-    assert sum(max(0, c - 3) for c in counts.values()) == repeats
+        counts += crops_of(batches)
+    assert set(counts.values()) == {1} and plan.repeated == 0
+    assert len(counts) + plan.dropped == 12 * 3 and plan.dropped < world * 2
+    assert {key for key, _ in counts} <= set(read_dataset(built))
+
+
+def test_shards_split_between_workers_are_read_from_their_byte_range_or_by_skipping(built):
+    """With index.parquet a worker whose range starts inside a shard seeks there; without one it skips the
+    samples before undecoded. Both give the same batches, bit for bit."""
+    from dataclasses import replace
+
+    from training.data.pieces import rank_pieces
+
+    shards = resolve_shards(str(built))
+    assert all(s.index == str(built / "index.parquet") for s in shards)
+    options = StreamOptions(crops_per_tile=3, crop_size=32, batch_size=5)
+    plan = plan_epoch(shards, 1, 2, 5, 3, 0, 0, shuffle_buffer=5)  # 4 + 3 batches of 5: tile 7 is cut 2 + 1
+    first, second = rank_pieces(plan, 0)
+    assert first[-1].url == second[0].url and first[-1].tiles[-1][0] == second[0].tiles[0][0]
+    assert first[-1].tiles[-1][1] == (0, 1) and second[0].tiles[0][1] == (2,)
+    spans = [p for p in first + second if p.span is not None]
+    assert spans and all(not p.whole for p in spans) and any(p.span[0] > 0 for p in spans)
+    indexed = list(make_loader(plan, 0, options, 2))
+    bare = plan_epoch([replace(s, index=None) for s in shards], 1, 2, 5, 3, 0, 0, shuffle_buffer=5)
+    assert all(p.span is None for worker in rank_pieces(bare, 0) for p in worker)
+    streamed = list(make_loader(bare, 0, options, 2))
+    assert len(indexed) == len(streamed) == plan.steps
+    for a, b in zip(indexed, streamed, strict=True):
+        assert (a["keys"], a["crop_index"]) == (b["keys"], b["crop_index"])
+        assert torch.equal(a["s2_10m"], b["s2_10m"]) and torch.equal(a["s2_20m"], b["s2_20m"])
+    assert set(crops_of(indexed).values()) == {1}
+
+
+def test_index_lookup_reads_only_the_row_groups_of_the_wanted_shards(built, tmp_path, monkeypatch):
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from training.data.pieces import sample_spans
+
+    copy = tmp_path / "ds"
+    shutil.copytree(built, copy)
+    table = pq.read_table(copy / "index.parquet")
+    pq.write_table(table, copy / "index.parquet", row_group_size=2)  # 6 row groups of 2 samples
+    names = sorted(set(table.column("shard").to_pylist()))
+    read: list = []
+    real = pq.ParquetFile.read_row_groups
+    monkeypatch.setattr(pq.ParquetFile, "read_row_groups",
+                        lambda self, groups, **kw: read.append(list(groups)) or real(self, groups, **kw))
+    wanted = [str(copy / names[1])]
+    spans = sample_spans(str(copy / "index.parquet"), wanted)
+    rows = table.filter(pq.ParquetFile(copy / "index.parquet").read().column("shard").to_numpy(
+        zero_copy_only=False) == names[1])
+    assert spans[wanted[0]][0].tolist() == rows.column("offset").to_pylist()
+    assert spans[wanted[0]][1].tolist() == rows.column("bytes").to_pylist()
+    assert 0 < len(read[0]) < 6  # not every row group
+    assert sample_spans(str(tmp_path / "none.parquet"), wanted) == {}
+
+
+def test_loader_resumed_on_another_layout_trains_each_remaining_crop_once(built):
+    """Kill after 5 batches of 1 rank x 2 workers (mid-group of the worker mixing), go on with 2 ranks x 3 workers
+    and another batch size: the crops of both parts are every crop of the epoch once, but < 1 global batch."""
+    import itertools
+
+    shards = resolve_shards(str(built))
+    options = StreamOptions(crops_per_tile=3, crop_size=32, batch_size=2)
+    first = plan_epoch(shards, 1, 2, 2, 3, 5, 0, shuffle_buffer=6, shards_in_parallel=2)
+    trained = crops_of(itertools.islice(iter(make_loader(first, 0, options, 2)), 5))
+    assert sum(trained.values()) == 10
+    resumed_options = StreamOptions(crops_per_tile=3, crop_size=32, batch_size=3)
+    second = plan_epoch(shards, 2, 3, 3, 3, 5, 0, history=first.position_after(5).segments, shuffle_buffer=4)
+    rest = sum((crops_of(make_loader(second, rank, resumed_options, 3)) for rank in range(2)), Counter())
+    both = trained + rest
+    assert set(both.values()) == {1}  # nothing twice
+    assert len(both) + second.dropped == 12 * 3 and second.dropped < 2 * 3
 
 
 @pytest.mark.parametrize("y, x", [(0, 0), (56, 56), (30, 8), (56, 0)])
@@ -138,7 +197,7 @@ def test_water_and_buildings_exclude_nodata_pixels():
 
 
 def test_shuffle_spreads_tiles_over_batches_and_keeps_every_crop_once():
-    from training.data.loader import ShuffleCrops
+    from training.data.order import ShuffleCrops
 
     crops = [{"key": f"t{tile:02d}", "n": n} for tile in range(40) for n in range(16)]  # tile by tile, K=16
     out = list(ShuffleCrops(16 * 20, seed=3, epoch=0, rank=0)(iter(crops)))
@@ -174,18 +233,19 @@ def test_redeal_mixes_workers_and_keeps_every_crop_once(sizes):
 def test_batches_of_two_workers_hold_tiles_of_both(built):
     shards = resolve_shards(str(built))
     options = StreamOptions(crops_per_tile=2, crop_size=32, batch_size=4, shuffle_buffer=8)
-    plan = plan_epoch(shards, 1, 2, options.batch_size, options.crops_per_tile, 0, 0)
-    tiles_of = [{key for url in worker.shards for key in read_shard_keys(url)} for worker in plan.workers[0]]
+    plan = plan_epoch(shards, 1, 2, options.batch_size, options.crops_per_tile, 0, 0, shuffle_buffer=8)
+    tiles_of = [{key for piece in worker for key in read_piece_keys(piece)} for worker in rank_pieces(plan, 0)]
     batches = list(make_loader(plan, 0, options, 2))
     assert len(batches) == plan.steps
     mixed = [all(set(b["keys"]) & tiles for tiles in tiles_of) for b in batches]
     assert sum(mixed) >= len(batches) - 1  # every batch but possibly the last, once one worker has run out
 
 
-def read_shard_keys(url: str) -> list[str]:
+def read_piece_keys(piece) -> list[str]:
     from sharding.dataset.tarread import iter_tar_samples
 
-    return [raw.key for raw in iter_tar_samples(url)]
+    positions = {position for position, _ in piece.tiles}
+    return [raw.key for number, raw in enumerate(iter_tar_samples(piece.url)) if number in positions]
 
 
 def test_plan_command_reports_the_trainers_own_plan(built):
@@ -198,9 +258,10 @@ def test_plan_command_reports_the_trainers_own_plan(built):
     assert result.exit_code == 0, result.output
     shards = resolve_shards(str(built))
     plan = plan_epoch(shards, 2, 1, 2, 3, 0, 0)
-    dropped, repeated = plan.totals(3)
+    assert (plan.steps, plan.dropped, plan.repeated) == (9, 0, 0)  # 12 tiles x 3 crops = 9 steps of 2 x 2
     assert f"steps per rank: {plan.steps} optimizer steps" in result.output
     assert f"crops per epoch: {plan.steps * 2 * 2} (K=3 per tile)" in result.output
-    assert f"{dropped} crops dropped, {repeated} repeated" in result.output
+    assert f"{plan.dropped} crops dropped, {plan.repeated} repeated" in result.output
+    assert re.search(r"resume state: \d{2,3} bytes per checkpoint", result.output)
     too_many = CliRunner().invoke(main, ["plan", "--shards", str(built), "--world-size", "512"])
-    assert too_many.exit_code == 2 and "every worker needs a shard" in too_many.output
+    assert too_many.exit_code == 2 and "192 crops in an epoch: less than 1 batch(es) of 16" in too_many.output

@@ -77,7 +77,7 @@ def test_a_damaged_block_is_a_clear_error_only_where_it_is_read():
 
 
 def _crops(tiles: list[dict], options: StreamOptions) -> list[dict]:
-    return list(CutCrops(options, epoch=0, rank=0)(iter(tiles)))
+    return list(CutCrops(options, epoch=0)(iter(tiles)))
 
 
 def test_lazy_tiles_give_the_same_crops_as_decoded_tiles(built, monkeypatch):

@@ -165,7 +165,8 @@ def _run_epoch(config: BenchConfig, shards: list[ShardInfo], epoch: int, result:
     """Stream one epoch; True when the time is up (checked after every batch, so >= 1 batch after the first counts)."""
     data = config.data
     plan = plan_epoch(shards, world_size=1, num_workers=data.num_workers, batch_size=data.batch_size,
-                      crops_per_tile=data.crops_per_tile, seed=config.seed, epoch=epoch)
+                      crops_per_tile=data.crops_per_tile, seed=config.seed, epoch=epoch,
+                      shuffle_buffer=data.shuffle_buffer, shards_in_parallel=data.shards_in_parallel)
     result.epochs += 1
     loader = make_loader(plan, 0, StreamOptions.from_config(config.data, config.seed), data.num_workers)
     for batch in loader:

@@ -103,7 +103,8 @@ def main() -> None:
 @_default(RunConfig, "ckpt_every", help="Checkpoint every N optimizer steps.")
 @_default(RunConfig, "keep_checkpoints")
 @_default(RunConfig, "log_every")
-@_default(RunConfig, "record_keys", help="Directory: each rank appends the tile key of every crop to rank{r}.txt.")
+@_default(RunConfig, "record_keys",
+          help="Directory: each rank appends 'KEY CROP' (tile key, crop index) per trained crop to rank{r}.txt.")
 @click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in --output.")
 @click.option("--amp/--no-amp", default=RunConfig.amp, show_default=True, help="bf16 autocast where supported.")
 @_default(RunConfig, "strategy", type=click.Choice(["ddp", "fsdp"]),

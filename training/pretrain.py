@@ -31,10 +31,11 @@ from training.checkpoint import (
     save_sharded_checkpoint,
 )
 from training.config import ConfigError, PretrainConfig, TrainingDiverged
-from training.data.epoch import PlanError, plan_epoch
+from training.data.deal import Segment
+from training.data.epoch import EpochPlan, EpochPosition, fingerprint, plan_epoch
 from training.data.loader import BAND_KEYS, StreamOptions, make_loader, model_input
 from training.data.shards import resolve_shards
-from training.distributed import World, all_reduce_mean, barrier, gather_objects, init_world, shutdown
+from training.distributed import World, all_reduce_mean, barrier, init_world, shutdown
 from training.objective import foundation_loss, make_views
 from training.parallel import parallelize
 
@@ -91,22 +92,29 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.base_lr,
                                            weight_decay=config.optim.weight_decay)
         self.step, self.epoch = 0, 0
-        self.done: dict[str, list[str]] = {}  # tiles fully trained this epoch, by shard (all ranks)
-        self.consumed: Counter = Counter()  # (url, key) -> crops trained this epoch on this rank
+        self.history: tuple[Segment, ...] = ()  # parts of this epoch trained before a resume (the position)
+        self.plan: EpochPlan | None = None  # the epoch (segment) being trained
+        self.segment_start = 0  # self.step when self.plan began
         self.options = StreamOptions.from_config(config.data, config.run.seed)
         self.total_steps = config.run.steps or self._plan(0).steps // config.optim.grad_accum * config.run.epochs
         self.tensorboard = None  # SummaryWriter on the primary rank, opened in run()
         self.recorded_keys: list[str] = []  # written at each checkpoint, so the audit matches saved training
         self.last_saved_step = -1
-        self.repeated_in_flight = 0  # crops trained before the resumed checkpoint on tiles then unfinished
         self.generator = torch.Generator(world.device)
         self.crops_total, self.started = 0, time.monotonic()
 
-    def _plan(self, epoch: int, done: dict[str, list[str]] | None = None):
+    def _plan(self, epoch: int, history: tuple[Segment, ...] = ()) -> EpochPlan:
         data = self.config.data
-        counts = {url: len(keys) for url, keys in (done or {}).items()}
         return plan_epoch(self.shards, self.world.world_size, data.num_workers, data.batch_size,
-                          data.crops_per_tile, self.config.run.seed, epoch, counts, self.config.optim.grad_accum)
+                          data.crops_per_tile, self.config.run.seed, epoch, self.config.optim.grad_accum, history,
+                          data.shuffle_buffer, data.shards_in_parallel)
+
+    def position(self) -> EpochPosition:
+        """Where training stands: the epoch, and the segments of it trained so far (this run's included)."""
+        if self.plan is not None and self.plan.epoch == self.epoch:
+            return self.plan.position_after((self.step - self.segment_start) * self.config.optim.grad_accum)
+        return EpochPosition(self.epoch, self.config.run.seed, self.config.data.crops_per_tile,
+                             fingerprint(self.shards), self.history)
 
     def resume(self) -> None:
         path = latest_checkpoint(self.run_dir)
@@ -120,13 +128,28 @@ class Trainer:
             state = load_checkpoint(path)
             set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
                            optim_state_dict=state["optimizer"], options=StateDictOptions(full_state_dict=True))
+        position = self._checked_position(path, state)
         self.last_saved_step = state["step"]
-        self.step, self.epoch, self.done = state["step"], state["epoch"], state["done"]
-        self.repeated_in_flight = state["in_flight_crops"]
+        self.step, self.epoch, self.history = state["step"], position.epoch, position.segments
         self._seed_views()
-        log.info("resumed from %s: step %d, epoch %d, %d tiles of this epoch already done; %d crops of "
-                 "unfinished tiles will be trained again", path, self.step, self.epoch,
-                 sum(len(k) for k in self.done.values()), self.repeated_in_flight)
+        trained = sum(s.batches * s.layout.world_size * s.layout.batch_size for s in self.history)
+        log.info("resumed from %s: step %d, epoch %d, %d crops of this epoch already trained (%d segment(s))",
+                 path, self.step, self.epoch, trained, len(self.history))
+
+    def _checked_position(self, path: Path, state: dict) -> EpochPosition:
+        """The checkpoint's data position; ConfigError (one line) when this run cannot continue from it."""
+        if "data_position" not in state:
+            raise ConfigError(f"--resume: {path} holds the data position of an older phileo-train (a list of "
+                              "finished tiles); finish that run with the version that wrote it, or start a new run")
+        position = EpochPosition.from_dict(state["data_position"])
+        data, seed = self.config.data, self.config.run.seed
+        if position.segments and (position.crops_per_tile, position.seed) != (data.crops_per_tile, seed):
+            raise ConfigError(f"--resume: {path} stopped mid-epoch with --crops-per-tile {position.crops_per_tile} "
+                              f"--seed {position.seed}: the rest of the epoch needs the same values")
+        if position.segments and position.dataset != fingerprint(self.shards):
+            raise ConfigError(f"--resume: {path} stopped mid-epoch on other data ({position.dataset.split(':')[0]} "
+                              f"shards) than --shards {self.config.data.shards} ({len(self.shards)} shards)")
+        return position
 
     def _seed_views(self) -> None:
         """Augmentation RNG from (seed, rank, step): reproducible, and valid after resuming on another world size."""
@@ -153,29 +176,24 @@ class Trainer:
                 self.tensorboard.close()
 
     def _next_epoch(self) -> None:
-        self.epoch, self.done, self.consumed, self.repeated_in_flight = self.epoch + 1, {}, Counter(), 0
+        self.epoch, self.history, self.plan = self.epoch + 1, (), None
 
     def run_epoch(self) -> None:
-        try:
-            plan = self._plan(self.epoch, self.done)
-        except PlanError:
-            if not self.done:
-                raise
-            # resumed from a checkpoint taken at the very end of an epoch: less than a step is left
-            log.info("epoch %d: its remaining tiles make less than one step; moving on", self.epoch)
+        plan = self._plan(self.epoch, self.history)
+        if plan.steps == 0:  # resumed at the very end of an epoch: less than one step was left
+            log.info("epoch %d: the %d crops left make less than one step; moving on", self.epoch, plan.dropped)
             self._next_epoch()
             return
-        done_keys = frozenset(key for keys in self.done.values() for key in keys)
-        drops, repeats = plan.totals(self.config.data.crops_per_tile)
         if self.world.is_primary:
-            log.info("epoch %d: %d micro-batches per rank; equalising ranks drops %d and repeats %d crops",
-                     self.epoch, plan.steps, drops, repeats)
+            log.info("epoch %d: %d micro-batches per rank; %d crops dropped (the last, partial global batch), "
+                     "%d repeated", self.epoch, plan.steps, plan.dropped, plan.repeated)
             with open(self.run_dir / "epochs.jsonl", "a") as file:
                 file.write(json.dumps({"epoch": self.epoch, "step": self.step, "micro_batches": plan.steps,
-                                       "world_size": self.world.world_size, "dropped_crops": drops,
-                                       "repeated_crops": repeats, "resumed_tiles_done": len(done_keys),
-                                       "repeated_in_flight_crops": self.repeated_in_flight}) + "\n")
-        loader = make_loader(plan, self.world.rank, self.options, self.config.data.num_workers, done_keys)
+                                       "world_size": self.world.world_size, "dropped_crops": plan.dropped,
+                                       "repeated_crops": plan.repeated, "segment": len(plan.history),
+                                       "trained_before_crops": plan.total_crops - plan.deal.length}) + "\n")
+        self.plan, self.segment_start = plan, self.step
+        loader = make_loader(plan, self.world.rank, self.options, self.config.data.num_workers)
         bar = tqdm(total=plan.steps // self.config.optim.grad_accum, disable=not self.world.is_primary,
                    desc=f"epoch {self.epoch}", unit="step")
         completed = self._train_batches(iter(loader), plan.steps, bar)
@@ -238,9 +256,8 @@ class Trainer:
         return terms
 
     def _account(self, batch: dict) -> None:
-        self.consumed.update(zip(batch["urls"], batch["keys"]))
         if self.config.run.record_keys:
-            self.recorded_keys.extend(batch["keys"])
+            self.recorded_keys.extend(f"{key} {crop}" for key, crop in zip(batch["keys"], batch["crop_index"]))
 
     def _log(self, metrics: dict, lr: float, crops: int, waited: float, elapsed: float, bar: tqdm) -> None:
         self.crops_total += crops
@@ -261,20 +278,13 @@ class Trainer:
                 self.tensorboard.add_scalar(f"train/{name}", value, self.step)
 
     def save(self) -> None:
-        """Checkpoint with the data position: tiles whose K crops were all trained this epoch, all ranks."""
+        """Checkpoint with the data position (training/data/epoch.py EpochPosition): a few hundred bytes.
+
+        Every rank has trained the same micro-batches, so the position is the same on all of them.
+        """
         self.last_saved_step = self.step
-        merged: Counter = Counter()
-        for counts in gather_objects(dict(self.consumed), self.world):
-            merged.update(counts)
-        done = {url: list(keys) for url, keys in self.done.items()}
-        in_flight = 0  # crops of tiles not finished yet: trained again after a resume
-        for (url, key), crops in merged.items():
-            if crops >= self.config.data.crops_per_tile and key not in done.get(url, ()):
-                done.setdefault(url, []).append(key)
-            elif crops < self.config.data.crops_per_tile:
-                in_flight += crops
         self._write_recorded_keys()
-        state = {"step": self.step, "epoch": self.epoch, "done": done, "in_flight_crops": in_flight,
+        state = {"step": self.step, "epoch": self.epoch, "data_position": self.position().to_dict(),
                  "config": self.config.to_dict(), "world_size": self.world.world_size}
         keep = self.config.run.keep_checkpoints
         if self.sharded:

@@ -33,7 +33,8 @@ def collate_crops(crops: list[dict], ring: BatchRing | None = None) -> dict:
     stay numpy and travel pickled. `WorkerMixedBatches` (in the main process) unpacks them.
     """
     bands = {name: [c[name] for c in crops] for name in BAND_NAMES if crops[0][name] is not None}
-    batch = {"keys": [c["key"] for c in crops], "urls": [c["url"] for c in crops],
+    batch = {"keys": [c["key"] for c in crops], "crop_index": [c.get("crop", 0) for c in crops],
+             "urls": [c["url"] for c in crops],
              "repeated": np.array([c["repeat"] for c in crops], dtype=bool)} | _stack_bands(bands, ring)
     for name in LABEL_KEYS:
         batch[name] = np.stack([c[name] for c in crops])

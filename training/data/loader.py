@@ -1,16 +1,15 @@
 """The streaming training dataset: one flat list of small picklable stages in a wds.DataPipeline.
 
-tiles of this worker's shards (several shards interleaved, then repeated passes to fill the
-quota) -> K random crops per tile with their labels -> exactly `quota` crops -> shuffle
-buffer -> batches. Rank and worker come from the epoch plan (training/data/epoch.py), so every
-rank yields exactly `plan.steps` batches.
+tiles of this worker's pieces of shards (training/data/pieces.py; several shards interleaved,
+repeated passes only to make up for bad data) -> the crops the plan gave this worker of each tile,
+with their labels -> exactly `quota` crops -> shuffle buffer -> batches. Rank and worker come from
+the epoch plan (training/data/epoch.py), so every rank yields exactly `plan.steps` batches; the
+order of crops (training/data/order.py) is what a resume position replays.
 """
 
 from __future__ import annotations
 
-import collections
 import logging
-import random
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, fields
@@ -27,7 +26,9 @@ from phileo.tarstream import TarFormatError, iter_samples
 from training.config import BadDataError, DataConfig
 from training.data.batches import CollateCrops, WorkerMixedBatches, collate_crops
 from training.data.crop_labels import crop_labels
-from training.data.epoch import EpochPlan, WorkerPlan
+from training.data.epoch import EpochPlan
+from training.data.order import ShuffleCrops, crop_origins, interleave
+from training.data.pieces import ShardPiece, rank_pieces
 from training.data.ring import ALIGN
 from training.data.shards import open_shard
 from training.data.windows import BlockDecodeError, decode_windows
@@ -41,7 +42,11 @@ HALO_20M = 1  # extra 20 m pixels around a crop so bilinear upsampling matches t
 
 @dataclass(frozen=True)
 class StreamOptions:
-    """What the pipeline stages need; defaults are the pretraining config's (training/config.py)."""
+    """What the pipeline stages need; defaults are the pretraining config's (training/config.py).
+
+    Batch size, shuffle buffer and shards in parallel are taken from the plan's `Layout`
+    (training/data/deal.py), which the resume position records; pass the same values to `plan_epoch`.
+    """
 
     crops_per_tile: int = DataConfig.crops_per_tile
     crop_size: int = DataConfig.crop_size
@@ -91,69 +96,65 @@ class BadDataPolicy:
 
 
 class EpochTiles(torch.utils.data.IterableDataset):
-    """Tiles of this rank/worker's shards: one pass, then repeated passes (marked) forever.
+    """This rank/worker's tiles (training/data/pieces.py): one pass, then repeated passes (marked) forever.
 
-    `lazy`: arrays stay compressed (headers validated) for CutCrops to decode only what it crops.
+    Each tile carries the crop indices this worker cuts from it (`crops`). Repeated passes only
+    happen when bad data left the worker short of its quota. `lazy`: arrays stay compressed
+    (headers validated) for CutCrops to decode only what it crops. The pieces (and the byte
+    ranges of partial shards, from index.parquet) are found in the rank's main process.
     """
 
-    def __init__(self, plan: EpochPlan, rank: int, options: StreamOptions, done_keys: frozenset = frozenset(),
-                 lazy: bool = False):
-        self.plan, self.rank, self.options, self.done_keys, self.lazy = plan, rank, options, done_keys, lazy
+    def __init__(self, plan: EpochPlan, rank: int, options: StreamOptions, lazy: bool = False):
+        self.plan, self.rank, self.options, self.lazy = plan, rank, options, lazy
+        self.pieces = rank_pieces(plan, rank)
 
     def __iter__(self) -> Iterator[dict]:
         worker, _ = worker_position()
-        assignment: WorkerPlan = self.plan.workers[self.rank][worker]
-        if assignment.quota == 0:
+        pieces = self.pieces[worker]
+        if self.plan.quota(self.rank, worker) == 0:
             return
         policy = BadDataPolicy(self.options.max_bad_fraction)
         for repeat in range(1_000_000):
             delivered = 0
-            for tile in self._one_pass(assignment.shards, policy):
+            streams = [read_tiles(p.url, policy, self.lazy, p) for p in pieces]
+            for tile in interleave(streams, self.plan.layout.shards_in_parallel):
                 delivered += 1
                 yield tile | {"repeat": repeat > 0}
             if repeat == 0:
-                policy.check(assignment.tiles)
+                policy.check(sum(len(p.tiles) for p in pieces))
             if delivered == 0:
-                raise BadDataError(f"rank {self.rank} worker {worker}: no readable tile in {assignment.shards}")
-
-    def _one_pass(self, urls: list[str], policy: BadDataPolicy) -> Iterator[dict]:
-        """Interleave `shards_in_parallel` shards so consecutive tiles come from different shards."""
-        pending = list(urls)
-        active: list[Iterator[dict]] = []
-        while pending or active:
-            while pending and len(active) < self.options.shards_in_parallel:
-                active.append(self._read_shard(pending.pop(0), policy))
-            for stream in list(active):
-                tile = next(stream, None)
-                if tile is None:
-                    active.remove(stream)
-                else:
-                    yield tile
-
-    def _read_shard(self, url: str, policy: BadDataPolicy) -> Iterator[dict]:
-        yield from read_tiles(url, policy, self.done_keys, self.lazy)
+                raise BadDataError(f"rank {self.rank} worker {worker}: no readable tile in "
+                                   f"{[p.url for p in pieces]}")
 
 
-def read_tiles(url: str, policy: BadDataPolicy, skip_keys: frozenset = frozenset(),
-               lazy: bool = False) -> Iterator[dict]:
+def read_tiles(url: str, policy: BadDataPolicy, lazy: bool = False, piece: ShardPiece | None = None) -> Iterator[dict]:
     """Decoded (or `lazy`: still compressed) tiles of one shard, in order; bad shards/samples go to `policy`.
 
+    With `piece`, only its tiles, each with its `crops`: read from its byte span when it has one,
+    else from the shard's start, skipping the samples before (and between) its tiles undecoded.
     A damaged tar, or a remote stream that gave up (RemoteReadError: retry budget spent), ends
     the shard: it is recorded once, and the partial sample it was reading is dropped.
     """
+    wanted = None if piece is None else dict(piece.tiles)
+    last = None if piece is None else piece.tiles[-1][0]
+    start, end = (0, None) if piece is None or piece.span is None else piece.span
     try:
-        stream = open_shard(url)
+        stream = open_shard(url, start, end)
     except OSError as error:
         policy.record(url, error)
         return
+    position = piece.tiles[0][0] if start else 0
     samples = 0
     try:
         for raw in iter_samples(stream, url):
             samples += 1
-            if raw["__key__"] not in skip_keys:
+            if wanted is None or position in wanted:
                 tile = _decode(raw, url, policy, lazy)
                 if tile is not None:
-                    yield tile
+                    yield tile if wanted is None else tile | {"crops": wanted[position]}
+            if position == last:
+                return
+            position += 1
         if samples == 0:  # an empty tar: its planned tiles are lost, and it is the shard to name
             policy.record(url, TarFormatError(f"{url}: no samples"))
     except (TarFormatError, OSError, UnicodeDecodeError) as error:
@@ -175,19 +176,20 @@ def _decode(raw: dict, url: str, policy: BadDataPolicy, lazy: bool) -> dict | No
 
 
 class CutCrops:
-    """K random crops per tile (offsets even so the 20 m grid stays aligned), with labels.
+    """The crops of each tile (its `crops` indices, else all K), with labels.
 
-    The K origins are drawn first, so a lazy tile decodes only the blocks under its crops; a
-    tile whose blocks fail to decode yields no crop at all (counted by the shard's policy).
+    Crop j of a tile is the same window in every worker and every run of an epoch
+    (training/data/order.py `crop_origins`), so a tile shared by two workers, or finished after
+    a resume, is cut exactly as in one uninterrupted pass. The origins are drawn first, so a lazy
+    tile decodes only the blocks under its crops; a tile whose blocks fail to decode yields no
+    crop at all (counted by the shard's policy).
     """
 
-    def __init__(self, options: StreamOptions, epoch: int, rank: int):
-        self.options, self.epoch, self.rank = options, epoch, rank
+    def __init__(self, options: StreamOptions, epoch: int):
+        self.options, self.epoch = options, epoch
 
     def __call__(self, tiles: Iterator[dict]) -> Iterator[dict]:
-        worker, _ = worker_position()
-        rng = np.random.default_rng([self.options.seed, self.epoch, self.rank, worker])
-        size = self.options.crop_size
+        size, count = self.options.crop_size, self.options.crops_per_tile
         scratch: dict = {}  # decode buffers reused tile after tile: crops are copies, cut before the next decode
         for tile in tiles:
             height, width = tile["meta"]["shape"]
@@ -195,16 +197,16 @@ class CutCrops:
                 tile["policy"].record_undecodable(tile["url"], SchemaError(
                     f"{tile['key']}: {height}x{width} tile is smaller than --crop-size {size}"))
                 continue
-            origins = [(2 * int(rng.integers(0, (height - size) // 2 + 1)),
-                        2 * int(rng.integers(0, (width - size) // 2 + 1))) for _ in range(self.options.crops_per_tile)]
+            origins = crop_origins(self.options.seed, self.epoch, tile["key"], count, height, width, size)
+            indices = tile.get("crops", range(count))
             try:
-                arrays = decode_crop_windows(tile["arrays"], origins, size, scratch)
+                arrays = decode_crop_windows(tile["arrays"], [origins[j] for j in indices], size, scratch)
             except BlockDecodeError as error:
                 tile["policy"].record_undecodable(tile["url"], SchemaError(f"{tile['key']}: {error}"))
                 continue
             decoded = tile | {"arrays": arrays}  # once per tile, not per crop
-            for y, x in origins:
-                yield cut_crop(decoded, y, x, size)
+            for index in indices:
+                yield cut_crop(decoded, *origins[index], size) | {"crop": index}
 
 
 def decode_crop_windows(arrays: dict, origins: list[tuple[int, int]], size: int,
@@ -249,55 +251,6 @@ def _window_20m(bands: np.ndarray, y: int, x: int, size: int) -> np.ndarray:
     return np.pad(window, pads, mode="edge") if any(any(p) for p in pads) else window
 
 
-class ShuffleCrops:
-    """Seeded shuffle buffer that spreads tiles over batches (reproducible per rank/worker/epoch).
-
-    A plain reservoir over K crops per tile puts several crops of one tile in a batch, even when
-    the buffer holds many tiles. Here crops wait per tile, and leave in rounds: each round visits
-    the buffered tiles in a random order and takes one random crop of each, and a new round starts
-    with the tiles not among the last `spread` taken, so any `spread` consecutive crops (a batch)
-    come from different tiles whenever the buffer holds that many tiles.
-    """
-
-    def __init__(self, buffer_size: int, seed: int, epoch: int, rank: int, spread: int = 16):
-        self.buffer_size, self.seed, self.epoch, self.rank, self.spread = buffer_size, seed, epoch, rank, spread
-
-    def __call__(self, crops: Iterator[dict]) -> Iterator[dict]:
-        worker, _ = worker_position()
-        rng = random.Random(f"{self.seed}-{self.epoch}-{self.rank}-{worker}")
-        by_tile: dict[str, list[dict]] = {}
-        round_order: list[str] = []  # popped from the end
-        recent: collections.deque = collections.deque(maxlen=self.spread)
-        buffered = 0
-        for crop in crops:
-            by_tile.setdefault(crop["key"], []).append(crop)
-            buffered += 1
-            if buffered >= self.buffer_size:
-                yield self._take(by_tile, round_order, recent, rng)
-                buffered -= 1
-        for _ in range(buffered):
-            yield self._take(by_tile, round_order, recent, rng)
-
-    @staticmethod
-    def _take(by_tile: dict[str, list[dict]], round_order: list[str], recent: collections.deque,
-              rng: random.Random) -> dict:
-        """One random crop of the next tile of the current round (a new round when it is used up)."""
-        while True:
-            if not round_order:
-                fresh = [key for key in by_tile if key not in recent]
-                rng.shuffle(fresh)
-                round_order.extend([key for key in reversed(recent) if key in by_tile] + fresh)
-            waiting = by_tile.get(round_order.pop())
-            if waiting:  # tiles emptied during the round are skipped
-                index = rng.randrange(len(waiting))
-                waiting[index], waiting[-1] = waiting[-1], waiting[index]
-                crop = waiting.pop()
-                if not waiting:
-                    del by_tile[crop["key"]]
-                recent.append(crop["key"])
-                return crop
-
-
 class TakeQuota:
     """Exactly this worker's quota of crops: the plan's promise that keeps ranks in step."""
 
@@ -306,7 +259,7 @@ class TakeQuota:
 
     def __call__(self, crops: Iterator[dict]) -> Iterator[dict]:
         worker, _ = worker_position()
-        quota = self.plan.workers[self.rank][worker].quota
+        quota = self.plan.quota(self.rank, worker)
         taken = 0
         for crop in crops:
             if taken == quota:
@@ -328,14 +281,17 @@ def model_input(batch: dict, device: torch.device) -> torch.Tensor:
     return image.mul_(1.0 / REFLECTANCE_SCALE)
 
 
-def make_pipeline(plan: EpochPlan, rank: int, options: StreamOptions, done_keys: frozenset = frozenset(),
+def make_pipeline(plan: EpochPlan, rank: int, options: StreamOptions,
                   collate: Callable[[list[dict]], dict] = collate_crops) -> wds.DataPipeline:
+    """The stages of one rank; the shuffle buffer and interleaving are the plan's (its resume position records them)."""
+    layout = plan.layout
     return wds.DataPipeline(
-        EpochTiles(plan, rank, options, done_keys, lazy=True),
-        CutCrops(options, plan.epoch, rank),
+        EpochTiles(plan, rank, options, lazy=True),
+        CutCrops(options, plan.epoch),
         TakeQuota(plan, rank),  # before the shuffle: the buffer must not pull repeats ahead of first-pass crops
-        ShuffleCrops(options.shuffle_buffer, options.seed, plan.epoch, rank, spread=options.batch_size),
-        wds.batched(options.batch_size, collation_fn=collate, partial=False),
+        ShuffleCrops(layout.shuffle_buffer, plan.seed, plan.epoch, rank, spread=layout.batch_size,
+                     segment=len(plan.history)),
+        wds.batched(layout.batch_size, collation_fn=collate, partial=False),
     )
 
 
@@ -365,11 +321,12 @@ def pipeline_loader(pipeline: wds.DataPipeline, num_workers: int) -> torch.utils
                                        multiprocessing_context=context)
 
 
-def make_loader(plan: EpochPlan, rank: int, options: StreamOptions, num_workers: int,
-                done_keys: frozenset = frozenset()) -> Iterable[dict]:
+def make_loader(plan: EpochPlan, rank: int, options: StreamOptions, num_workers: int) -> Iterable[dict]:
     """Batches of this rank for the epoch (numpy arrays already wrapped as tensors)."""
+    assert (plan.layout.num_workers, plan.layout.batch_size) == (num_workers, options.batch_size), \
+        "the plan's workers and batch size are how its crops were dealt"
     collate = CollateCrops()
-    loader = pipeline_loader(make_pipeline(plan, rank, options, done_keys, collate), num_workers)
+    loader = pipeline_loader(make_pipeline(plan, rank, options, collate), num_workers)
     # room for 10 uint16 bands per crop on the 10 m grid (s2_stack; 4 at 10 m + 6 at 20 m with halos take less),
     # plus the alignment of two arrays; a batch that does not fit goes without the ring
     slot_bytes = options.batch_size * 10 * options.crop_size**2 * np.dtype(np.uint16).itemsize + 2 * ALIGN

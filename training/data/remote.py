@@ -76,10 +76,11 @@ Opener = Callable[[int], tuple[IO[bytes], "int | None"]]  # offset -> (stream po
 class ResumableStream(io.RawIOBase):
     """Sequential reader that reopens at the consumed offset after transient errors."""
 
-    def __init__(self, url: str, opener: Opener, policy: RetryPolicy | None = None):
+    def __init__(self, url: str, opener: Opener, policy: RetryPolicy | None = None, start: int = 0,
+                 end: int | None = None):
         super().__init__()
         self.url, self._opener, self.policy = url, opener, policy or RetryPolicy.from_env()
-        self.position, self.size, self.retries = 0, None, 0
+        self.position, self.end, self.size, self.retries = start, end, None, 0
         self._inner: IO[bytes] | None = None
         _count("opened")
         self._with_retries("open", self._reopen)
@@ -89,6 +90,10 @@ class ResumableStream(io.RawIOBase):
 
     def readinto(self, buffer) -> int:
         view = memoryview(buffer).cast("B")
+        if self.end is not None:  # a ranged read ends at `end`, whatever the server sends past it
+            view = view[: max(self.end - self.position, 0)]
+            if not len(view):
+                return 0
         count = self._with_retries("read", lambda: self._read_some(view))
         self.position += count
         return count
@@ -154,9 +159,9 @@ def _one_line(error: BaseException) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
-def open_http_at(url: str, offset: int) -> tuple[IO[bytes], int | None]:
-    """A urllib response positioned at `offset` (Range request) and the object's total size."""
-    headers = {"Range": f"bytes={offset}-"} if offset else {}
+def open_http_at(url: str, offset: int, end: int | None = None) -> tuple[IO[bytes], int | None]:
+    """A urllib response positioned at `offset` (Range request, up to `end` when given) and the object's size."""
+    headers = {"Range": f"bytes={offset}-{'' if end is None else end - 1}"} if offset or end else {}
     try:
         response = urllib.request.urlopen(urllib.request.Request(url, headers=headers),  # noqa: S310
                                           timeout=TIMEOUT_S)
@@ -165,7 +170,7 @@ def open_http_at(url: str, offset: int) -> tuple[IO[bytes], int | None]:
             return io.BytesIO(b""), offset
         raise
     length = response.headers.get("Content-Length")
-    if offset and response.status == 206:
+    if response.status == 206:
         match = re.search(r"/(\d+)\s*$", response.headers.get("Content-Range", ""))
         return response, int(match.group(1)) if match else None
     size = int(length) if length is not None else None
@@ -183,20 +188,23 @@ def _skip(stream: IO[bytes], count: int) -> None:
         count -= len(chunk)
 
 
-def open_s3_at(url: str, offset: int) -> tuple[IO[bytes], int | None]:
-    """An s3fs file with `block_size()` read-ahead, positioned at `offset`, and the object's size."""
-    handle = s3_filesystem().open(url, "rb", block_size=block_size(), cache_type="readahead")
+def open_s3_at(url: str, offset: int, end: int | None = None) -> tuple[IO[bytes], int | None]:
+    """An s3fs file with `block_size()` read-ahead (never past `end`), positioned at `offset`, and its size."""
+    ahead = block_size() if end is None else max(min(block_size(), end - offset), 1)
+    handle = s3_filesystem().open(url, "rb", block_size=ahead, cache_type="readahead")
     if offset:
         handle.seek(offset)
     return handle, handle.size
 
 
-def open_remote(url: str, policy: RetryPolicy | None = None) -> io.BufferedReader:
-    """A buffered, resumable read stream of an http(s):// or s3:// object; RemoteReadError when unreadable."""
+def open_remote(url: str, policy: RetryPolicy | None = None, start: int = 0,
+                end: int | None = None) -> io.BufferedReader:
+    """A buffered, resumable read stream of an http(s):// or s3:// object, or of its bytes [start, end)
+    (a ranged read); RemoteReadError when unreadable."""
     if url.startswith("s3://"):
-        opener = lambda offset: open_s3_at(url, offset)  # noqa: E731
+        opener = lambda offset: open_s3_at(url, offset, end)  # noqa: E731
     elif url.startswith(("http://", "https://")):
-        opener = lambda offset: open_http_at(url, offset)  # noqa: E731
+        opener = lambda offset: open_http_at(url, offset, end)  # noqa: E731
     else:
         raise ValueError(f"{url}: not an s3:// or http(s):// URL")
-    return io.BufferedReader(ResumableStream(url, opener, policy), buffer_size=BUFFER)
+    return io.BufferedReader(ResumableStream(url, opener, policy, start, end), buffer_size=BUFFER)

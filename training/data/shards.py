@@ -19,7 +19,7 @@ from pathlib import Path
 
 from webdataset.shardlists import expand_urls
 
-from phileo.schema import MANIFEST
+from phileo.schema import INDEX, MANIFEST
 from phileo.tarstream import TarFormatError, count_samples
 from phileo.urls import UnsafeURLError, check_readable, inside_root, url_scheme
 from training.data.remote import open_remote
@@ -35,21 +35,25 @@ class ShardSpecError(ValueError):
 class ShardInfo:
     url: str
     samples: int
+    index: str | None = None  # the dataset's index.parquet (byte offsets of samples), when there may be one
 
 
-def open_shard(url: str):
+def open_shard(url: str, start: int = 0, end: int | None = None):
     """A readable byte stream: local file, or http(s)/s3 streamed with retry + resume. Nothing else:
     URLs are data (phileo/urls.py), so no WebDataset `pipe:` command is ever run.
 
-    OSError (RemoteReadError for http(s)/s3) when the shard cannot be opened; UnsafeURLError for
-    another scheme.
+    From byte `start` (a seek; remotely a ranged read, up to `end` when given). OSError
+    (RemoteReadError for http(s)/s3) when the shard cannot be opened; UnsafeURLError for another scheme.
     """
     check_readable(url, "shard")
     if url.startswith("file://"):
         url = url[len("file://"):]
     if url.startswith(RESUMABLE_PREFIXES):
-        return open_remote(url)
-    return open(url, "rb")
+        return open_remote(url, start=start, end=end)
+    stream = open(url, "rb")
+    if start:
+        stream.seek(start)
+    return stream
 
 
 def is_remote(url: str) -> bool:
@@ -75,8 +79,9 @@ def from_manifest(url: str) -> list[ShardInfo]:
     try:
         manifest = json.loads(_read_text(url))
         root = posixpath.dirname(url)
-        return [ShardInfo(inside_root(root, shard["url"], f"--shards {url}: shards[{number}]"), int(shard["samples"]))
-                for number, shard in enumerate(manifest["shards"])]
+        index = f"{root}/{INDEX}" if is_remote(url) or Path(root, INDEX).is_file() else None
+        return [ShardInfo(inside_root(root, shard["url"], f"--shards {url}: shards[{number}]"), int(shard["samples"]),
+                          index) for number, shard in enumerate(manifest["shards"])]
     except UnsafeURLError as error:
         raise ShardSpecError(str(error)) from None
     except (OSError, ValueError, KeyError, TypeError) as error:
@@ -109,14 +114,14 @@ def _remote_counts(spec: str, urls: list[str]) -> list[ShardInfo]:
         root = posixpath.dirname(posixpath.dirname(url))
         if root not in indexes:
             try:
-                indexes[root] = index_counts(f"{root}/index.parquet")
+                indexes[root] = index_counts(f"{root}/{INDEX}")
             except (OSError, ValueError, KeyError) as error:
                 raise ShardSpecError(f"--shards {spec}: sample counts of remote shards are unknown ({error}); "
                                      "pass the dataset's manifest.json URL instead") from error
         samples = indexes[root].get(url[len(root) + 1:], 0)
         if not samples:
             raise ShardSpecError(f"--shards {spec}: {url} has no samples in {root}/index.parquet")
-        shards.append(ShardInfo(url, samples))
+        shards.append(ShardInfo(url, samples, f"{root}/{INDEX}"))
     return shards
 
 

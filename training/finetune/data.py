@@ -1,7 +1,8 @@
 """Fine-tuning data: PhilEO Bench patches (`s2_stack` + one task label) streamed from shards.
 
-Training reuses the pretraining stages (epoch plan with one "crop" per patch, so every rank
-runs the same number of steps): patches -> exactly `quota` -> shuffle buffer -> batches.
+Training reuses the pretraining stages (epoch plan with one "crop" per patch, dealt patch by
+patch, so every rank runs the same number of steps): patches -> exactly `quota` -> shuffle
+buffer -> batches.
 Evaluation reads every patch exactly once: shards are dealt to ranks and workers without
 padding or repeats, so summed metrics are the exact totals over the split.
 """
@@ -76,8 +77,8 @@ def train_loader(plan: EpochPlan, rank: int, task: str, options: StreamOptions,
         EpochTiles(plan, rank, options),
         PatchTargets(task),
         TakeQuota(plan, rank),
-        ShuffleCrops(options.shuffle_buffer, options.seed, plan.epoch, rank, spread=options.batch_size),
-        wds.batched(options.batch_size, collation_fn=collate_patches, partial=False),
+        ShuffleCrops(plan.layout.shuffle_buffer, plan.seed, plan.epoch, rank, spread=plan.layout.batch_size),
+        wds.batched(plan.layout.batch_size, collation_fn=collate_patches, partial=False),
     )
     return pipeline_loader(pipeline, num_workers)
 

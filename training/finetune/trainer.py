@@ -122,7 +122,8 @@ class FinetuneTrainer:
 
     def train_epoch(self, epoch: int) -> float:
         plan = plan_epoch(self.train_shards, self.world.world_size, self.config.data.num_workers,
-                          self.config.data.batch_size, 1, self.config.run.seed, epoch)
+                          self.config.data.batch_size, 1, self.config.run.seed, epoch,
+                          shuffle_buffer=self.config.data.shuffle_buffer)
         loader = train_loader(plan, self.world.rank, self.task, self.options, self.config.data.num_workers)
         self._set_train_mode()
         total, count = 0.0, 0
