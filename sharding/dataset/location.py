@@ -33,6 +33,7 @@ from phileo.urls import UnsafeURLError, inside_root, redact_text, url_scheme
 from sharding.errors import InputError
 from sharding.layout import MANIFEST, SHARDS_DIR
 from sharding.sources.remote import (
+    RemoteFile,
     RemoteUnavailable,
     filesystem,
     forget_file,
@@ -175,27 +176,9 @@ class DatasetLocation:
                       if name.endswith(".tar"))
 
 
-class RangeReader(io.RawIOBase):
+class RangeReader(RemoteFile):
     """A remote object as a seekable raw file: a read is ranged GETs (retried) of exactly its bytes, nothing
     cached. `fetched` counts the bytes received."""
-
-    def __init__(self, url: str, size: int):
-        super().__init__()
-        self.url, self.size, self.position, self.fetched = url, size, 0, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self.position
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.position, io.SEEK_END: self.size}[whence]
-        self.position = max(0, base + offset)
-        return self.position
 
     def close(self) -> None:
         forget_file(self.url)

@@ -202,14 +202,35 @@ def object_size(url: str) -> int:
     return int(with_retries(url, "HEAD", lambda: fs.size(with_credentials(url))))
 
 
-class CachedRanges(io.RawIOBase):
-    """A seekable read-only file over byte ranges fetched up front; a miss is one more ranged GET."""
+class RemoteFile(io.RawIOBase):
+    """A remote object of known size as a seekable read-only raw file; subclasses say how bytes arrive."""
 
     def __init__(self, url: str, size: int):
         super().__init__()
         self.url, self.size, self.position = url, size, 0
-        self.blocks: list[tuple[int, bytes]] = []
         self.fetched = 0  # bytes fetched, for tests and logs
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.position, io.SEEK_END: self.size}[whence]
+        self.position = max(0, base + offset)
+        return self.position
+
+
+class CachedRanges(RemoteFile):
+    """A seekable read-only file over byte ranges fetched up front; a miss is one more ranged GET."""
+
+    def __init__(self, url: str, size: int):
+        super().__init__(url, size)
+        self.blocks: list[tuple[int, bytes]] = []
 
     def fetch_spans(self, spans: list[tuple[int, int]], keep: bool = True) -> None:
         """One GET per span; `keep=False` first drops every block but the footer (the previous row group)."""
@@ -230,20 +251,6 @@ class CachedRanges(io.RawIOBase):
             if offset <= start and end <= offset + len(data):
                 return data[start - offset:end - offset]
         return None
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self.position
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.position, io.SEEK_END: self.size}[whence]
-        self.position = base + offset
-        return self.position
 
     def readinto(self, buffer) -> int:
         view = memoryview(buffer).cast("B")
