@@ -21,6 +21,7 @@ from sharding.sources.metadata_catalog import (  # noqa: E402
     _product_datetime,
     catalog_from_metadata,
     metadata_problem,
+    rebase,
 )
 from sharding.sources.remote_catalog import list_source  # noqa: E402
 from tests.conftest import run_shard  # noqa: E402
@@ -32,7 +33,7 @@ def row_by_row(entries: list[dict]) -> tuple[list[dict], list[str]]:
     rows, reasons = [], []
     for entry in sorted(entries, key=lambda e: (e["parquet_url"], e["parquet_row"] if e["parquet_row"] is not None
                                                 else -1)):
-        url, number = entry["parquet_url"], entry["parquet_row"]
+        url, number = rebase(entry["parquet_url"], None), entry["parquet_row"]  # Hub URLs are read as hf://
         try:
             if number is None:
                 raise ValueError("parquet_row is missing")
