@@ -76,7 +76,9 @@ def read_extracted_product(product_dir: str, with_thumbnail: bool) -> dict:
     return columns
 
 
-def _read_geotiff(column: str, data: bytes | None) -> tuple[np.ndarray, str, tuple[float, ...]]:
+def _read_geotiff(column: str, data: bytes | None, out: np.ndarray | None = None
+                  ) -> tuple[np.ndarray, str, tuple[float, ...]]:
+    """(pixels, CRS, transform) of a one-band GeoTIFF; into `out` when its shape and dtype are the band's."""
     if not data:
         raise RowError(f"{column}: empty or missing")
     try:
@@ -85,9 +87,29 @@ def _read_geotiff(column: str, data: bytes | None) -> tuple[np.ndarray, str, tup
                 raise RowError(f"{column}: {dataset.count} bands in the GeoTIFF, expected 1")
             if dataset.crs is None:
                 raise RowError(f"{column}: GeoTIFF has no CRS")
-            return dataset.read(1), dataset.crs.to_string(), tuple(dataset.transform)[:6]
+            fits = out is not None and dataset.shape == out.shape and dataset.dtypes[0] == out.dtype.name
+            pixels = dataset.read(1, out=out) if fits else dataset.read(1)
+            return pixels, dataset.crs.to_string(), tuple(dataset.transform)[:6]
     except RasterioError as error:
         raise RowError(f"{column}: unreadable GeoTIFF ({error})") from error
+
+
+def _member_stacks(b02: bytes | None) -> dict[str, np.ndarray]:
+    """Empty (bands, h, w) arrays per member, sized from B02's header, for the bands to be decoded into.
+
+    Decoding each band into its row of the member saves np.stack's copy of the whole tile (about 5%
+    of the build's CPU per tile). {} when B02's header is unreadable or its shape not divisible by 6:
+    the bands are then decoded on their own and the checks name the problem as before.
+    """
+    try:
+        with MemoryFile(b02) as memfile, memfile.open() as dataset:
+            height, width = dataset.height, dataset.width
+    except (RasterioError, TypeError, ValueError):  # no bytes, or not a GeoTIFF: decode_bands says which
+        return {}
+    if height % 6 or width % 6:
+        return {}
+    return {member: np.empty((len(bands), height // factor, width // factor), np.uint16)
+            for member, (bands, factor) in RESOLUTION_GROUPS.items()}
 
 
 def decode_bands(columns: dict) -> tuple[dict[str, np.ndarray], str, tuple[float, ...]]:
@@ -95,7 +117,10 @@ def decode_bands(columns: dict) -> tuple[dict[str, np.ndarray], str, tuple[float
     # In-memory GeoTIFFs need no cloud session; without this, rasterio builds a boto3 session per
     # read whenever AWS keys are in the environment (28 ms instead of 1 ms each: 9x slower builds).
     with rasterio.Env(session=DummySession()):
-        decoded = {name: _read_geotiff(name, columns.get(name)) for name in BAND_COLUMNS}
+        stacks = _member_stacks(columns.get("B02"))
+        rows = {band: stack[channel] for member, stack in stacks.items()
+                for channel, band in enumerate(RESOLUTION_GROUPS[member][0])}
+        decoded = {name: _read_geotiff(name, columns.get(name), rows.get(name)) for name in BAND_COLUMNS}
     reference, crs, transform = decoded["B02"]
     height, width = reference.shape
     if height % 6 or width % 6:
@@ -105,7 +130,9 @@ def decode_bands(columns: dict) -> tuple[dict[str, np.ndarray], str, tuple[float
         for band in bands:
             _check_band(band, decoded[band], (height // factor, width // factor), np.uint16,
                         crs, transform, factor)
-        arrays[member] = np.stack([decoded[band][0] for band in bands])
+        # checked: every band has the member's row shape and dtype, so it was decoded into its row
+        assert member in stacks and all(decoded[band][0] is rows[band] for band in bands), member
+        arrays[member] = stacks[member]
     _check_band(CLOUD_MASK, decoded[CLOUD_MASK], (height, width), np.uint8, crs, transform, 1)
     arrays[CLOUD] = decoded[CLOUD_MASK][0]
     return arrays, crs, transform
@@ -122,7 +149,8 @@ def _check_band(name: str, decoded: tuple, shape: tuple[int, int], dtype: type, 
         raise RowError(f"{name}: CRS {band_crs} differs from B02's {crs}")
     a, b, c, d, e, f = transform
     expected = (a * factor, b * factor, c, d * factor, e * factor, f)
-    if not np.allclose(band_transform, expected, rtol=0, atol=1e-6):
+    # np.allclose(rtol=0, atol=1e-6) in plain Python: 13 calls of numpy's took 1.6 ms a tile
+    if not all(got == want or abs(got - want) <= 1e-6 for got, want in zip(band_transform, expected)):
         raise RowError(f"{name}: grid {band_transform} is not aligned with B02's {transform}")
 
 
