@@ -19,23 +19,26 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from contextlib import contextmanager
 from itertools import islice
 
+import blosc2
+
 from sharding.build.unit import Progress, UnitOptions, build_unit
 
 log = logging.getLogger(__name__)
 
 _progress_queue = None  # set in each worker process by _init_worker
 # One thread per library in a pool worker: the workers are the parallelism, and N workers each with
-# Arrow, Blosc2, OpenBLAS and GDAL pools of N threads only oversubscribe the cores. These libraries
-# size their pools from the environment at import, so the variables must be in the environment the
-# spawn workers start with; a value the user set is kept. (Shard bytes do not depend on them:
-# Blosc2 encodes with one thread whatever the pool size, phileo/schema.py.)
+# Arrow, OpenBLAS and GDAL pools of N threads only oversubscribe the cores. These libraries size
+# their pools from the environment at import, so the variables must be in the environment the spawn
+# workers start with; a value the user set is kept. Blosc2 is pinned in `_init_worker` instead:
+# BLOSC_NTHREADS would change the shard bytes (phileo/schema.py BLOSC_ENCODING_ENV).
 WORKER_THREAD_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-                     "BLOSC_NTHREADS": "1", "GDAL_NUM_THREADS": "1"}
+                     "GDAL_NUM_THREADS": "1"}
 
 
 def _init_worker(progress_queue) -> None:
     global _progress_queue
     _progress_queue = progress_queue
+    blosc2.set_nthreads(1)  # decoding threads only: encoding is single-threaded (phileo/schema.py)
 
 
 def _report_to_queue(*event) -> None:
