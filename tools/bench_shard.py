@@ -35,7 +35,13 @@ from sharding.errors import RowError
 from sharding.sources.majortom import BAND_COLUMNS, decode_bands, iter_parquet_rows
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tools/ is not installed
-from tools.bench_shard_profile import clevel_sweep, poll_tree, profile_build, sweep_table  # noqa: E402
+from tools.bench_shard_profile import (  # noqa: E402
+    clevel_sweep,
+    poll_tree,
+    profile_build,
+    sweep_table,
+    worker_startup_cpu,
+)
 from tools.docs_section import write_docs_section  # noqa: E402
 from tools.real_s2_fixture import FIXTURE_JSON  # noqa: E402
 
@@ -68,22 +74,6 @@ print(json.dumps({"seconds": s.seconds, "cpu_self": cpu(resource.RUSAGE_SELF) - 
                   "written": s.written, "rejected": s.rejected, "shards": s.shards, "bytes_out": s.bytes_out,
                   "failed": len(s.failed_units), "main_mb": int(hwm[0]) * 1024 / 1e6 if hwm else 0.0}))
 """
-# The CPU one spawn pool worker spends before its first job: interpreter start, the imports of
-# sharding.build.distributor (unit, writer, sources: numpy, pyarrow, blosc2, rasterio) and the
-# initializer, exactly as the build's pool starts it.
-STARTUP = r"""
-import multiprocessing, resource
-from concurrent.futures import ProcessPoolExecutor
-from sharding.build.distributor import _init_worker, worker_thread_env
-if __name__ == "__main__":
-    with worker_thread_env(), ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
-                                                  initializer=_init_worker, initargs=(None,)) as pool:
-        pool.submit(int).result()
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    print(usage.ru_utime + usage.ru_stime)
-"""
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiles", type=int, default=24, help="tiles to generate (or to take from --input)")
@@ -190,13 +180,6 @@ def kept_members(kept: list[dict]) -> list[tuple[dict, int]]:
             continue
         out.append((arrays, sum(len(columns.get(name) or b"") for name in BAND_COLUMNS)))
     return out
-
-
-def worker_startup_cpu(repeat: int) -> float:
-    """Least CPU seconds of `repeat` starts of one spawn pool worker (STARTUP)."""
-    runs = [subprocess.run([sys.executable, "-c", STARTUP], capture_output=True, text=True, cwd=ROOT, check=True)
-            for _ in range(repeat)]
-    return min(float(run.stdout.strip().splitlines()[-1]) for run in runs)
 
 
 def run_build(input_path: Path, output: Path, workers: int, limit: int, shard_size: int, clevel: int) -> dict:
@@ -323,6 +306,24 @@ def source_note(args: argparse.Namespace) -> str:
     return f"Source: MajorTOM parquet files under `{args.input}` ({args.pixels} pixels)."
 
 
+def workers_note(builds: dict[int, list[dict]], startup: float) -> str:
+    """What the --workers N rows say, in this run's numbers."""
+    one = min(builds[1], key=lambda b: b["cpu"])
+    workers, runs = max(builds.items())
+    b = min(runs, key=lambda b: b["cpu"])
+    one_cpu, net = one["cpu"] / one["written"], (b["cpu"] - b["spawned"] * startup) / b["written"]
+    rate = (b["written"] / b["seconds"]) / (one["written"] / one["seconds"])
+    return (f"Reading the --workers {workers} rows: each spawn worker first spends {startup:.2f} CPU s starting "
+            f"(interpreter and imports), the work of {startup / one_cpu:.0f} tiles; here that is "
+            f"{b['spawned'] * startup / b['cpu']:.0%} of the build's CPU, once per worker per build (a unit "
+            "of a real build is ~1 GB of shards, ~150 tiles). Net of it a tile costs "
+            f"{net / one_cpu:.2f}x its CPU with 1 worker: the work per tile does not grow with workers. "
+            f"Wall clock: {rate:.2f}x the tiles/s of 1 worker, on {len(os.sched_getaffinity(0))} cores that "
+            f"other jobs kept busy (load {b['load'][0]:.1f}): not a measure of scaling. Each worker runs "
+            f"at most {b['threads'] or 'n/a'} threads (one per library, sharding/build/distributor.py "
+            "WORKER_THREAD_ENV; the others are the progress queue's feeder and pyarrow's).")
+
+
 def docs_section(args: argparse.Namespace, base: dict, tables: list[str], load: str) -> str:
     command = "python tools/bench_shard.py " + " ".join(sys.argv[1:])
     return "\n".join([
@@ -379,6 +380,8 @@ def main(argv: list[str] | None = None) -> int:
               f"Blosc2 ZSTD level sweep on {min(args.sweep_tiles, base['tiles'])} decoded tiles (all members; "
               "MB/s of uncompressed array bytes per CPU s, 1 Blosc2 thread, best of 2):", "",
               *sweep_table(sweep, base)]
+    if args.workers > 1:
+        tables += ["", workers_note(builds, startup)]
     if profile:
         tables += ["", *profile]
     print("\n" + "\n".join(tables))

@@ -1,11 +1,12 @@
-"""The parts of tools/bench_shard.py that look inside a build: its process tree (peak RSS, threads), a CPU
-profile by cost, and a Blosc2 level sweep."""
+"""The parts of tools/bench_shard.py that look inside a build: its process tree (peak RSS, threads), a spawn
+worker's start-up CPU, a CPU profile by cost, and a Blosc2 level sweep."""
 
 from __future__ import annotations
 
 import cProfile
 import pstats
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -15,11 +16,25 @@ from phileo.schema import DEFAULT_CLEVEL, block_shape, decode_array, encode_arra
 
 CLEVELS, EXTRA_LEVELS = (1, 3, 5, 7, 9), (1, 3)
 MB = 1e6
+ROOT = Path(__file__).resolve().parents[1]
+# The CPU one spawn pool worker spends before its first job: interpreter start, the imports of
+# sharding.build.distributor (unit, writer, sources: numpy, pyarrow, blosc2, rasterio) and the
+# initializer, exactly as the build's pool starts it.
+STARTUP = r"""
+import multiprocessing, resource
+from concurrent.futures import ProcessPoolExecutor
+from sharding.build.distributor import _init_worker, worker_thread_env
+if __name__ == "__main__":
+    with worker_thread_env(), ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
+                                                  initializer=_init_worker, initargs=(None,)) as pool:
+        pool.submit(int).result()
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    print(usage.ru_utime + usage.ru_stime)
+"""
 # (label, file suffix, function): cumulative CPU of the build's costs; "~" is a C function.
 COSTS = (
     ("parquet row-group read (pyarrow, incl. the bytes' copy)", "majortom.py", "iter_parquet_rows"),
     ("GeoTIFF decode (rasterio/GDAL)", "majortom.py", "_read_geotiff"),
-    ("B02 header for the member arrays", "majortom.py", "_member_stacks"),
     ("Blosc2 ZSTD encode", "schema.py", "encode_array"),
     ("sha256 of shards as written", "~", "<method 'update' of '_hashlib.HASH' objects>"),
     ("xxh3 member checksums", "~", "<built-in method xxhash._xxhash.xxh3_64_hexdigest>"),
@@ -35,6 +50,13 @@ COSTS = (
     ("unit files (index, histogram npz)", "unit_files.py", "write_unit_files"),
     ("finalize (manifest, index.parquet)", "manifest.py", "finalize"),
 )
+
+
+def worker_startup_cpu(repeat: int) -> float:
+    """Least CPU seconds of `repeat` starts of one spawn pool worker (STARTUP)."""
+    runs = [subprocess.run([sys.executable, "-c", STARTUP], capture_output=True, text=True, cwd=ROOT, check=True)
+            for _ in range(repeat)]
+    return min(float(run.stdout.strip().splitlines()[-1]) for run in runs)
 
 
 def _hwm_mb(pid: int) -> float:
