@@ -321,7 +321,8 @@ def workers_note(builds: dict[int, list[dict]], startup: float) -> str:
             f"Wall clock: {rate:.2f}x the tiles/s of 1 worker, on {len(os.sched_getaffinity(0))} cores that "
             f"other jobs kept busy (load {b['load'][0]:.1f}): not a measure of scaling. Each worker runs "
             f"at most {b['threads'] or 'n/a'} threads (one per library, sharding/build/distributor.py "
-            "WORKER_THREAD_ENV; the others are the progress queue's feeder and pyarrow's).")
+            "WORKER_THREAD_ENV; besides the main thread: the progress queue's feeder, pyarrow's pool and its "
+            "jemalloc background thread; 7 before the pinning).")
 
 
 def docs_section(args: argparse.Namespace, base: dict, tables: list[str], load: str) -> str:
@@ -359,7 +360,7 @@ def measure(args: argparse.Namespace, work: Path) -> tuple[dict, dict[int, list[
     startup = worker_startup_cpu(args.repeat) if args.workers > 1 else 0.0
     sweep = clevel_sweep(kept_members(base.pop("kept")))
     profile = profile_build(input_path, work / "out-profile", min(args.profile, base["tiles"]), shard_size,
-                            args.clevel) if args.profile else []
+                            args.clevel, base["cpu"] / base["tiles"]) if args.profile else []
     return base, builds, startup, sweep, profile
 
 
