@@ -368,6 +368,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if min(args.tiles, args.workers, args.repeat) < 1:
         raise SystemExit("error: --tiles, --workers and --repeat must be >= 1")
+    made = args.input / FIXTURE_JSON if args.input else None
+    if made is not None and made.is_file() and json.loads(made.read_text())["pixels"].startswith("real"):
+        args.pixels = "real"  # a tools/real_s2_fixture.py directory: the real-pixel section
     tmp = tempfile.mkdtemp(prefix="bench_shard-")
     print(f"work directory: {tmp}", flush=True)
     load_before = ", ".join(f"{x:.2f}" for x in os.getloadavg())
