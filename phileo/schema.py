@@ -76,6 +76,13 @@ def block_shape(member: str, shape: tuple[int, ...]) -> tuple[int, ...] | None:
     return tuple(shape[:-2]) + (min(side, shape[-2]), min(side, shape[-1]))
 
 
+# c-blosc2 reads these variables on every compression and lets them override the arguments: with
+# BLOSC_NTHREADS set (even to 1) the same array encodes to other bytes. Writers refuse to run with any
+# of them set (sharding/build/writer.py check_codec_environment); decoding is not affected.
+BLOSC_ENCODING_ENV = ("BLOSC_NTHREADS", "BLOSC_CLEVEL", "BLOSC_COMPRESSOR", "BLOSC_SHUFFLE", "BLOSC_DELTA",
+                      "BLOSC_TYPESIZE", "BLOSC_BLOCKSIZE", "BLOSC_SPLITMODE")
+
+
 def encode_array(array: np.ndarray, clevel: int = DEFAULT_CLEVEL, blocks: tuple[int, ...] | None = None) -> bytes:
     """Blosc2 NDArray cframe, ZSTD + byte shuffle (lossless); `blocks`: one chunk split in these blocks.
 

@@ -151,3 +151,33 @@ def test_progress_is_reported_once_per_tile_from_workers(majortom, tmp_path, wor
     results = list(run_local(units, options, workers, lambda bytes_in, bytes_out: calls.append(bytes_out)))
     assert len(units) > 1 and not [r for r in results if "error" in r]
     assert len(calls) == 12 and all(size > 0 for size in calls)
+
+
+def _worker_threads(name, progress=None):
+    """(environment, Blosc2 threads) a pool worker started with: a job for run_jobs."""
+    import blosc2
+
+    return {key: os.environ.get(key) for key in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "GDAL_NUM_THREADS")}, \
+        blosc2.nthreads, name
+
+
+def test_pool_workers_start_with_one_thread_per_library_and_the_parent_keeps_its_environment(monkeypatch):
+    from sharding.build.distributor import WORKER_THREAD_ENV, run_jobs
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+    monkeypatch.setenv("GDAL_NUM_THREADS", "3")  # the user's value is kept
+    before = dict(os.environ)
+    results = dict(run_jobs(_worker_threads, [("a",), ("b",)], 2, lambda *event: None))
+    assert sorted(name for _, _, name in results.values()) == ["a", "b"]
+    for environment, blosc_threads, _ in results.values():
+        assert environment == {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "GDAL_NUM_THREADS": "3"}
+        assert blosc_threads == 1
+    assert dict(os.environ) == before and set(WORKER_THREAD_ENV) >= set(environment)
+
+
+def test_a_build_refuses_blosc_variables_that_would_change_the_shard_bytes(majortom, tmp_path, monkeypatch):
+    monkeypatch.setenv("BLOSC_NTHREADS", "1")  # even 1: c-blosc2 then writes other bytes
+    result = run_shard("build", "--input", str(majortom[0]), "--output", str(tmp_path / "ds"))
+    assert result.exit_code == 2 and "BLOSC_NTHREADS is set" in result.output
+    assert not (tmp_path / "ds" / "shards").exists()

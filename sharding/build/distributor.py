@@ -11,22 +11,34 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import queue
 import traceback
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from contextlib import contextmanager
 from itertools import islice
+
+import blosc2
 
 from sharding.build.unit import Progress, UnitOptions, build_unit
 
 log = logging.getLogger(__name__)
 
 _progress_queue = None  # set in each worker process by _init_worker
+# One thread per library in a pool worker: the workers are the parallelism, and N workers each with
+# Arrow, OpenBLAS and GDAL pools of N threads only oversubscribe the cores. These libraries size
+# their pools from the environment at import, so the variables must be in the environment the spawn
+# workers start with; a value the user set is kept. Blosc2 is pinned in `_init_worker` instead:
+# BLOSC_NTHREADS would change the shard bytes (phileo/schema.py BLOSC_ENCODING_ENV).
+WORKER_THREAD_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+                     "GDAL_NUM_THREADS": "1"}
 
 
 def _init_worker(progress_queue) -> None:
     global _progress_queue
     _progress_queue = progress_queue
+    blosc2.set_nthreads(1)  # decoding threads only: encoding is single-threaded (phileo/schema.py)
 
 
 def _report_to_queue(*event) -> None:
@@ -56,8 +68,8 @@ def run_jobs(function: Callable, jobs: Iterable[tuple], workers: int,
     progress_queue = context.Queue()
     numbered = enumerate(jobs)  # taken lazily: at most `window` jobs' arguments exist at once
     window = 2 * workers
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
-                             initargs=(progress_queue,)) as pool:
+    with worker_thread_env(), ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+                                                  initargs=(progress_queue,)) as pool:
         futures = {pool.submit(_call, function, args): number for number, args in islice(numbered, window)}
         while futures:
             done, _ = wait(set(futures), timeout=0.5, return_when=FIRST_COMPLETED)
@@ -67,6 +79,18 @@ def run_jobs(function: Callable, jobs: Iterable[tuple], workers: int,
             for number, args in islice(numbered, window - len(futures)):
                 futures[pool.submit(_call, function, args)] = number
         _drain(progress_queue, progress)
+
+
+@contextmanager
+def worker_thread_env() -> Iterator[None]:
+    """WORKER_THREAD_ENV in os.environ while the pool starts workers (on demand, so for its whole life)."""
+    added = {name: value for name, value in WORKER_THREAD_ENV.items() if name not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for name in added:
+            os.environ.pop(name, None)
 
 
 def run_local(units: Iterable[tuple[int, list[dict]]], options: UnitOptions, workers: int,

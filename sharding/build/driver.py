@@ -33,7 +33,7 @@ from sharding.build.plan import Filters, PendingUnits, SavedPlan, assign_units, 
 from sharding.build.ray_executor import run_ray
 from sharding.build.remote_output import RemoteOutput
 from sharding.build.unit import UnitOptions
-from sharding.build.writer import atomic_write
+from sharding.build.writer import atomic_write, check_codec_environment
 from sharding.errors import InputError
 from sharding.layout import (
     BUILD_INFO,
@@ -239,6 +239,7 @@ def build(args: BuildArgs, workers: int = 1, overwrite: bool = False, executor: 
     A build that would give no tile is an InputError unless `allow_empty`. `dry_run` plans (or loads
     the saved plan) and stops: the same command without it continues from that plan."""
     check_label_rasters(args.labels)  # bad arguments fail before the output is touched
+    check_codec_environment()
     with output_lock(Path(args.output), node_rank=node.node_rank if node else None):
         return _build(args, workers, overwrite, executor, ray_address, node, sink, allow_empty, dry_run)
 

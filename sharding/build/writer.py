@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from phileo.schema import DEFAULT_CLEVEL, Sample, encode_sample
+from phileo.schema import BLOSC_ENCODING_ENV, DEFAULT_CLEVEL, Sample, encode_sample
+from sharding.errors import InputError
 from sharding.layout import shard_name, shard_url, temp_name
 
 FIXED_MTIME = 1_600_000_000  # any constant: reruns must produce identical bytes
@@ -37,6 +38,14 @@ def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
         tmp.unlink(missing_ok=True)
         raise
     os.replace(tmp, path)
+
+
+def check_codec_environment() -> None:
+    """Refuse to write shards while a BLOSC_* variable would change their bytes (phileo/schema.py)."""
+    found = [name for name in BLOSC_ENCODING_ENV if name in os.environ]
+    if found:
+        raise InputError(f"environment variable {found[0]} is set: c-blosc2 would let it override the shard "
+                         "encoding, so shards would differ from any other build's bytes; unset it")
 
 
 def sha256_file(path: Path, chunk_size: int = 1 << 22) -> str:

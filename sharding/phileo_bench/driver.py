@@ -26,7 +26,7 @@ from sharding.build.distributor import run_jobs
 from sharding.build.manifest import finalize
 from sharding.build.output_dir import open_build_output
 from sharding.build.output_lock import output_lock
-from sharding.build.writer import atomic_write
+from sharding.build.writer import atomic_write, check_codec_environment
 from sharding.errors import InputError
 from sharding.layout import (
     BUILD_INFO,
@@ -222,6 +222,7 @@ def finalize_dataset(directory: Path, name: str, dataset: dict, info: dict) -> d
 
 def build_phileo_bench(args: PhilEOBenchArgs, workers: int = 1, overwrite: bool = False) -> PhilEOBenchSummary:
     """Build (or resume) the PhilEO Bench datasets; returns the summary. Raises InputError on bad input."""
+    check_codec_environment()
     with output_lock(Path(args.output)):
         return _build_phileo_bench(args, workers, overwrite)
 

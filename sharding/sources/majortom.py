@@ -10,7 +10,7 @@ from __future__ import annotations
 import bisect
 import io
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -76,7 +76,14 @@ def read_extracted_product(product_dir: str, with_thumbnail: bool) -> dict:
     return columns
 
 
-def _read_geotiff(column: str, data: bytes | None) -> tuple[np.ndarray, str, tuple[float, ...]]:
+BAND_ROWS = {band: (member, channel) for member, (bands, _) in RESOLUTION_GROUPS.items()
+             for channel, band in enumerate(bands)}  # band -> its member and channel in it
+RowFor = Callable[[tuple[int, int], str], "np.ndarray | None"]  # (shape, dtype) -> where to decode, or None
+
+
+def _read_geotiff(column: str, data: bytes | None, row_for: RowFor | None = None
+                  ) -> tuple[np.ndarray, str, tuple[float, ...]]:
+    """(pixels, CRS, transform) of a one-band GeoTIFF, decoded into `row_for(shape, dtype)` when it gives one."""
     if not data:
         raise RowError(f"{column}: empty or missing")
     try:
@@ -85,17 +92,34 @@ def _read_geotiff(column: str, data: bytes | None) -> tuple[np.ndarray, str, tup
                 raise RowError(f"{column}: {dataset.count} bands in the GeoTIFF, expected 1")
             if dataset.crs is None:
                 raise RowError(f"{column}: GeoTIFF has no CRS")
-            return dataset.read(1), dataset.crs.to_string(), tuple(dataset.transform)[:6]
+            out = row_for(dataset.shape, dataset.dtypes[0]) if row_for is not None else None
+            return dataset.read(1, out=out), dataset.crs.to_string(), tuple(dataset.transform)[:6]
     except RasterioError as error:
         raise RowError(f"{column}: unreadable GeoTIFF ({error})") from error
 
 
+def _member_rows(stacks: dict[str, np.ndarray], band: str) -> RowFor:
+    """Where `band` decodes to: its row of its member's (bands, h, w) array, which the member's first band
+    sizes. Decoding in place saves np.stack's copy of the whole tile (about 5% of the build's CPU per
+    tile). A band of another shape or dtype gets None (its own array); the checks then reject the row."""
+    member, channel = BAND_ROWS[band]
+
+    def row_for(shape: tuple[int, int], dtype: str) -> np.ndarray | None:
+        if dtype != "uint16":
+            return None
+        stack = stacks.setdefault(member, np.empty((len(RESOLUTION_GROUPS[member][0]), *shape), np.uint16))
+        return stack[channel] if stack.shape[1:] == shape else None
+    return row_for
+
+
 def decode_bands(columns: dict) -> tuple[dict[str, np.ndarray], str, tuple[float, ...]]:
     """Decode + cross-check all band GeoTIFFs: (arrays by member, crs, 10 m transform)."""
+    stacks: dict[str, np.ndarray] = {}
     # In-memory GeoTIFFs need no cloud session; without this, rasterio builds a boto3 session per
     # read whenever AWS keys are in the environment (28 ms instead of 1 ms each: 9x slower builds).
     with rasterio.Env(session=DummySession()):
-        decoded = {name: _read_geotiff(name, columns.get(name)) for name in BAND_COLUMNS}
+        decoded = {name: _read_geotiff(name, columns.get(name), _member_rows(stacks, name) if name in BAND_ROWS
+                                       else None) for name in BAND_COLUMNS}
     reference, crs, transform = decoded["B02"]
     height, width = reference.shape
     if height % 6 or width % 6:
@@ -105,7 +129,9 @@ def decode_bands(columns: dict) -> tuple[dict[str, np.ndarray], str, tuple[float
         for band in bands:
             _check_band(band, decoded[band], (height // factor, width // factor), np.uint16,
                         crs, transform, factor)
-        arrays[member] = np.stack([decoded[band][0] for band in bands])
+        # checked: every band has the shape and dtype of the member's first band, so it is in its row
+        assert all(decoded[band][0].base is stacks[member] for band in bands), member
+        arrays[member] = stacks[member]
     _check_band(CLOUD_MASK, decoded[CLOUD_MASK], (height, width), np.uint8, crs, transform, 1)
     arrays[CLOUD] = decoded[CLOUD_MASK][0]
     return arrays, crs, transform
@@ -122,7 +148,8 @@ def _check_band(name: str, decoded: tuple, shape: tuple[int, int], dtype: type, 
         raise RowError(f"{name}: CRS {band_crs} differs from B02's {crs}")
     a, b, c, d, e, f = transform
     expected = (a * factor, b * factor, c, d * factor, e * factor, f)
-    if not np.allclose(band_transform, expected, rtol=0, atol=1e-6):
+    # np.allclose(rtol=0, atol=1e-6) in plain Python: 13 calls of numpy's took 1.6 ms a tile
+    if not all(got == want or abs(got - want) <= 1e-6 for got, want in zip(band_transform, expected)):
         raise RowError(f"{name}: grid {band_transform} is not aligned with B02's {transform}")
 
 
