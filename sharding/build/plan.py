@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 
 from phileo.geo import parse_grid_cell
 from sharding.errors import InputError
-from sharding.sources.majortom_catalog import Catalog, reject
+from sharding.sources.majortom_catalog import Catalog, dictionary_encoded, float_column, reject
 
 
 @dataclass(frozen=True)
@@ -107,17 +107,13 @@ def drop_reasons(table: pa.Table, filters: Filters) -> np.ndarray:
             drop("time", pc.greater(day, filters.end))
     if filters.bbox is not None:
         west, south, east, north = filters.bbox
-        lat, lon = _floats(table, "centre_lat"), _floats(table, "centre_lon")
+        lat, lon = float_column(table, "centre_lat"), float_column(table, "centre_lon")
         drop("bbox", ~((west <= lon) & (lon <= east) & (south <= lat) & (lat <= north)))
     for reason, name, limit in (("cloud", "cloud_cover", filters.max_cloud), ("nodata", "nodata", filters.max_nodata)):
         if limit is not None:
             with np.errstate(invalid="ignore"):
-                drop(reason, _floats(table, name) > limit)  # NaN (unknown) compares False: kept
+                drop(reason, float_column(table, name) > limit)  # NaN (unknown) compares False: kept
     return reasons
-
-
-def _floats(table: pa.Table, name: str) -> np.ndarray:
-    return table.column(name).to_numpy(zero_copy_only=False).astype(np.float64)
 
 
 def select_rows(catalog: Catalog, filters: Filters) -> tuple[np.ndarray, list[dict], Counter]:
@@ -153,9 +149,7 @@ def _first_of_each_key(keys: pa.ChunkedArray) -> np.ndarray:
 
 def _codes(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
     """(each row's rank among the column's distinct strings in sorted order, the sorted distinct strings)."""
-    encoded = column.combine_chunks() if column.num_chunks else pa.array([], column.type)
-    if not isinstance(encoded.type, pa.DictionaryType):
-        encoded = encoded.dictionary_encode()
+    encoded = dictionary_encoded(column)
     codes = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
     used = np.unique(codes)  # a dictionary may hold values of rows filtered out since
     names = encoded.dictionary.take(pa.array(used)).to_pylist()

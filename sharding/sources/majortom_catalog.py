@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -26,9 +27,6 @@ log = logging.getLogger(__name__)
 
 REQUIRED_COLUMNS = ("product_id", "grid_cell", "product_datetime", *ALL_BANDS, CLOUD_MASK)
 ID_COLUMNS = ["product_id", "grid_cell", "product_datetime"]
-CATALOG_FIELDS = ("source_file", "source_group", "source_row", "key", "product_id", "grid_cell",
-                  "timestamp", "cloud_cover", "nodata", "centre_lat", "centre_lon", "est_bytes")
-
 
 CATALOG_SCHEMA = pa.schema([
     ("source_file", pa.string()), ("source_group", pa.string()), ("source_row", pa.int64()), ("key", pa.string()),
@@ -37,9 +35,20 @@ CATALOG_SCHEMA = pa.schema([
     ("centre_lon", pa.float64()), ("est_bytes", pa.int64())])
 
 
+def float_column(table: pa.Table, name: str) -> np.ndarray:
+    """A numeric column as float64 numpy, nulls as NaN."""
+    return table.column(name).to_numpy(zero_copy_only=False).astype(np.float64)
+
+
+def dictionary_encoded(column: pa.ChunkedArray) -> pa.DictionaryArray:
+    """One dictionary array of a (chunked) string or dictionary column: its distinct values and an index per row."""
+    combined = column.combine_chunks() if column.num_chunks else pa.array([], column.type)
+    return combined if isinstance(combined.type, pa.DictionaryType) else combined.dictionary_encode()
+
+
 @dataclass
 class Catalog:
-    """Candidate rows as Arrow tables (CATALOG_FIELDS columns, in source order; never a Python object per
+    """Candidate rows as Arrow tables (CATALOG_SCHEMA columns, in source order; never a Python object per
     row at full size), and rows rejected while listing. `tile_bytes` says where est_bytes come from."""
 
     chunks: list[pa.Table] = field(default_factory=list)

@@ -24,7 +24,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from phileo.geo import grid_cell_centres
-from sharding.sources.majortom_catalog import CATALOG_SCHEMA, Catalog, make_row, reject
+from sharding.sources.majortom_catalog import (
+    CATALOG_SCHEMA,
+    Catalog,
+    dictionary_encoded,
+    float_column,
+    make_row,
+    reject,
+)
 
 log = logging.getLogger(__name__)
 
@@ -58,14 +65,14 @@ def metadata_problem(entry: dict, row: dict) -> str | None:
     return None
 
 
-def _floats(table: pa.Table, name: str) -> np.ndarray:
-    return table.column(name).to_numpy(zero_copy_only=False).astype(np.float64)  # nulls -> NaN
+def _values(table: pa.Table) -> dict[str, np.ndarray]:
+    """The metadata values of `table` as float64 arrays (nulls as NaN), converted once."""
+    return {name: float_column(table, name) for name in METADATA_VALUES}
 
 
-def _trusted_values(table: pa.Table, cell_lat: np.ndarray, cell_lon: np.ndarray) -> np.ndarray:
+def _trusted_values(values: dict[str, np.ndarray], cell_lat: np.ndarray, cell_lon: np.ndarray) -> np.ndarray:
     """Rows whose metadata values pass `metadata_problem`'s checks, for whole columns at once."""
-    ok = np.ones(table.num_rows, dtype=bool)
-    values = {name: _floats(table, name) for name in METADATA_VALUES}
+    ok = np.ones(len(cell_lat), dtype=bool)
     with np.errstate(invalid="ignore"):
         for name, (low, high) in _RANGES.items():
             ok &= (values[name] >= low) & (values[name] <= high)
@@ -163,8 +170,7 @@ def _row_by_row(entry: dict, url: str, catalog: Catalog) -> dict | None:
 def _rebased_urls(source, root: str | None) -> tuple[np.ndarray, pa.Array, np.ndarray]:
     """(each row's file code, the rebased URL of each code, each code's rank in URL order): one pass over
     the parquet_url column, read as a dictionary (a few thousand distinct files)."""
-    urls = pq.read_table(source, columns=["parquet_url"], read_dictionary=["parquet_url"]).column(0)
-    urls = urls.combine_chunks() if urls.num_chunks else pa.array([], pa.dictionary(pa.int32(), pa.string()))
+    urls = dictionary_encoded(pq.read_table(source, columns=["parquet_url"], read_dictionary=["parquet_url"]).column(0))
     names = [rebase(url, root) for url in urls.dictionary.to_pylist()]  # one per file, not per row
     rank = np.empty(len(names), dtype=np.int64)
     rank[sorted(range(len(names)), key=names.__getitem__)] = np.arange(len(names))
@@ -207,7 +213,8 @@ def _catalog_batch(batch: pa.Table, file_codes: np.ndarray, names: pa.Array,
     urls = pa.DictionaryArray.from_arrays(pa.array(file_codes, pa.int32()), names)
     parsed, cell_lat, cell_lon = _grid_centres(batch.column("grid_cell"))
     times, stamps = _sensing_times(batch.column("product_id"), batch.column("timestamp"))
-    fast = parsed & times.is_valid().to_numpy(zero_copy_only=False) & _trusted_values(batch, cell_lat, cell_lon)
+    values = _values(batch)
+    fast = parsed & times.is_valid().to_numpy(zero_copy_only=False) & _trusted_values(values, cell_lat, cell_lon)
     fast &= pc.is_valid(batch.column("parquet_row")).to_numpy(zero_copy_only=False)
     rows = pa.array(np.flatnonzero(fast))
     table = pa.table({
@@ -215,7 +222,7 @@ def _catalog_batch(batch: pa.Table, file_codes: np.ndarray, names: pa.Array,
         "source_row": pc.cast(batch.column("parquet_row").take(rows), pa.int64()),
         "key": pc.binary_join_element_wise(batch.column("grid_cell").take(rows), times.take(rows), "_"),
         "product_id": batch.column("product_id").take(rows), "grid_cell": batch.column("grid_cell").take(rows),
-        "timestamp": stamps.take(rows), **{name: _floats(batch, name)[fast] for name in METADATA_VALUES},
+        "timestamp": stamps.take(rows), **{name: column[fast] for name, column in values.items()},
         "est_bytes": np.full(len(rows), MEAN_TILE_BYTES, dtype=np.int64)})
     slow = np.flatnonzero(~fast)
     extra = [_row_by_row(entry, names[int(file_codes[i])].as_py(), catalog)
@@ -249,7 +256,7 @@ def apply_metadata(source, images: dict[str, str], catalog: Catalog) -> None:
                     listed.column("source_row")[first])
     same = pc.fill_null(pc.equal(meta.column("product_id"), listed.column("product_id")), False)
     trusted = same.to_numpy(zero_copy_only=False) & _trusted_values(
-        meta, _floats(listed, "centre_lat"), _floats(listed, "centre_lon"))
+        _values(meta), float_column(listed, "centre_lat"), float_column(listed, "centre_lon"))
     keep = ~known | trusted
     for index in np.flatnonzero(known & ~trusted):
         row = listed.slice(int(index), 1).to_pylist()[0]
@@ -292,9 +299,7 @@ def _metadata_rows(source, images: dict[str, str], listed: pa.Table) -> tuple[pa
 
 def _row_keys(files: pa.ChunkedArray, numbers: pa.ChunkedArray, code) -> tuple[np.ndarray, np.ndarray]:
     """(file code << 32 | row number, whether the file has a code) per row; `code` maps a file name once."""
-    files = files.combine_chunks() if files.num_chunks else pa.array([], pa.string())
-    if not isinstance(files.type, pa.DictionaryType):
-        files = files.dictionary_encode()
+    files = dictionary_encoded(files)
     codes = np.array([code(name) for name in files.dictionary.to_pylist()], dtype=np.int64)
     per_row = codes[files.indices.to_numpy(zero_copy_only=False)] if len(codes) else np.empty(0, np.int64)
     rows = pc.fill_null(numbers, -1).to_numpy(zero_copy_only=False).astype(np.int64)
