@@ -90,7 +90,9 @@ def build_task_model(
     out_chans = _task_outputs(task)
     with torch.device("meta"):  # only to find the family and read the configuration: no allocation
         probe = build(encoder_name, **overrides)
-    if isinstance(probe, ViTUPerNet):
+    if getattr(probe, "is_downstream", False):  # a PhilEO Bench zoo model: built whole with its output width
+        model = build(encoder_name, **{**overrides, "output_dim": out_chans})
+    elif isinstance(probe, ViTUPerNet):
         model: nn.Module = build(encoder_name, **{**overrides, "out_chans": out_chans})
     elif isinstance(probe, (PhilEOViT, PhilEOViTUPerNet)):
         config = probe.encoder_config()
