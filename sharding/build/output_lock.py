@@ -1,4 +1,5 @@
-"""One process owns an output: a lock file in the output directory, held for the whole command.
+"""One process owns an output: a lock file in the output directory, held for the whole command
+(the mechanism is phileo/output_lock.py's).
 
 `.phileo-shard.lock` (`.phileo-shard.node-I.lock` for node I of a multi-node build, whose nodes
 share one directory but own disjoint units) is created with O_EXCL and holds the owner's pid, host
@@ -11,17 +12,13 @@ host cannot be checked from here; the message says how to remove it once that bu
 from __future__ import annotations
 
 import contextlib
-import json
-import logging
-import os
-import socket
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from phileo.output_lock import hold_lock, in_use_message, is_stale, owner_record
 from sharding.errors import InputError
 
-log = logging.getLogger(__name__)
+__all__ = ["in_use", "is_lock_file", "is_stale", "lock_name", "make_output_dir", "output_lock", "owner_record"]
 
 LOCK_PREFIX, LOCK_SUFFIX = ".phileo-shard", ".lock"
 
@@ -34,34 +31,9 @@ def is_lock_file(name: str) -> bool:
     return name.startswith(LOCK_PREFIX) and name.endswith(LOCK_SUFFIX)
 
 
-def is_alive(pid: int) -> bool:
-    """Whether process `pid` runs on this host (an unusable pid counts as running: never take over on a guess)."""
-    if not isinstance(pid, int) or pid <= 0:
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process: it exists
-        return True
-    return True
-
-
-def owner_record() -> dict:
-    """What a lock holds: this process, its host and when it started."""
-    return {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
-
-
-def is_stale(holder: dict) -> bool:
-    """A lock of a process that no longer runs on this host; another host's cannot be judged from here."""
-    return holder.get("host") == socket.gethostname() and not is_alive(holder.get("pid"))
-
-
 def in_use(flag: str, output: Path | str, holder: dict, lock: Path | str) -> InputError:
     """The refusal naming the holder, and how to remove its lock once that process is gone."""
-    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("started", 0)))
-    return InputError(f"{flag} {output}: in use by pid {holder.get('pid', '?')} on {holder.get('host', '?')} "
-                      f"since {since}; wait for it, or delete {lock} if that process is gone")
+    return InputError(in_use_message(flag, output, holder, lock))
 
 
 def make_output_dir(output: Path, flag: str) -> None:
@@ -71,50 +43,9 @@ def make_output_dir(output: Path, flag: str) -> None:
     output.mkdir(parents=True, exist_ok=True)
 
 
-def _holder(path: Path) -> dict | None:
-    """The lock's owner record; None when the file vanished meanwhile; {} when it is unreadable."""
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError):
-        return {}
-
-
-def _take(path: Path) -> bool:
-    try:
-        descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    except FileExistsError:
-        return False
-    try:
-        with os.fdopen(descriptor, "w") as file:
-            json.dump(owner_record(), file)
-    except OSError as error:  # a full disk: no half-written lock left behind, and say which path
-        path.unlink(missing_ok=True)
-        raise OSError(error.errno, error.strerror, str(path)) from error
-    return True
-
-
 @contextlib.contextmanager
 def output_lock(output: Path, flag: str = "--output", node_rank: int | None = None) -> Iterator[None]:
     """Hold the output's lock for the block; InputError naming the holder if another process has it."""
     make_output_dir(output, flag)
-    path = output / lock_name(node_rank)
-    for _ in range(3):  # a stale lock is removed and the take retried; a racing winner keeps it
-        if _take(path):
-            break
-        holder = _holder(path)
-        if holder is None:
-            continue
-        if is_stale(holder):
-            log.warning("%s: taking over the lock of pid %s, which no longer runs", output, holder["pid"])
-            path.unlink(missing_ok=True)
-            continue
-        raise in_use(flag, output, holder, path)
-    else:
-        raise InputError(f"{flag} {output}: could not take the lock {path}")
-    try:
+    with hold_lock(output / lock_name(node_rank), flag, InputError):
         yield
-    finally:
-        if (_holder(path) or {}).get("pid") == os.getpid():
-            path.unlink(missing_ok=True)
