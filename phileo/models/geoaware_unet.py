@@ -192,6 +192,11 @@ def _per_stage_dropout(dropout: float | Sequence[float] | None, num_stages: int)
     return [float(p) for p in dropout]
 
 
+def pool_deepest_map(features: EncoderOutput) -> torch.Tensor:
+    """Global average pool of the encoder's lowest-resolution map (after its LayerNorm): the CNN embedding."""
+    return features.embeddings_cnn.mean(dim=(-2, -1))
+
+
 class GeoAwareUNet(nn.Module):
     """The Geo-Aware U-Net (original `PhilEO_CNN`): reconstruction + embeddings + geo predictions.
 
@@ -243,6 +248,10 @@ class GeoAwareUNet(nn.Module):
         """Stem + encoder: embeddings, lowest-resolution map, skips and geo-head predictions."""
         self._check_input(x)
         return self.encoder(self.stem(x))
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, dims[-1]) embedding per image: global average pool of the deepest encoder map (`phileo-train embed`)."""
+        return pool_deepest_map(self.forward_features(x))
 
     def forward(self, x: torch.Tensor) -> GeoAwareUNetOutput:
         features = self.forward_features(x)

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from .blocks import CNNBlock
-from .geoaware_unet import NUM_LANDCOVER_CLASSES, EncoderOutput, GeoAwareUNet
+from .geoaware_unet import NUM_LANDCOVER_CLASSES, EncoderOutput, GeoAwareUNet, pool_deepest_map
 from .registry import build
 from .upernet import PhilEOViTUPerNet, ViTUPerNet, default_taps
 from .vit import PhilEOViT, check_input
@@ -61,6 +61,10 @@ class DenseGeoAwareUNet(nn.Module):
     def forward_features(self, x: torch.Tensor) -> EncoderOutput:
         check_input(x, self.in_chans, self.img_size)
         return self.encoder(self.stem(x))
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, dims[-1]): the pretrained U-Net's embedding (`GeoAwareUNet.encode`)."""
+        return pool_deepest_map(self.forward_features(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         features = self.forward_features(x)

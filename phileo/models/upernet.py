@@ -216,6 +216,10 @@ class ViTUPerNet(_PyramidDecoderMixin, nn.Module):
         check_input(x, self.in_chans, self.img_size)
         return self.vit(self.stem(x))[1]
 
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, embed_dim) embedding per image: the ViT's normed CLS token (`phileo-train embed`)."""
+        return self.forward_features(x)[-1][:, 0]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self._decode(self.forward_features(x), self.taps, self.grid_size)
         # Level 1 is at stride patch/4: full resolution for patch 4 (the original's only case); resize otherwise.

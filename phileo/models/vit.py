@@ -255,6 +255,10 @@ class ViTPretrainingModel(nn.Module):
         check_input(x, self.in_chans, self.img_size)
         return self.encoder(self.stem(x))
 
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, embed_dim) embedding per image: the ViT's normed CLS token (`phileo-train embed`)."""
+        return self.forward_features(x).vit_output[:, 0]
+
     def forward(self, x: torch.Tensor) -> PhilEOViTOutput:
         features = self.forward_features(x)
         decoded = self.decoder(getattr(features, self.decoder_input))
