@@ -18,6 +18,7 @@ from training.config import (
     CheckpointError,
     ConfigError,
     DataConfig,
+    EmbedConfig,
     FinetuneDataConfig,
     FinetuneOptimConfig,
     FinetuneRunConfig,
@@ -249,6 +250,33 @@ def _parse_n_values(text: str) -> list[int]:
     if not values or min(values) < 1:
         raise ConfigError(f"--n-shot {text}: expected positive integers")
     return values
+
+
+@main.command()
+@click.option("--model", required=True, help="A registered model with encode(x) -> (B, D).")
+@click.option("--init", required=True, help="Its weights: a phileo-train checkpoint (file or sharded dir) "
+          "or a state-dict file.")
+@click.option("--shards", required=True, help="manifest.json (path/URL), dataset dir, URL list or pattern.")
+@output_option("Output directory: embeddings/part_NNNNN.parquet (one per shard), embed.json, summary.json.",
+               dest="out")
+@_default(EmbedConfig, "fragment_size", type=int,
+          help="Cut each tile into Major-TOM's grid of PX fragments (~10% overlap), one row each "
+               "[default: one row per tile].")
+@_default(EmbedConfig, "batch_size", help="Fragments per forward pass.")
+@_default(EmbedConfig, "num_workers", help="DataLoader workers per rank (tile decoding).")
+@_default(EmbedConfig, "max_bad_fraction", help="Fail past this unreadable share of tiles.")
+def embed(**flags) -> None:
+    """Embeddings of every tile (or fragment) in Major-TOM's parquet layout; resumable (launch with torchrun)."""
+    from training.embed.run import embed as run_embed
+
+    _setup_logging()
+    with _one_line_errors():
+        _check_model(flags["model"])
+        summary = run_embed(EmbedConfig(**flags))
+    if summary is not None:
+        totals = summary["totals"]
+        click.echo(f"embedded {totals['tiles']} of {summary['planned_tiles']} tiles ({totals['bad_tiles']} bad): "
+                   f"{totals['rows']} rows in {totals['parts']} parts under {flags['out']}")
 
 
 if __name__ == "__main__":

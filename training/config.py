@@ -236,3 +236,26 @@ class FinetuneConfig:
         for name in ("shards", "val_shards", "test_shards"):
             values["data"][name] = redact(values["data"][name]) if values["data"][name] else values["data"][name]
         return values
+
+
+# ---- embeddings (phileo-train embed) ----
+
+@dataclass
+class EmbedConfig:
+    model: str = ""
+    init: str = ""  # the model's weights: a phileo-train checkpoint (file or sharded dir) or a state-dict file
+    shards: str = ""
+    out: str = ""
+    fragment_size: int | None = None  # None: one row per tile
+    batch_size: int = 64  # fragments per forward pass
+    num_workers: int = 2  # DataLoader workers per rank (tile decoding)
+    max_bad_fraction: float = 0.0  # every tile, or the run fails
+
+    def __post_init__(self) -> None:
+        for flag, value in (("--model", self.model), ("--init", self.init), ("--shards", self.shards),
+                            ("--output", self.out)):
+            if not value:
+                raise ConfigError(f"{flag}: required")
+        positive("--batch-size", self.batch_size)
+        positive("--fragment-size", self.fragment_size, allow_none=True)
+        check_loader(self.num_workers, self.max_bad_fraction)
