@@ -148,3 +148,41 @@ def encode_latlon(lat: np.ndarray | float, lon: np.ndarray | float) -> np.ndarra
     lon_angle = 2 * np.pi * (lon + 180) / 360
     parts = [np.sin(lat_angle), np.cos(lat_angle), np.sin(lon_angle), np.cos(lon_angle)]
     return ((np.stack(parts, axis=-1) + 1) / 2).astype(np.float32)
+
+
+def window_rings(transform: tuple[float, ...] | list[float], windows: np.ndarray, size: int) -> np.ndarray:
+    """(n, 5, 2) CRS x/y of each pixel window's outline, closed, in the vertex order of Major-TOM's
+    footprints (a shapely `box` of its corners: upper-right, lower-right, lower-left, upper-left, upper-right).
+
+    `windows` are (row, col) of the upper-left pixels of `size` px squares; `transform` is GDAL order
+    (a, b, c, d, e, f), so a rotated grid gets its true outline, not a bounding box.
+    """
+    a, b, c, d, e, f = (float(v) for v in transform)
+    rows = windows[:, :1].astype(np.float64)
+    cols = windows[:, 1:].astype(np.float64)
+    # pixel corners (col, row) of each window: UR, LR, LL, UL, UR
+    corner_cols = cols + np.array([size, size, 0, 0, size], dtype=np.float64)
+    corner_rows = rows + np.array([0, size, size, 0, 0], dtype=np.float64)
+    return np.stack([a * corner_cols + b * corner_rows + c, d * corner_cols + e * corner_rows + f], axis=-1)
+
+
+def rings_to_lonlat(crs: str, rings: np.ndarray) -> np.ndarray:
+    """`window_rings` reprojected vertex by vertex to (lon, lat) degrees, as Major-TOM's pyproj transform
+    (always_xy, no densification). Needs rasterio (PROJ), like corners_lonlat_from_transform."""
+    from rasterio.warp import transform as warp_transform
+
+    lons, lats = warp_transform(crs, "EPSG:4326", rings[..., 0].ravel().tolist(), rings[..., 1].ravel().tolist())
+    return np.stack([np.asarray(lons), np.asarray(lats)], axis=-1).reshape(rings.shape)
+
+
+def ring_centroids(rings: np.ndarray) -> np.ndarray:
+    """(n, 2) planar area centroid of closed rings (n, k, 2), as shapely's `Polygon.centroid`."""
+    x, y = rings[..., 0], rings[..., 1]
+    # shift to the first vertex: the shoelace sums then keep their precision far from the origin
+    x0, y0 = x[:, :1], y[:, :1]
+    x, y = x - x0, y - y0
+    cross = x[:, :-1] * y[:, 1:] - x[:, 1:] * y[:, :-1]
+    area = cross.sum(axis=1) / 2
+    cx = ((x[:, :-1] + x[:, 1:]) * cross).sum(axis=1) / (6 * area)
+    cy = ((y[:, :-1] + y[:, 1:]) * cross).sum(axis=1) / (6 * area)
+    return np.stack([cx + x0[:, 0], cy + y0[:, 0]], axis=-1)

@@ -240,6 +240,7 @@ def test_resume_after_sigkill_embeds_the_rest_once(dataset, tmp_path):
     (["--fragment-size", "0"], "error: --fragment-size 0: expected a positive finite number"),
     (["--model", "nope"], "error: --model nope: unknown; choose one of"),
     (["--init", "missing.pt"], "error: --init missing.pt: not a readable checkpoint"),
+    (["--init", "README.md"], "error: --init README.md: not a readable checkpoint (Weights only load failed"),
     (["--model", "phileo-vit-tiny"], "error: --init "),
 ])
 def test_bad_flags_are_one_line(dataset, tmp_path, extra, message):
@@ -263,3 +264,19 @@ def test_help_and_flag_defaults():
     defaults = {p.name: p.default for p in command.params if p.default is not None and not p.required}
     fields = {f.name: f.default for f in dataclasses.fields(EmbedConfig)}
     assert defaults and all(fields[name] == value for name, value in defaults.items())
+
+
+@pytest.mark.slow
+def test_shards_streamed_from_s3_give_the_local_rows(dataset, tmp_path, monkeypatch):
+    from tests.s3_server import SeaweedS3
+
+    local = tmp_path / "local"
+    assert CliRunner().invoke(main, embed_args(dataset, local, "--num-workers", "0")).exit_code == 0
+    with SeaweedS3(tmp_path / "seaweed") as server:
+        for name, value in server.env.items():
+            monkeypatch.setenv(name, value)
+        prefix = server.upload_dir(dataset, "ds")
+        result = CliRunner().invoke(main, embed_args(dataset, tmp_path / "s3", "--num-workers", "1") + [
+            "--shards", f"{prefix}/manifest.json"])
+    assert result.exit_code == 0, result.output
+    assert read_rows(tmp_path / "s3") == read_rows(local)

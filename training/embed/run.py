@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import pickle
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -45,8 +46,9 @@ def read_init(path: str) -> dict[str, torch.Tensor]:
         if Path(path).is_dir():
             return load_model_weights(path)
         state = load_checkpoint(Path(path))
-    except (OSError, RuntimeError, ValueError, KeyError) as error:
-        raise ConfigError(f"--init {path}: not a readable checkpoint ({' '.join(str(error).split())[:200]})") from None
+    except (OSError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(f"--init {path}: not a readable checkpoint ({first_line[:200]})") from None
     return state.get("model", state) if isinstance(state, dict) else state
 
 
