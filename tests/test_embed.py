@@ -201,6 +201,24 @@ def test_one_row_per_tile_without_fragment_size(dataset, tmp_path):
     assert len(rows[0]["embedding"]) == 16  # the tiny U-Net's deepest width
 
 
+def test_unusable_tiles_are_counted_and_fail_the_run_unless_allowed(tmp_path):
+    make_majortom_dataset(tmp_path / "src", num_files=1, rows_per_file=2)  # 120 px: smaller than the model
+    result = run_shard("build", "--input", str(tmp_path / "src"), "--output", str(tmp_path / "ds"))
+    assert result.exit_code == 0, result.output
+    torch.save({"model": build(MODEL).state_dict()}, tmp_path / "unet.pt")
+    args = embed_args(tmp_path / "ds", tmp_path / "out", "--num-workers", "0")
+    result = CliRunner().invoke(main, args)
+    error = result.output.split("\r")[-1].split("tile/s]")[-1]  # after the progress bar, which shares stderr here
+    assert result.exit_code == 1 and error.count("\n") == 1
+    assert error.startswith("error: 2 of 2 planned tiles unreadable (> --max-bad-fraction 0.0)")
+    assert not (tmp_path / "out" / "_SUCCESS").exists()
+    result = CliRunner().invoke(main, args)  # the shard is done: a rerun fails on the same totals, not a new read
+    assert result.exit_code == 1 and "error: 2 of 2 tiles unreadable or unusable" in result.output
+    result = CliRunner().invoke(main, [*args, "--max-bad-fraction", "1"])  # the same parts, now accepted
+    assert result.exit_code == 0 and "embedded 0 of 2 tiles (2 bad): 0 rows in 1 parts" in result.output
+    assert (tmp_path / "out" / "_SUCCESS").is_file()
+
+
 def _kill_tree(process: subprocess.Popen) -> None:
     tree = [process.pid] + [child.pid for child in psutil.Process(process.pid).children(recursive=True)]
     for pid in tree:

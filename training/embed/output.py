@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from phileo.urls import redact
-from training.config import ConfigError
+from training.config import BadDataError, ConfigError
 from training.data.epoch import fingerprint
 from training.data.shards import ShardInfo
 from training.embed.rows import FILE_SCHEMA
@@ -122,9 +122,11 @@ class PartWriter:
         os.replace(self.tmp, self.path)
 
 
-def write_summary(out: Path, record: dict, elapsed_s: float) -> dict:
-    """summary.json from the parts' footers, then _SUCCESS: the output is complete."""
+def write_summary(out: Path, record: dict, elapsed_s: float, max_bad_fraction: float) -> dict:
+    """summary.json from the parts' footers, then _SUCCESS: the output is complete. BadDataError (and no
+    _SUCCESS) when more tiles were unreadable than --max-bad-fraction allows, however many runs it took."""
     totals = {"parts": 0, "rows": 0, "tiles": 0, "bad_tiles": 0}
+    with_bad = []
     for index in range(len(record["shards"])):
         meta = pq.read_metadata(part_path(out, index))
         counts = json.loads(meta.metadata[b"phileo"])
@@ -132,8 +134,15 @@ def write_summary(out: Path, record: dict, elapsed_s: float) -> dict:
         totals["rows"] += meta.num_rows
         totals["tiles"] += counts["tiles"]
         totals["bad_tiles"] += counts["bad_tiles"]
+        if counts["bad_tiles"]:
+            with_bad.append(counts["shard"])
+    planned = sum(s["samples"] for s in record["shards"])
     summary = {"arguments": record["arguments"], "dataset": record["dataset"], "totals": totals,
-               "planned_tiles": sum(s["samples"] for s in record["shards"]), "last_run_s": round(elapsed_s, 3)}
+               "planned_tiles": planned, "last_run_s": round(elapsed_s, 3)}
     _write_atomic(out / SUMMARY, json.dumps(summary, indent=1))
+    if planned and totals["bad_tiles"] / planned > max_bad_fraction:
+        shards = ", ".join(with_bad[:5]) + (" ..." if len(with_bad) > 5 else "")
+        raise BadDataError(f"{totals['bad_tiles']} of {planned} tiles unreadable or unusable (> --max-bad-fraction "
+                           f"{max_bad_fraction}); in {shards}; see the warnings, and {out / SUMMARY}")
     (out / SUCCESS).write_text("")
     return summary

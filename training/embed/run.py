@@ -216,7 +216,7 @@ def embed(config: EmbedConfig) -> dict | None:
             log.info("rank %d: %d rows from %d shards", world.rank, rows, len(rank_shards))
             barrier(world)
             if world.is_primary:
-                return write_summary(Path(config.out), record, time.monotonic() - started)
+                return write_summary(Path(config.out), record, time.monotonic() - started, config.max_bad_fraction)
         return None
     finally:
         shutdown(world)
