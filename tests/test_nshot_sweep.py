@@ -57,29 +57,29 @@ def pretrain_checkpoint(path: Path, model: str) -> None:
 
 @pytest.mark.slow
 def test_sweep_over_models_modes_n_and_p_writes_one_row_per_run_and_the_curves(data, tmp_path):
-    flags = []
-    for model in MODELS:
-        pretrain_checkpoint(tmp_path / model / "checkpoints" / "ckpt-000000001.pt", model)
-        flags += ["--model", model, "--init", f"{model}:pre={tmp_path / model / 'checkpoints' / 'ckpt-000000001.pt'}"]
+    checkpoint = tmp_path / "vit" / "checkpoints" / "ckpt-000000001.pt"
+    pretrain_checkpoint(checkpoint, "phileo-vit-tiny")
     command = [sys.executable, "-m", "training.cli", "nshot-sweep", "--task", "roads", "--data", str(data / "data"),
-               *flags, "--mode", "frozen", "--mode", "full", "--n-shot", "2", "--split-ratio", "0.5",
-               "--output", str(tmp_path / "sweep"), "--epochs", "1", "--warmup-epochs", "0", "--num-workers", "0",
-               "--batch-size", "4", "--no-amp", "--previews", "0"]
+               "--model", MODELS[0], "--model", MODELS[1], "--init", f"{MODELS[0]}:random",
+               "--init", f"{MODELS[1]}:{checkpoint}", "--mode", "frozen", "--mode", "full", "--n-shot", "2",
+               "--split-ratio", "0.5", "--output", str(tmp_path / "sweep"), "--epochs", "1", "--warmup-epochs", "0",
+               "--num-workers", "0", "--batch-size", "4", "--no-amp", "--previews", "0"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     with open(tmp_path / "sweep" / "results.csv") as file:
         rows = list(csv.DictReader(file))
+    runs = [(MODELS[0], "random", "full"), (MODELS[1], "vit", "frozen"), (MODELS[1], "vit", "full")]
     assert [(r["model"], r["init"], r["mode"], r["n"], r["p"]) for r in rows] == [
-        (model, "pre", mode, n, p) for model in MODELS for mode in ("frozen", "full")
-        for n, p in (("2", ""), ("", "0.5"))]
+        (*run, n, p) for run in runs for n, p in (("2", ""), ("", "0.5"))]  # frozen: pretrained inits only
     assert all(float(r["rmse"]) >= 0 for r in rows)
-    assert {r["train_patches"] for r in rows if r["n"]} == {"6"}  # 2 per bucket, 3 buckets
+    assert {(r["n"], r["train_patches"]) for r in rows} == {("2", "6"), ("", "9")}  # 3 buckets: 2 each, 1 file each
     for row in rows:
         run = json.loads((tmp_path / "sweep" / row["run_dir"] / "metrics.json").read_text())
-        assert (run["model"], run["mode"]) == (row["model"], row["mode"]) and run["init"].endswith(".pt")
-    assert (tmp_path / "sweep" / "phileo-vit-tiny" / "pre-frozen" / "p0.5" / "metrics.json").is_file()
+        assert (run["model"], run["mode"], run["init"]) == \
+               (row["model"], row["mode"], None if row["init"] == "random" else str(checkpoint))
+    assert (tmp_path / "sweep" / MODELS[1] / "vit-frozen" / "p0.5" / "metrics.json").is_file()
     table = (tmp_path / "sweep" / "results.md").read_text()
-    assert "| geoaware-unet-tiny pre-frozen |" in table and "| p=0.5 |" in table and "| n=2 |" in table
+    assert f"| {MODELS[1]} vit-frozen |" in table and "| p=0.5 |" in table and "| n=2 |" in table
     for figure in ("nshot_rmse.png", "split_rmse.png"):
         assert Image.open(tmp_path / "sweep" / figure).size[0] > 100
 
