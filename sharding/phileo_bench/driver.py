@@ -313,7 +313,7 @@ def _build_phileo_bench(args: PhilEOBenchArgs, workers: int, overwrite: bool) ->
     output = Path(args.output)
     info = prepare_output(args, overwrite) or make_plan(args, workers)
     datasets = json.loads((output / PHILEO_BENCH_PLAN).read_text())["datasets"]
-    options = PhilEOBenchUnitOptions(args.shard_size, args.clevel, args.density_scale, info["patch_size"], info["gsd"])
+    options = PhilEOBenchUnitOptions(args.shard_size, args.clevel, args.density_scale, info["patch_size"])
     jobs = []
     for name, dataset in datasets.items():
         directory = output / name

@@ -40,7 +40,6 @@ class PhilEOBenchUnitOptions:
     clevel: int = DEFAULT_CLEVEL
     density_scale: str = "auto"
     patch_size: int = PATCH_SIZE  # of every s2 file of the build (sources common_patch_size)
-    gsd: int = 10  # metres, recorded in each sample's meta
 
 
 @dataclass
@@ -142,7 +141,7 @@ def _float32_label(array: np.ndarray) -> np.ndarray | None:
 
 
 def make_sample(tile: TileFiles, row: int, arrays: dict[str, np.ndarray],
-                scales: dict[str, int], gsd: int = 10) -> Sample | tuple[str, str]:
+                scales: dict[str, int]) -> Sample | tuple[str, str]:
     """The sample of one patch, or (file, reason) when a value cannot be stored losslessly."""
     out = {STACK_MEMBER: np.ascontiguousarray(np.moveaxis(arrays["s2"], -1, 0)).astype(np.uint16, copy=False)}
     size = out[STACK_MEMBER].shape[-1]
@@ -168,7 +167,7 @@ def make_sample(tile: TileFiles, row: int, arrays: dict[str, np.ndarray],
         if not all(math.isfinite(value) for value in coords):
             return tile.coords.display, f"{tile.coords.name} row {row}: coords {coords} are not finite"
     key = patch_key(tile, row)
-    meta = {"schema": SCHEMA_VERSION, "source": SOURCE, "key": key, "shape": [size, size], "gsd": gsd,
+    meta = {"schema": SCHEMA_VERSION, "source": SOURCE, "key": key, "shape": [size, size],
             "bands": {STACK_MEMBER: list(MODEL_BANDS)}, "region": tile.region, "bucket": tile.bucket,
             "split": tile.split, "tile": tile.tile, "file": tile.s2.display, "row": row, "coords": coords,
             "task_labels": task_labels}
@@ -196,7 +195,7 @@ def iter_patches(tile: TileFiles, rows: list[int] | None, known_scales: dict[str
                 for lost in wanted[position:]:
                     yield _reject(streams[name].ref.display, lost, patch_key(tile, lost), str(error))
                 return
-        result = make_sample(tile, row, arrays, scales, options.gsd)
+        result = make_sample(tile, row, arrays, scales)
         yield _reject(result[0], row, patch_key(tile, row), result[1]) if isinstance(result, tuple) else result
 
 
