@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 from glob import glob
 
 import numpy as np
@@ -196,8 +198,10 @@ def test_224_px_hls_set_is_bit_exact_and_recorded(tmp_path):
 
 def test_a_mix_of_patch_sizes_is_a_one_line_error_naming_the_file(tmp_path):
     make_phileo_bench_dataset(tmp_path / "in", **SMALL)
-    make_phileo_bench_dataset(tmp_path / "in224", regions=("north-america",), tiles_per_region=1,
-                              patches={"train": 1, "val": 1, "test": 1}, size=224)
+    fixture = subprocess.run([sys.executable, "tools/phileo_bench_fixture.py", str(tmp_path / "in224"), "--size",
+                              "224", "--regions", "north-america", "--tiles", "1", "--train", "1", "--val", "1",
+                              "--test", "1"], capture_output=True, text=True)
+    assert fixture.returncode == 0, fixture.stderr
     result = phileo_bench_build([tmp_path / "in", tmp_path / "in224"], tmp_path / "out")
     error = result.stderr.strip()
     assert result.exit_code == 2 and len(error.splitlines()) == 1
