@@ -1,7 +1,10 @@
 """PhilEO Bench downstream data: tasks, label members, region buckets, land-cover classes.
 
 Shared by the `--source phileo-bench` build (sharding/) and fine-tuning (training/): a
-PhilEO Bench sample is one 128x128 patch with the `s2_stack` member and its task labels.
+PhilEO Bench sample is one square patch with the `s2_stack` member and its task labels: 128 x 128
+at 10 m in the main set, 224 x 224 at 10 m (Sentinel-2) or 30 m (HLS) in the benchmark's other two
+sets (training_script.py data_path_224_10m / data_path_224_30m). A build's patch size follows its
+data and is recorded in its manifests with the ground sample distance.
 """
 
 from __future__ import annotations
@@ -10,7 +13,8 @@ import math
 
 SOURCE = "phileo-bench"
 SPLITS: tuple[str, ...] = ("train", "val", "test")
-PATCH_SIZE = 128
+PATCH_SIZE = 128  # the main set's; a build takes its size from the s2 files
+GSD_METRES: tuple[int, ...] = (10, 30)  # Sentinel-2 sets, HLS set
 
 # task name (CLI) -> (label member in the shard, file kind in the npy layout)
 TASKS: dict[str, tuple[str, str]] = {
@@ -39,6 +43,12 @@ REGION_BUCKETS: dict[str, tuple[str, ...]] = {
 }
 REGIONS: tuple[str, ...] = tuple(sorted(r for regions in REGION_BUCKETS.values() for r in regions))
 NSHOT_VAL_RATIO = 0.2
+
+
+def indices_name(patch_size: int, gsd: int) -> str:
+    """{name} in the benchmark's index files: 128_10M for the main set (pb/indices), else e.g. 224_30m
+    (indices/indices_16012024_224_30m_lc_50.json)."""
+    return "128_10M" if (patch_size, gsd) == (PATCH_SIZE, 10) else f"{patch_size}_{gsd}m"
 
 
 def bucket_of(region: str) -> str:

@@ -15,6 +15,7 @@ from sharding.build.fasttom import FastTomRules
 from sharding.errors import InputError
 from sharding.phileo_bench.driver import PhilEOBenchArgs
 from sharding.phileo_bench.nshot import DENSITY_SCALES
+from sharding.phileo_bench.split import SPLIT_PROTOCOLS
 
 
 def _parse_bbox(value: str | None) -> tuple[float, float, float, float] | None:
@@ -137,7 +138,20 @@ def run_or_exit(function, *args, **kwargs):
 @click.option("--indices", help="phileo-bench n-shot: directory of the benchmark's indices_*_{name}_{task}_{n}.json "
                                 "files, used instead of the seeded selection.")
 @click.option("--indices-name", default=PhilEOBenchArgs.indices_name, show_default=True,
-              help="phileo-bench: {name} of --indices files.")
+              help="phileo-bench: {name} of --indices files; auto: 128_10M for 128 px 10 m patches, else "
+                   "{size}_{gsd}m (224_30m for the HLS set).")
+@click.option("--split-ratio", "split_ratio", help="phileo-bench: fractions of each bucket's train files (whole "
+                                                   "files, the benchmark's protocol_split), e.g. 0.1,0.5,1.")
+@click.option("--split-protocol", type=click.Choice(SPLIT_PROTOCOLS), default=PhilEOBenchArgs.split_protocol,
+              show_default=True, help="phileo-bench --split-ratio: fixed = every sub-region of a bucket, the "
+                                      "closest file kept; bench = the benchmark's file choice exactly.")
+@click.option("--split-seed", type=int, default=PhilEOBenchArgs.split_seed, show_default=True,
+              help="phileo-bench --split-ratio: seed of the file shuffle (the benchmark's np.random.seed).")
+@click.option("--regions", help="phileo-bench: region buckets of the --n-shot/--split-ratio train and val sets, "
+                                "comma-separated (europe, east-africa, ...); the test set keeps every region.")
+@click.option("--gsd", type=click.Choice(["10", "30"]), help="phileo-bench: ground sample distance in metres "
+                                                             "recorded with the data [default: 30 when an input path "
+                                                             "names HLS or 30m, else 10].")
 @click.option("--min-clear", type=float, default=FastTomRules.min_clear, show_default=True,
               help="fasttom: drop tiles whose clearest quadrant has a smaller cloud-free fraction.")
 @click.option("--max-water", type=float, default=FastTomRules.max_water, show_default=True,
@@ -176,7 +190,8 @@ def build(input_path: tuple[str, ...], output: str, shard_size: str, grid_cells_
 
 _MAJORTOM_ONLY = ("allow_empty", "dry_run", "max_cloud", "max_nodata", "bbox", "start", "end", "grid_cells_file",
                   "limit", "mix_files", "thumbnails", "labels", "executor", "ray_address", "num_nodes", "node_rank")
-_BENCH_ONLY = ("task", "n_shot", "indices", "indices_name", "density_scale")
+_BENCH_ONLY = ("task", "n_shot", "indices", "indices_name", "density_scale", "split_ratio", "split_protocol",
+               "split_seed", "regions", "gsd")
 _FASTTOM_ONLY = ("min_clear", "max_water")
 
 
@@ -249,7 +264,10 @@ def _run_phileo_bench_build(inputs: tuple[str, ...], output: str, shard_size: st
                            n_shots=_split_list(options["n_shot"], "--n-shot", int), seed=seed,
                            indices=options["indices"], indices_name=options["indices_name"],
                            density_scale=options["density_scale"], shard_size=_parse_size(shard_size),
-                           clevel=options["clevel"])
+                           clevel=options["clevel"], regions=_split_list(options["regions"], "--regions"),
+                           split_ratios=_split_list(options["split_ratio"], "--split-ratio", float),
+                           split_protocol=options["split_protocol"], split_seed=options["split_seed"],
+                           gsd=int(options["gsd"]) if options["gsd"] else None)
     return build_phileo_bench(args, workers=workers, overwrite=overwrite)
 
 

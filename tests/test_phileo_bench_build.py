@@ -412,7 +412,7 @@ def test_options_of_the_other_source_are_refused(phileo_bench_dir, tmp_path):
     result = run_shard("build", "--input", str(phileo_bench_dir[0]), "--output", str(tmp_path / "m"), "--task", "roads")
     assert result.exit_code == 2 and "--task is not used with --source majortom" in result.stderr
     result = phileo_bench_build(phileo_bench_dir[0], tmp_path / "out", "--task", "roads")
-    assert result.exit_code == 2 and "--task and --n-shot go together" in result.stderr
+    assert result.exit_code == 2 and "--task goes with --n-shot and/or --split-ratio" in result.stderr
 
 
 def test_inspect_and_verify_work_on_phileo_bench_datasets(phileo_bench_built):

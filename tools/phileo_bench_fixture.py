@@ -1,18 +1,19 @@
 """Deterministic generator of small datasets in the format of HF `PhilEO-community/PhilEO-downstream`.
 
-Writes `{region}_{tile}_{split}_{kind}.npy` files: `s2` (N, 128, 128, 10) uint16 in band order
+Writes `{region}_{tile}_{split}_{kind}.npy` files: `s2` (N, S, S, 10) uint16 in band order
 B02, B03, B04, B08, B05, B06, B07, B8A, B11, B12 (smooth, reflectance-like digital numbers),
-`label_roads` / `label_building` (N, 128, 128, 1) float32 density, `label_lc` (N, 128, 128, 1)
+`label_roads` / `label_building` (N, S, S, 1) float32 density, `label_lc` (N, S, S, 1)
 WorldCover codes, `label_coords` (N, 3) and `label_kg` (ignored by the build). The labels are a
 simple learnable function of the pixels: roads = (B04 > B08) * density_scale (a band comparison,
 so per-sample normalisation inside the models cannot hide it), buildings =
 (B08 > 3300) * density_scale, land cover from B02 ranges (10 / 40 / 50 / 80), so some patches
 have no roads or buildings at all. Layouts: plain files ("dir"), two zip archives with the files
 in a subfolder ("zip"), or one zip split byte-wise into `.zip.001, .002, ...` ("zip-split").
-Bad input (a label file with a different row count, an s2 file of the wrong shape) is opt-in.
-Same arguments -> byte-identical files.
+S (`--size`) is 128 as the main set, or 224 as the benchmark's 224 px sets (data_path_224_10m,
+data_path_224_30m). Bad input (a label file with a different row count, an s2 file with a band
+missing) is opt-in. Same arguments -> byte-identical files.
 
-    python tools/phileo_bench_fixture.py OUT [--layout dir|zip|zip-split] [--tiles N] [--density-scale S]
+    python tools/phileo_bench_fixture.py OUT [--layout dir|zip|zip-split] [--tiles N] [--size 128|224]
 """
 
 from __future__ import annotations
@@ -45,10 +46,10 @@ REGION_LATLON = {"europe": (48.0, 10.0), "denmark-1": (56.0, 9.5), "denmark-2": 
 _WRITE_DATE = (2024, 1, 1, 0, 0, 0)
 
 
-def smooth_fields(rng: np.random.Generator, count: int, cells: int = 6) -> np.ndarray:
-    """(count, 128, 128) smooth random fields (bilinear upsampling of a coarse normal grid), std ~0.7."""
+def smooth_fields(rng: np.random.Generator, count: int, cells: int = 6, size: int = SIZE) -> np.ndarray:
+    """(count, size, size) smooth random fields (bilinear upsampling of a coarse normal grid), std ~0.7."""
     coarse = rng.standard_normal((count, cells + 1, cells + 1))
-    position = np.linspace(0, cells, SIZE)
+    position = np.linspace(0, cells, size)
     low = np.minimum(position.astype(int), cells - 1)
     frac = position - low
     rows = coarse[:, low, :] * (1 - frac)[None, :, None] + coarse[:, low + 1, :] * frac[None, :, None]
@@ -56,13 +57,14 @@ def smooth_fields(rng: np.random.Generator, count: int, cells: int = 6) -> np.nd
 
 
 def make_patches(rng: np.random.Generator, count: int, density_scale: float = 1.0,
-                 label_dtype: str = "float32", lc_dtype: str = "uint8") -> dict[str, np.ndarray]:
-    """{"s2", "label_roads", "label_building", "label_lc"} arrays of `count` patches."""
+                 label_dtype: str = "float32", lc_dtype: str = "uint8", size: int = SIZE) -> dict[str, np.ndarray]:
+    """{"s2", "label_roads", "label_building", "label_lc"} arrays of `count` patches of size x size."""
     low, high = np.array([[-1.6], [-0.5], [-2.0]]), np.array([[1.2], [0.5], [0.6]])
     offsets = rng.uniform(low, high, (3, count))[..., None, None]  # some patches have no roads/buildings
-    u, v, w = (smooth_fields(rng, count).astype(np.float32) + offsets[i].astype(np.float32) for i in range(3))
-    noise = rng.integers(-15, 16, (len(BAND_MODEL), count, SIZE, SIZE), dtype=np.int16)
-    channels = np.empty((len(BAND_MODEL), count, SIZE, SIZE), dtype=np.uint16)
+    u, v, w = (smooth_fields(rng, count, size=size).astype(np.float32) + offsets[i].astype(np.float32)
+               for i in range(3))
+    noise = rng.integers(-15, 16, (len(BAND_MODEL), count, size, size), dtype=np.int16)
+    channels = np.empty((len(BAND_MODEL), count, size, size), dtype=np.uint16)
     for band, (base, *gains) in enumerate(BAND_MODEL):
         value = noise[band] + np.float32(base)
         for gain, field in zip(gains, (u, v, w)):
@@ -98,8 +100,9 @@ def generate_arrays(regions: Sequence[str] = DEFAULT_REGIONS, tiles_per_region: 
                     patches: dict[str, int] | None = None, seed: int = 0, density_scale: float = 1.0,
                     label_dtype: str = "float32", lc_dtype: str = "uint8", with_coords: bool = True,
                     with_kg: bool = True, bad_label_rows: Sequence[str] = (),
-                    bad_s2_shape: Sequence[str] = ()) -> dict[str, np.ndarray]:
-    """{file name: array} of the whole dataset; bad_* name files (without .npy) to damage."""
+                    bad_s2_shape: Sequence[str] = (), size: int = SIZE) -> dict[str, np.ndarray]:
+    """{file name: array} of the whole dataset of size x size patches; bad_* name files (without .npy)
+    to damage: bad_label_rows loses its last row, bad_s2_shape its last band."""
     patches = DEFAULT_PATCHES if patches is None else patches
     rng = np.random.default_rng(seed)
     files = {}
@@ -107,17 +110,17 @@ def generate_arrays(regions: Sequence[str] = DEFAULT_REGIONS, tiles_per_region: 
         for tile in tile_names(tiles_per_region):
             for split, count in patches.items():
                 stem = f"{region}_{tile}_{split}"
-                arrays = make_patches(rng, count, density_scale, label_dtype, lc_dtype)
+                arrays = make_patches(rng, count, density_scale, label_dtype, lc_dtype, size)
                 if with_coords:
                     arrays["label_coords"] = _coords(region, count, rng)
                 if with_kg:
-                    arrays["label_kg"] = np.full((count, SIZE, SIZE, 1), 7, dtype=np.uint8)
+                    arrays["label_kg"] = np.full((count, size, size, 1), 7, dtype=np.uint8)
                 for kind, array in arrays.items():
                     files[f"{stem}_{kind}.npy"] = array
     for stem in bad_label_rows:
         files[f"{stem}.npy"] = files[f"{stem}.npy"][:-1]
     for stem in bad_s2_shape:
-        files[f"{stem}.npy"] = files[f"{stem}.npy"][:, : SIZE // 2, : SIZE // 2]
+        files[f"{stem}.npy"] = files[f"{stem}.npy"][..., :-1]
     return files
 
 
@@ -156,7 +159,7 @@ def make_phileo_bench_dataset(out: str | Path, regions: Sequence[str] = DEFAULT_
                               **options) -> dict[str, np.ndarray]:
     """Write the dataset under `out`; returns {npy file name: the array written}.
 
-    `options`: label_dtype, lc_dtype, with_coords, with_kg, bad_label_rows, bad_s2_shape
+    `options`: label_dtype, lc_dtype, with_coords, with_kg, bad_label_rows, bad_s2_shape, size
     (see generate_arrays).
     """
     if layout not in LAYOUTS:
@@ -192,12 +195,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--density-scale", type=float, default=1.0, help="label value of a road/building pixel")
     parser.add_argument("--regions", default=",".join(DEFAULT_REGIONS), help="comma-separated regions")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--size", type=int, choices=(128, 224), default=SIZE, help="patch size in pixels")
     parser.add_argument("--stored", action="store_true", help="zip members stored, not deflated")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     files = make_phileo_bench_dataset(args.out, tuple(args.regions.split(",")), args.tiles,
                                       {"train": args.train, "val": args.val, "test": args.test}, args.seed,
-                                      args.layout, args.density_scale, not args.stored)
+                                      args.layout, args.density_scale, not args.stored, size=args.size)
     patches = sum(len(a) for n, a in files.items() if n.endswith("_s2.npy"))
     logger.info("%d patches in %d files", patches, len(files))
     return 0

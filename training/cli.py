@@ -218,26 +218,49 @@ def finetune(shards: str, val_shards: str, test_shards: str | None, init: str | 
         run(_finetune_config(flags, shards, val_shards, test_shards, init))
 
 
+def _sweep_grid_options(function):
+    """The fine-tuning options with --model and --mode repeatable: the sweep's grid."""
+    function = _finetune_options(function)
+    function.__click_params__ = [p for p in function.__click_params__ if p.name not in ("model", "mode")]
+    return _apply(function, [
+        click.option("--model", "models", multiple=True, help="Repeatable: models to compare "
+                     f"[default: {FinetuneRunConfig.model}]."),
+        click.option("--mode", "modes", multiple=True, type=click.Choice(["frozen", "full"]),
+                     help="Repeatable [default: full]. frozen applies to pretrained inits only; a random init "
+                          "is trained in full, once."),
+    ])
+
+
 @main.command("nshot-sweep")
-@_finetune_options
-@click.option("--data", required=True, help="A phileo-bench build with --n-shot: DATA/{task}-n{n}/, DATA/test/.")
-@click.option("--n-shot", "n_shot", required=True, help="Comma-separated n values, e.g. 50,100,500,1000.")
-@click.option("--init", "inits", multiple=True, help="Repeatable: random, CKPT or NAME=CKPT [default: random].")
-def nshot_sweep(data: str, n_shot: str, inits: tuple[str, ...], **flags) -> None:
-    """Fine-tune every (init, n) pair; write results.csv, results.md and the n-shot curve to --out."""
+@_sweep_grid_options
+@click.option("--data", required=True, help="A phileo-bench build: DATA/{task}-n{n}/ and/or DATA/{task}-p{P}/, "
+                                             "DATA/test/.")
+@click.option("--n-shot", "n_shot", help="Comma-separated n values, e.g. 50,100,500,1000.")
+@click.option("--split-ratio", "split_ratio", help="Comma-separated split ratios P of `phileo-shard build "
+                                                   "--split-ratio`, e.g. 0.1,0.5,1.")
+@click.option("--init", "inits", multiple=True,
+              help="Repeatable: random, CKPT or NAME=CKPT, each optionally MODEL:... for one --model only "
+                   "[default: random].")
+def nshot_sweep(data: str, n_shot: str | None, split_ratio: str | None, inits: tuple[str, ...],
+                models: tuple[str, ...], modes: tuple[str, ...], **flags) -> None:
+    """Fine-tune every (model, init, mode, n or P); write results.csv, results.md and the curves to --out."""
     from training.distributed import init_world, shutdown
-    from training.finetune.sweep import parse_inits, run_sweep
+    from training.finetune.sweep import parse_inits, run_sweep, sweep_points, sweep_runs
 
     _setup_logging()
     with _one_line_errors():
-        _check_model(flags["model"])
-        n_values = _parse_n_values(n_shot)
-        named = parse_inits(inits)
-        base = _finetune_config({**flags, "mode": "full"}, "-", "-", None, None)
-        base.run.mode = flags["mode"]  # per run: frozen applies to pretrained inits only
+        models = tuple(dict.fromkeys(models)) or (FinetuneRunConfig.model,)
+        for model in models:
+            _check_model(model)
+        if not n_shot and not split_ratio:
+            raise ConfigError("--n-shot or --split-ratio: give the n values and/or split ratios to sweep")
+        points = sweep_points(_parse_n_values(n_shot) if n_shot else [],
+                              _parse_ratios(split_ratio) if split_ratio else [])
+        runs = sweep_runs(models, tuple(dict.fromkeys(modes)) or ("full",), parse_inits(inits, models))
+        base = _finetune_config({**flags, "mode": "full", "model": models[0]}, "-", "-", None, None)
         world = init_world()
         try:
-            run_sweep(base, world, data, n_values, named, flags["out"])
+            run_sweep(base, world, data, points, runs, flags["out"])
         finally:
             shutdown(world)
 
@@ -249,6 +272,16 @@ def _parse_n_values(text: str) -> list[int]:
         raise ConfigError(f"--n-shot {text}: expected comma-separated integers, e.g. 50,100,500") from None
     if not values or min(values) < 1:
         raise ConfigError(f"--n-shot {text}: expected positive integers")
+    return values
+
+
+def _parse_ratios(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"--split-ratio {text}: expected comma-separated fractions, e.g. 0.1,0.5,1") from None
+    if not values or not all(0 < v <= 1 for v in values):
+        raise ConfigError(f"--split-ratio {text}: expected fractions in (0, 1]")
     return values
 
 

@@ -38,7 +38,6 @@ KEEP_EMPTY_ABOVE = 0.75
 THRESHOLDS = {"train": 0.005, "val": 0.01}
 TASK_FILE = {"roads": "roads", "buildings": "building", "landcover": "lc"}  # task name in index file names
 DENSITY_SCALES = ("auto", "1", "100")
-LABEL_ROW_SHAPES = ((PATCH_SIZE, PATCH_SIZE, 1), (PATCH_SIZE, PATCH_SIZE))
 
 
 @dataclass
@@ -63,10 +62,13 @@ class Pool:
         return self.tiles[part], index - starts[part]
 
 
-def bucket_pools(tiles: list[TileFiles], task: str, split: str) -> dict[str, Pool]:
-    """{bucket: pool} for buckets with at least one file (tiles must be sorted by s2 name)."""
+def bucket_pools(tiles: list[TileFiles], task: str, split: str, buckets: tuple[str, ...] = ()) -> dict[str, Pool]:
+    """{bucket: pool} for buckets with at least one file (tiles must be sorted by s2 name); `buckets`
+    (the benchmark's `regions` argument) keeps only those, in bucket order; () keeps all."""
     pools = {}
     for bucket, regions in REGION_BUCKETS.items():
+        if buckets and bucket not in buckets:
+            continue
         pool = Pool([t for region in regions for t in tiles
                      if t.region == region and t.split == split and task in t.labels])
         if pool.tiles:
@@ -81,11 +83,11 @@ def density_scale(max_value: float | None, mode: str) -> int:
     return 100 if max_value is not None and max_value > 1.0 else 1
 
 
-def check_label_stream(stream, task: str, rows: int | None = None) -> str | None:
+def check_label_stream(stream, task: str, rows: int | None = None, patch_size: int = PATCH_SIZE) -> str | None:
     """Why a label file cannot be used (None if fine): row shape, dtype, row count against the s2 file."""
     name = stream.ref.name
-    if stream.row_shape not in LABEL_ROW_SHAPES:
-        return f"{name} has rows of shape {stream.row_shape}, expected (128, 128, 1)"
+    if stream.row_shape not in ((patch_size, patch_size, 1), (patch_size, patch_size)):
+        return f"{name} has rows of shape {stream.row_shape}, expected ({patch_size}, {patch_size}, 1)"
     kinds = "iu" if task == "landcover" else "fiu"
     if stream.dtype.kind not in kinds:
         return f"{name} has dtype {stream.dtype}, expected {'an integer' if task == 'landcover' else 'a float'} dtype"
@@ -94,7 +96,7 @@ def check_label_stream(stream, task: str, rows: int | None = None) -> str | None
     return None
 
 
-def scan_label_file(ref_json: dict, task: str, scales: tuple[int, ...],
+def scan_label_file(ref_json: dict, task: str, scales: tuple[int, ...], patch_size: int = PATCH_SIZE,
                     progress: Callable[[int], None] | None = None) -> dict:
     """One streaming pass: {"rows", "max" (NaN-ignoring), "means": {scale: [mean(row / scale)]}, "error"}.
 
@@ -108,7 +110,7 @@ def scan_label_file(ref_json: dict, task: str, scales: tuple[int, ...],
         with ExitStack() as stack:
             stream = open_npy(ref, stack)
             result["rows"] = stream.rows
-            problem = check_label_stream(stream, task)
+            problem = check_label_stream(stream, task, patch_size=patch_size)
             if problem:
                 raise NpyReadError(problem)
             for _, row in stream.iter_rows():
@@ -203,12 +205,17 @@ def indexed_indices(content: dict, source: str, bucket: str, train_len: int,
 
 def make_selection(task: str, n: int, pools: dict[str, dict[str, Pool]], *, seed: int | None = None,
                    index: tuple[str, dict] | None = None,
-                   means: dict[str, tuple[np.ndarray, np.ndarray]] | None = None) -> dict:
-    """The manifest's "selection" for one task and n: seeded (`seed`, `means`) or from an index file."""
+                   means: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
+                   buckets: tuple[str, ...] = ()) -> dict:
+    """The manifest's "selection" for one task and n: seeded (`seed`, `means`) or from an index file;
+    `buckets`: the --regions the pools were limited to (recorded; () = all)."""
     selection: dict = {"task": task, "n": n, "method": "indices" if index else "seeded"}
+    if buckets:
+        selection["regions"] = list(buckets)
+    excluded = [bucket for bucket in REGION_BUCKETS if buckets and bucket not in buckets]
     if index:
         selection["indices_file"] = index[0]
-        skipped = sorted(set(index[1]) - set(pools["train"])) if isinstance(index[1], dict) else []
+        skipped = sorted(set(index[1]) - set(pools["train"]) - set(excluded)) if isinstance(index[1], dict) else []
         if skipped:
             log.warning("%s: buckets %s have no %s files in this input; skipped", index[0], skipped, task)
     else:

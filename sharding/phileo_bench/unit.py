@@ -1,8 +1,8 @@
 """One PhilEO Bench work unit (one s2 npy file of one output dataset).
 
 A unit streams its s2 file and the matching label/coords files row by row, checks that they
-agree, and writes one sample per 128x128 patch. Files of a unit, in order: shards (temp +
-rename), `units/<unit>.index.parquet`, `units/<unit>.hist.npz`, and last `units/<unit>.json`:
+agree, and writes one sample per patch (the build's patch size, 128 or 224 px). Files of a unit,
+in order: shards (temp + rename), `units/<unit>.index.parquet`, `units/<unit>.hist.npz`, and last `units/<unit>.json`:
 a unit with that stats file is complete and a resume skips it.
 """
 
@@ -29,7 +29,6 @@ from sharding.phileo_bench.nshot import check_label_stream, density_scale, scan_
 from sharding.sources.phileo_bench import NpyReadError, TileFiles, open_npy
 
 PIXELS_SAMPLED_PER_PATCH = 256
-S2_ROW_SHAPE = (PATCH_SIZE, PATCH_SIZE, len(MODEL_BANDS))
 _BAND_ROWS = np.array([ALL_BANDS.index(band) for band in MODEL_BANDS])[:, None]
 
 
@@ -40,6 +39,7 @@ class PhilEOBenchUnitOptions:
     shard_size: int
     clevel: int = DEFAULT_CLEVEL
     density_scale: str = "auto"
+    patch_size: int = PATCH_SIZE  # of every s2 file of the build (sources common_patch_size)
 
 
 @dataclass
@@ -76,10 +76,10 @@ def _reject(file: str, row: int | None, key: str | None, reason: str) -> dict:
     return {"file": file, "row": row, "key": key, "reason": reason}
 
 
-def _check_s2(stream, tile: TileFiles) -> str | None:
-    if stream.row_shape != S2_ROW_SHAPE or stream.dtype.kind != "u" or stream.dtype.itemsize != 2:
+def _check_s2(stream, tile: TileFiles, size: int) -> str | None:
+    if stream.row_shape != (size, size, len(MODEL_BANDS)) or stream.dtype.kind != "u" or stream.dtype.itemsize != 2:
         return (f"{stream.ref.name} is {stream.dtype} {stream.shape}, expected uint16 "
-                f"(N, {PATCH_SIZE}, {PATCH_SIZE}, {len(MODEL_BANDS)})")
+                f"(N, {size}, {size}, {len(MODEL_BANDS)})")
     if stream.rows != tile.rows:
         return f"{stream.ref.name} has {stream.rows} rows, {tile.rows} when planned"
     return None
@@ -93,7 +93,8 @@ def _check_coords(stream, rows: int) -> str | None:
     return None
 
 
-def _density_scales(tile: TileFiles, known: dict[str, int], mode: str) -> tuple[dict[str, int], tuple | None]:
+def _density_scales(tile: TileFiles, known: dict[str, int], mode: str,
+                    size: int) -> tuple[dict[str, int], tuple | None]:
     """Scale per regression label file (a pass over the file for auto); or (file, reason) if unreadable."""
     scales = {}
     for task in REGRESSION_TASKS:
@@ -102,14 +103,14 @@ def _density_scales(tile: TileFiles, known: dict[str, int], mode: str) -> tuple[
         if task in known or mode != "auto":
             scales[task] = known.get(task, density_scale(None, mode))
             continue
-        scan = scan_label_file(tile.labels[task].to_json(), task, ())
+        scan = scan_label_file(tile.labels[task].to_json(), task, (), size)
         if scan["error"]:
             return scales, (tile.labels[task].display, scan["error"])
         scales[task] = density_scale(scan["max"], mode)
     return scales, None
 
 
-def _open_streams(tile: TileFiles, stack: ExitStack) -> tuple[dict, tuple | None]:
+def _open_streams(tile: TileFiles, stack: ExitStack, size: int) -> tuple[dict, tuple | None]:
     """{name: stream} for s2, each label task and coords; or (file, reason) of the first problem."""
     archives: dict = {}
     refs = {"s2": tile.s2, **tile.labels, **({"coords": tile.coords} if tile.coords else {})}
@@ -120,11 +121,11 @@ def _open_streams(tile: TileFiles, stack: ExitStack) -> tuple[dict, tuple | None
         except NpyReadError as error:
             return streams, (ref.display, str(error))
         if name == "s2":
-            problem = _check_s2(stream, tile)
+            problem = _check_s2(stream, tile, size)
         elif name == "coords":
             problem = _check_coords(stream, tile.rows)
         else:
-            problem = check_label_stream(stream, name, tile.rows)
+            problem = check_label_stream(stream, name, tile.rows, size)
         if problem:
             return streams, (ref.display, problem)
     return streams, None
@@ -143,10 +144,11 @@ def make_sample(tile: TileFiles, row: int, arrays: dict[str, np.ndarray],
                 scales: dict[str, int]) -> Sample | tuple[str, str]:
     """The sample of one patch, or (file, reason) when a value cannot be stored losslessly."""
     out = {STACK_MEMBER: np.ascontiguousarray(np.moveaxis(arrays["s2"], -1, 0)).astype(np.uint16, copy=False)}
+    size = out[STACK_MEMBER].shape[-1]
     task_labels = {}
     for task, ref in sorted(tile.labels.items()):
         member = TASKS[task][0]
-        label = arrays[task].reshape(PATCH_SIZE, PATCH_SIZE)
+        label = arrays[task].reshape(size, size)
         if task == "landcover":
             if label.size and (label.min() < 0 or label.max() > 255):
                 return ref.display, f"{ref.name} row {row}: land-cover code {label.min()}..{label.max()} " \
@@ -165,20 +167,20 @@ def make_sample(tile: TileFiles, row: int, arrays: dict[str, np.ndarray],
         if not all(math.isfinite(value) for value in coords):
             return tile.coords.display, f"{tile.coords.name} row {row}: coords {coords} are not finite"
     key = patch_key(tile, row)
-    meta = {"schema": SCHEMA_VERSION, "source": SOURCE, "key": key, "shape": [PATCH_SIZE, PATCH_SIZE],
+    meta = {"schema": SCHEMA_VERSION, "source": SOURCE, "key": key, "shape": [size, size],
             "bands": {STACK_MEMBER: list(MODEL_BANDS)}, "region": tile.region, "bucket": tile.bucket,
             "split": tile.split, "tile": tile.tile, "file": tile.s2.display, "row": row, "coords": coords,
             "task_labels": task_labels}
     return Sample(key, meta, out)
 
 
-def iter_patches(tile: TileFiles, rows: list[int] | None, known_scales: dict[str, int], mode: str,
-                 stack: ExitStack) -> Iterator[Sample | dict]:
+def iter_patches(tile: TileFiles, rows: list[int] | None, known_scales: dict[str, int],
+                 options: PhilEOBenchUnitOptions, stack: ExitStack) -> Iterator[Sample | dict]:
     """Samples of the wanted rows, in order; a reject record (dict) for each row that cannot be stored."""
     wanted = list(range(tile.rows)) if rows is None else rows
-    scales, problem = _density_scales(tile, known_scales, mode)
+    scales, problem = _density_scales(tile, known_scales, options.density_scale, options.patch_size)
     if problem is None:
-        streams, problem = _open_streams(tile, stack)
+        streams, problem = _open_streams(tile, stack, options.patch_size)
     if problem is not None:
         for row in wanted:
             yield _reject(problem[0], row, patch_key(tile, row), problem[1])
@@ -217,7 +219,7 @@ def build_phileo_bench_unit(dataset_dir: str, unit: int, job: dict, options: Phi
     index, rejected, bytes_in = [], [], 0
     try:
         with ExitStack() as stack:
-            for outcome in iter_patches(tile, job["rows"], job.get("scales", {}), options.density_scale, stack):
+            for outcome in iter_patches(tile, job["rows"], job.get("scales", {}), options, stack):
                 if isinstance(outcome, dict):
                     rejected.append(outcome)
                 else:

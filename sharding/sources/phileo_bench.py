@@ -5,7 +5,7 @@ They may sit in a directory tree, in `.zip` archives (in any subfolder of the ar
 multi-part archives `name.zip.001, name.zip.002, ...` (byte-wise splits of one zip), which are
 read through one concatenating seekable file object: nothing is ever unpacked to disk.
 
-Arrays are read streaming, one row (= one 128x128 patch) at a time: `np.load(mmap_mode="r")`
+Arrays are read streaming, one row (= one patch, 128 x 128 or 224 x 224) at a time: `np.load(mmap_mode="r")`
 for plain files; for zip members the npy header is parsed and rows are read from the member
 stream (stored or deflated). A file is never loaded whole.
 """
@@ -76,22 +76,29 @@ class TileFiles:
     key_offset: int = 0  # index of row 0 in the concatenation of the region's split files
     labels: dict[str, NpyRef] = field(default_factory=dict)
     coords: NpyRef | None = None
+    row_shape: tuple[int, ...] = ()  # of the s2 file: (S, S, 10) for a patch of S x S pixels
 
     @property
     def bucket(self) -> str:
         return bucket_of(self.region)
 
+    @property
+    def patch_size(self) -> int | None:
+        """S when the s2 rows are square (S, S, C) images, else None (the unit rejects such a file)."""
+        shape = self.row_shape
+        return shape[0] if len(shape) == 3 and shape[0] == shape[1] else None
+
     def to_json(self) -> dict:
         return {"region": self.region, "tile": self.tile, "split": self.split, "s2": self.s2.to_json(),
                 "rows": self.rows, "key_offset": self.key_offset,
                 "labels": {task: ref.to_json() for task, ref in sorted(self.labels.items())},
-                "coords": self.coords.to_json() if self.coords else None}
+                "coords": self.coords.to_json() if self.coords else None, "row_shape": list(self.row_shape)}
 
     @classmethod
     def from_json(cls, data: dict) -> TileFiles:
         return cls(data["region"], data["tile"], data["split"], NpyRef.from_json(data["s2"]), data["rows"],
                    data["key_offset"], {t: NpyRef.from_json(r) for t, r in data["labels"].items()},
-                   NpyRef.from_json(data["coords"]) if data["coords"] else None)
+                   NpyRef.from_json(data["coords"]) if data["coords"] else None, tuple(data.get("row_shape", ())))
 
 
 def parse_name(name: str) -> dict[str, str] | None:
@@ -262,7 +269,8 @@ def group_tiles(found: list[tuple[dict[str, str], NpyRef]]) -> tuple[list[TileFi
             entry = TileFiles(region, tile, split, kinds["s2"], labels=labels, coords=kinds.get("label_coords"))
             try:
                 with ExitStack() as member_stack:
-                    entry.rows = open_npy(entry.s2, member_stack, archives, stack).rows
+                    stream = open_npy(entry.s2, member_stack, archives, stack)
+                    entry.rows, entry.row_shape = stream.rows, stream.row_shape
             except NpyReadError as error:
                 rejected.append({"file": entry.s2.display, "row": None, "key": None, "split": split,
                                  "reason": f"unreadable s2 file: {error}"})
@@ -274,6 +282,21 @@ def group_tiles(found: list[tuple[dict[str, str], NpyRef]]) -> tuple[list[TileFi
         entry.key_offset = offsets.get((entry.region, entry.split), 0)
         offsets[(entry.region, entry.split)] = entry.key_offset + entry.rows
     return tiles, rejected
+
+
+def common_patch_size(tiles: list[TileFiles]) -> int | None:
+    """The one patch size of the s2 files (None if none is square); a mix is an InputError naming a file.
+
+    One build holds one patch size: the benchmark keeps its 128 px and 224 px sets in separate
+    folders (training_script.py data_path_128_10m / data_path_224_10m / data_path_224_30m).
+    """
+    first = next((tile for tile in tiles if tile.patch_size is not None), None)
+    for tile in tiles:
+        if tile.patch_size is not None and tile.patch_size != first.patch_size:
+            raise InputError(f"{tile.s2.display}: {tile.patch_size} x {tile.patch_size} px patches, but "
+                             f"{first.s2.display} has {first.patch_size} x {first.patch_size}; give each patch "
+                             "size (e.g. the 128 px and 224 px sets) to its own build")
+    return first.patch_size if first else None
 
 
 # ---------------------------------------------------------------- reading arrays

@@ -160,31 +160,43 @@ def _add_legend(fig, axes, mappable, task: str) -> None:
 
 # ------------------------------------------------------------------------------------ n-shot results
 
+# x axis of a sweep: the n-shot size (patches per region bucket) or the split ratio (fraction of files)
+SWEEP_AXES = {"n": "n (training samples per region)", "p": "P (fraction of each region's training files)"}
 
-def _grid(rows: Sequence[dict], metric: str) -> tuple[list, dict[str, dict[Any, float]]]:
-    """Sorted n values and {init: {n: value}} in first-seen init order; repeats (seeds) are averaged."""
+
+def _series(row: dict) -> str:
+    """The line a result belongs to: its `series` (model, init, mode of a sweep) or its init."""
+    return str(row.get("series") or row["init"])
+
+
+def _grid(rows: Sequence[dict], metric: str, x: str = "n") -> tuple[list, dict[str, dict[Any, float]]]:
+    """Sorted x values and {series: {x: value}} in first-seen order; rows without an `x` value are left out,
+    repeats (seeds) are averaged."""
     values: dict[str, dict[Any, list[float]]] = {}
     for row in rows:
-        values.setdefault(str(row["init"]), {}).setdefault(row["n"], []).append(float(row[metric]))
-    ns = sorted({row["n"] for row in rows})
-    return ns, {init: {n: sum(v) / len(v) for n, v in by_n.items()} for init, by_n in values.items()}
+        if row.get(x) not in (None, ""):
+            values.setdefault(_series(row), {}).setdefault(row[x], []).append(float(row[metric]))
+    xs = sorted({value for by_x in values.values() for value in by_x})
+    return xs, {series: {v: sum(m) / len(m) for v, m in by_x.items()} for series, by_x in values.items()}
 
 
-def save_nshot_curve(rows: Sequence[dict], metric: str, path: str | Path, title: str) -> Path:
-    """PNG of metric vs n-shot, one marked line per initialisation, n on a log axis (as in the paper)."""
+def save_nshot_curve(rows: Sequence[dict], metric: str, path: str | Path, title: str, x: str = "n") -> Path:
+    """PNG of metric vs n-shot (log axis, as in the paper) or vs split ratio P (linear), one marked line per
+    series (init, or model x init x mode)."""
     from matplotlib.ticker import NullFormatter, ScalarFormatter
 
-    ns, grid = _grid(rows, metric)
+    xs, grid = _grid(rows, metric, x)
     fig = _new_figure(6.0, 4.0)
     ax = fig.add_subplot()
-    for init, by_n in grid.items():
-        xs = sorted(by_n)
-        ax.plot(xs, [by_n[x] for x in xs], marker="o", label=init)
-    ax.set_xscale("log")
-    ax.set_xticks(ns)
+    for series, by_x in grid.items():
+        points = sorted(by_x)
+        ax.plot(points, [by_x[v] for v in points], marker="o", label=series)
+    if x == "n":
+        ax.set_xscale("log")
+    ax.set_xticks(xs)
     ax.xaxis.set_major_formatter(ScalarFormatter())
     ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.set_xlabel("n (training samples per region)")
+    ax.set_xlabel(SWEEP_AXES[x])
     ax.set_ylabel(metric)
     ax.set_title(title)
     ax.grid(True, which="major", alpha=0.3)
@@ -198,13 +210,14 @@ def _cell(value: float | None) -> str:
     return "nan" if math.isnan(value) else f"{value:.4f}"
 
 
-def markdown_table(rows: Sequence[dict], metric: str) -> str:
-    """Markdown table of the sweep: one row per init, one column per n ("-" where a run is missing)."""
-    ns, grid = _grid(rows, metric)
+def markdown_table(rows: Sequence[dict], metric: str, x: str = "n") -> str:
+    """Markdown table of a sweep: one row per series, one column per n (or P); "-" where a run is missing."""
+    xs, grid = _grid(rows, metric, x)
     lines = [
-        "| init | " + " | ".join(f"n={n}" for n in ns) + " |",
-        "|---|" + "---:|" * len(ns),
+        f"| {'run' if any('series' in row for row in rows) else 'init'} | "
+        + " | ".join(f"{x}={value:g}" for value in xs) + " |",
+        "|---|" + "---:|" * len(xs),
     ]
-    for init, by_n in grid.items():
-        lines.append(f"| {init} | " + " | ".join(_cell(by_n.get(n)) for n in ns) + " |")
+    for series, by_x in grid.items():
+        lines.append(f"| {series} | " + " | ".join(_cell(by_x.get(value)) for value in xs) + " |")
     return "\n".join(lines) + "\n"
