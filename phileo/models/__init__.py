@@ -15,6 +15,8 @@ from .upernet import (
     vit_upernet_pretrain,
 )
 from .vit import PhilEOViT, phileo_vit, phileo_vit_tiny
+from .zoo_vit import CONFIGS as ZOO_VIT_CONFIGS
+from .zoo_vit import ZooViTClassifier, ZooViTDense, build_zoo_vit
 
 register("geoaware-unet-44m")(geoaware_unet_44m)
 register("geoaware-unet-200m")(geoaware_unet_200m)
@@ -25,6 +27,10 @@ for _name in UPERNET_MODELS:
     register(_name)(partial(vit_upernet, _name))
 for _name in PRETRAIN_UPERNET_MODELS:
     register(_name)(partial(vit_upernet_pretrain, _name))
+# The PhilEO Bench zoo's ViTs (prithvi-100m, satmae, vit-cnn, vit-cnn-gc, their -tiny), each also as -classifier.
+for _name in ZOO_VIT_CONFIGS:
+    register(_name)(partial(build_zoo_vit, _name))
+    register(f"{_name}-classifier")(partial(build_zoo_vit, _name, classifier=True))
 
 __all__ = [
     "GeoAwareUNet",
@@ -32,6 +38,8 @@ __all__ = [
     "PhilEOViTUPerNet",
     "UPerHead",
     "ViTUPerNet",
+    "ZooViTClassifier",
+    "ZooViTDense",
     "build",
     "build_task_model",
     "list_models",
