@@ -135,7 +135,7 @@ class ZooViTClassifier(ZooViTModel):
 
 _ENCODERS = {"plain": PlainViTEncoder, "prithvi": PrithviViTEncoder, "grouped": GroupedChannelViTEncoder}
 _NANO_DECODER = dict(decoder_depths=CORE_NANO_DECODER_DEPTHS, decoder_dims=CORE_NANO_DECODER_DIMS)
-_TINY_DECODER = dict(decoder_depths=(1, 1, 1, 1), decoder_dims=(8, 16, 32, 64))
+_TINY_DECODER = dict(decoder_depths=(1, 1, 1, 1), decoder_dims=(16, 16, 32, 32))  # SE blocks need >= 16
 _TINY_VIT = dict(embed_dim=32, depth=2, num_heads=2)
 
 # Named configurations (every field can be overridden: build("vit-cnn", depth=12)). "kind" picks the encoder;
