@@ -19,24 +19,11 @@ FAMILIES = ["prithvi-100m", "satmae", "vit-cnn", "vit-cnn-gc"]
 FULL = [name + suffix for name in FAMILIES for suffix in ("", "-classifier")]
 TINY = [name + "-tiny" + suffix for name in FAMILIES for suffix in ("", "-classifier")]
 
-# Parameter counts (all, trainable) of the ORIGINAL models with output_dim=1 and the "core_nano" decoder, measured by
-# building them from 91097luke/phileo-bench on the meta device (buteo and einops stubbed by empty modules):
-#   cd phileo-bench && python -c "import sys, torch; sys.path[:0] = ['STUBS', '.']
-#   from models.model_AutoEncoderViTPretrained import get_core_decoder_kwargs as core; kw = core(1, 'core_nano')
-#   with torch.device('meta'): m = CONSTRUCTOR
-#   print(sum(p.numel() for p in m.parameters()), sum(p.numel() for p in m.parameters() if p.requires_grad))"
-# with CONSTRUCTOR (the calls of training_script.py get_models_pretrained, checkpoint loading left out):
-#   prithvi-100m:              models_Prithvi.Prithvi(**kw, **utils.Prithvi_100M_config.model_args)
-#   prithvi-100m-classifier:   models_Prithvi.PrithviClassifier(output_dim=1, **model_args)
-#   satmae:                    model_SatMAE.vit_large(img_size=96, patch_size=8, in_chans=10, **kw)
-#   satmae-classifier:         model_SatMAE.vit_large_classifier(img_size=96, patch_size=8, in_chans=10, output_dim=1)
-#   vit-cnn:                   model_AutoEncoderViTPretrained.vit_large(chw=(10, 128, 128), patch_size=4, **kw)
-#   vit-cnn-classifier:        model_AutoEncoderViTPretrained_classifier.vit_large_classifier(chw=(10, 128, 128),
-#                              patch_size=4, output_dim=1)
-#   vit-cnn-gc:                model_AutoEncoderViTPretrained.vit_base_gc(img_size=128, patch_size=4, in_chans=10, **kw)
-#   vit-cnn-gc-classifier:     model_AutoEncoderViTPretrained_classifier.vit_base_gc_classifier(img_size=128,
-#                              patch_size=4, in_chans=10, output_dim=1)
-# The same script wrote tests/data/<name>_state_dict.txt (key TAB shape, state-dict order).
+# Parameter counts (all, trainable) of the ORIGINAL models (91097luke/phileo-bench, output_dim=1, "core_nano" decoder,
+# built as training_script.py get_models_pretrained builds them), measured with
+#   python tools/original_zoo_vit.py --orig-bench /path/to/phileo-bench --listings tests/data --compare
+# which also wrote tests/data/<name>_state_dict.txt (key TAB shape, state-dict order) and found our -tiny models'
+# outputs bit-equal to the originals' at the same configuration and weights (max |difference| 0).
 ORIGINAL_COUNTS = {
     "prithvi-100m": (97_476_401, 97_325_105),
     "prithvi-100m-classifier": (86_684_929, 86_533_633),
@@ -183,8 +170,11 @@ def test_input_conventions():
     dn = torch.randint(0, 10000, (1, 10, 224, 224), dtype=torch.int32)
     torch.testing.assert_close(prepare_input(dn, bench.input_spec), _prithvi_norm(dn[:, [0, 1, 2, 4, 5, 6]]),
                                rtol=0, atol=0)
-    with pytest.raises(ValueError, match="bands='rgb'"):
-        build("prithvi-100m-tiny", bands="rgb")
+    names = build("prithvi-100m-tiny", bands="B04, B03, B02, B08, B11, B12").input_spec.bands
+    assert names == ("B04", "B03", "B02", "B08", "B11", "B12")
+    for wrong in ("rgb", "B02,B03,B04", ("B02", "B03", "B04", "B8A", "B11", "B10")):
+        with pytest.raises(ValueError, match="expected one of hls, bench or six band names"):
+            build("prithvi-100m-tiny", bands=wrong)
     # SatMAE: the 128 px patch and its label are cut to the centre 96 px
     satmae = build("satmae-tiny")
     x = prepare_input(torch.randint(0, 10000, (2, 10, 128, 128)), satmae.input_spec)

@@ -29,6 +29,8 @@ from collections.abc import Iterator, Sequence
 import torch
 import torch.nn as nn
 
+from phileo.bands import MODEL_BANDS
+
 from .core_cnn import CORE_NANO_DECODER_DEPTHS, CORE_NANO_DECODER_DIMS, CoreDecoder, EncoderBlock
 from .inputs import InputSpec
 from .vit import check_input
@@ -103,7 +105,7 @@ class ZooViTDense(ZooViTModel):
         if decoded != encoder.img_size:
             raise ValueError(f"a {encoder.grid_size} px token map, {downsample_blocks} downsampling blocks and "
                              f"{len(decoder_dims)} decoder stages give {decoded} px, not {encoder.img_size}")
-        # Attribute order = the original's, so the state-dict order matches (models/model_SatMAE.py:140-158).
+        # Attribute order = the original's, so the state-dict order matches (models/model_SatMAE.py:148-172).
         self.decoder_head = CoreDecoder(embedding_dim=embedding_dim, output_dim=output_dim, depths=decoder_depths,
                                         dims=decoder_dims, activation="relu", norm="batch", padding="same")
         self.decoder_downsample_block: nn.Module = nn.Sequential(*(
@@ -162,15 +164,21 @@ CONFIGS: dict[str, dict] = {
 _MODEL_FIELDS = ("kind", "downsample_blocks", "decoder_depths", "decoder_dims", "bands")
 
 
+def prithvi_bands(bands: str | Sequence[str]) -> tuple[str, ...]:
+    """Prithvi's six input bands: "hls" (default), "bench", or six names from MODEL_BANDS ("B02,B03,...")."""
+    if isinstance(bands, str):
+        bands = PRITHVI_BANDS[bands] if bands in PRITHVI_BANDS else tuple(b.strip() for b in bands.split(","))
+    bands = tuple(bands)
+    if len(bands) != len(PRITHVI_BANDS["hls"]) or not set(bands) <= set(MODEL_BANDS):
+        raise ValueError(f"bands={','.join(bands)}: expected one of {', '.join(PRITHVI_BANDS)} or six band names "
+                         f"from {','.join(MODEL_BANDS)}")
+    return bands
+
+
 def _input_spec(config: dict) -> InputSpec:
     kind, img_size = config["kind"], config["img_size"]
     if kind == "prithvi":
-        bands = config["bands"]
-        if isinstance(bands, str):
-            if bands not in PRITHVI_BANDS:
-                raise ValueError(f"bands={bands!r}: expected one of {sorted(PRITHVI_BANDS)} or six band names")
-            bands = PRITHVI_BANDS[bands]
-        return InputSpec(bands=tuple(bands), img_size=img_size, normalize="prithvi")
+        return InputSpec(bands=prithvi_bands(config["bands"]), img_size=img_size, normalize="prithvi")
     if img_size == 96:  # SatMAE: its 96 px input cut from the centre of the 128 px bench patch
         return InputSpec(img_size=96, normalize="satmae", crop_from=128)
     return InputSpec(img_size=img_size)

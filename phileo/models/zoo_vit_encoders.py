@@ -33,7 +33,7 @@ SATMAE_CHANNEL_GROUPS: tuple[tuple[int, ...], ...] = ((0, 1, 2, 3), (4, 5, 6, 7)
 
 
 def _sincos_1d_float32_omega(dim: int, length: int) -> np.ndarray:
-    """Prithvi's 1-D table: like MAE's but with the frequencies in float32 (models/models_Prithvi.py:32)."""
+    """Prithvi's 1-D table: like MAE's but with the frequencies in float32 (models/models_Prithvi.py:33)."""
     omega = np.arange(dim // 2, dtype=np.float32)
     omega /= dim / 2.0
     omega = 1.0 / 10000**omega
@@ -62,7 +62,7 @@ def sincos_pos_embed_3d(embed_dim: int, grid_size: tuple[int, int, int], cls_tok
 
 
 class PatchEmbed3D(nn.Module):
-    """Prithvi's patch embedding (models/models_Prithvi.py:84 PatchEmbed): a Conv3d over (frames, H, W).
+    """Prithvi's patch embedding (models/models_Prithvi.py:86 PatchEmbed): a Conv3d over (frames, H, W).
 
     Single frame only (the bench's Prithvi_100M_config: num_frames 1, tubelet 1): a (B, C, H, W) image becomes
     (B, C, 1, H, W) here, as Prithvi's forward did with x[:, :, None]. Key `proj` (weight (D, C, 1, p, p)).
@@ -155,7 +155,7 @@ class GroupedChannelViTEncoder(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """The original's init (model_SatMAE.py:55-80), quirks included: only the first group's patch projection
+        """The original's init (model_SatMAE.py:57-83), quirks included: only the first group's patch projection
         gets the xavier init (the others keep Conv2d's default), and channel_embed stays zero (SatMAE's own code
         fills it with a 1-D sin-cos table; the bench's copy never does: it comes from the checkpoint)."""
         with torch.no_grad():
@@ -192,7 +192,7 @@ class GroupedChannelViTEncoder(nn.Module):
 
     def tokens_to_map(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, 1 + G*L, D) -> (B, G*D, g, g): each group's token map, concatenated group after group on the
-        channel axis (the bench's SatMAE.reshape, model_SatMAE.py:160)."""
+        channel axis (the bench's SatMAE.reshape, model_SatMAE.py:179)."""
         batch, _, dim = tokens.shape
         grid, groups = self.grid_size, len(self.channel_groups)
         maps = tokens[:, 1:, :].reshape(batch, groups, grid, grid, dim).permute(0, 2, 3, 1, 4)
