@@ -1,4 +1,5 @@
-"""Models (Geo-Aware U-Net, PhilEO ViT, ViT UPerNet) and a registry: `build("geoaware-unet-44m")`, `list_models()`."""
+"""Models (Geo-Aware U-Net, PhilEO ViT, ViT UPerNet, the PhilEO Bench CNN zoo) and a registry:
+`build("geoaware-unet-44m")`, `list_models()`."""
 
 from functools import partial
 
@@ -15,6 +16,7 @@ from .upernet import (
     vit_upernet_pretrain,
 )
 from .vit import PhilEOViT, phileo_vit, phileo_vit_tiny
+from .zoo_cnn import CNN_ZOO
 
 register("geoaware-unet-44m")(geoaware_unet_44m)
 register("geoaware-unet-200m")(geoaware_unet_200m)
@@ -25,6 +27,8 @@ for _name in UPERNET_MODELS:
     register(_name)(partial(vit_upernet, _name))
 for _name in PRETRAIN_UPERNET_MODELS:
     register(_name)(partial(vit_upernet_pretrain, _name))
+for _name, _factory in CNN_ZOO.items():
+    register(_name)(_factory)
 
 __all__ = [
     "GeoAwareUNet",
