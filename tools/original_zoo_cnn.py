@@ -1,13 +1,14 @@
 """Build the ORIGINAL PhilEO Bench CNN models and print their parameter counts and state-dict listings.
 
-    python tools/original_zoo_cnn.py --orig-bench /path/to/phileo-bench [--listings tests/data]
+    python tools/original_zoo_cnn.py --orig-bench /path/to/phileo-bench [--listings tests/data] [--compare]
 
 The bench (91097luke/phileo-bench) is imported from --orig-bench as it is; the few imports it needs but the
 models do not use (buteo, pytorch_lightning) are replaced by tiny stand-ins. Every model is built with
 input_dim=10, output_dim=1, as training_script.py `get_models` / `get_models_pretrained` build them (the
 GeoAware ones from a generated CoreEncoder-nano checkpoint, SeCo from a MocoV2 with random weights: nothing
 is downloaded). With --listings, writes `<name>_state_dict.txt` (key<TAB>shape per line, in state-dict order)
-for tests/test_models_zoo_cnn.py.
+for tests/test_models_zoo_cnn.py. With --compare, loads each original's weights into our registry model of the
+same name and prints whether the outputs are bit-equal (ResNet / SeCo: ours gets the RGB the original selects).
 """
 
 from __future__ import annotations
@@ -79,6 +80,20 @@ def original_builders() -> dict[str, Callable[[], nn.Module]]:
     }
 
 
+def outputs_equal(name: str, original: nn.Module) -> bool:
+    """Our model with the original's (slightly perturbed) weights: same output on the same input?"""
+    from phileo.models import build
+
+    ours = build(name).eval()
+    state = {k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v
+             for k, v in original.state_dict().items()}
+    original.eval().load_state_dict(state)
+    ours.load_state_dict(state, strict=True)
+    x = torch.rand(2, 10, 64, 64)
+    with torch.no_grad():
+        return torch.equal(original(x), ours(x[:, [2, 1, 0]] if ours.in_chans == 3 else x))
+
+
 def listing(model: nn.Module) -> str:
     return "".join(f"{k}\t{','.join(map(str, v.shape))}\n" for k, v in model.state_dict().items())
 
@@ -87,6 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--orig-bench", type=Path, required=True, help="checkout of 91097luke/phileo-bench")
     parser.add_argument("--listings", type=Path, help="write <name>_state_dict.txt files here")
+    parser.add_argument("--compare", action="store_true", help="check our models' outputs against the originals")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(args.orig_bench))
     _install_stubs()
@@ -94,7 +110,9 @@ def main(argv: list[str] | None = None) -> None:
         torch.manual_seed(0)
         model = builder()
         params = sum(p.numel() for p in model.parameters())
-        sys.stdout.write(f"{name}\t{params}\n")
+        comparable = args.compare and "checkpoint" not in name
+        equal = f"\toutputs bit-equal: {outputs_equal(name, model)}" if comparable else ""
+        sys.stdout.write(f"{name}\t{params}{equal}\n")
         if args.listings is not None:
             (args.listings / f"{name.replace('-', '_')}_state_dict.txt").write_text(listing(model))
 
