@@ -1,4 +1,5 @@
-"""Models (Geo-Aware U-Net, PhilEO ViT, ViT UPerNet) and a registry: `build("geoaware-unet-44m")`, `list_models()`."""
+"""Models (Geo-Aware U-Net, PhilEO ViT, ViT UPerNet, the PhilEO Bench CNN and ViT zoo) and a registry:
+`build("geoaware-unet-44m")`, `list_models()`."""
 
 from functools import partial
 
@@ -15,6 +16,9 @@ from .upernet import (
     vit_upernet_pretrain,
 )
 from .vit import PhilEOViT, phileo_vit, phileo_vit_tiny
+from .zoo_cnn import CNN_ZOO
+from .zoo_vit import CONFIGS as ZOO_VIT_CONFIGS
+from .zoo_vit import ZooViTClassifier, ZooViTDense, build_zoo_vit
 
 register("geoaware-unet-44m")(geoaware_unet_44m)
 register("geoaware-unet-200m")(geoaware_unet_200m)
@@ -25,6 +29,12 @@ for _name in UPERNET_MODELS:
     register(_name)(partial(vit_upernet, _name))
 for _name in PRETRAIN_UPERNET_MODELS:
     register(_name)(partial(vit_upernet_pretrain, _name))
+for _name, _factory in CNN_ZOO.items():
+    register(_name)(_factory)
+# The PhilEO Bench zoo's ViTs (prithvi-100m, satmae, vit-cnn, vit-cnn-gc, their -tiny), each also as -classifier.
+for _name in ZOO_VIT_CONFIGS:
+    register(_name)(partial(build_zoo_vit, _name))
+    register(f"{_name}-classifier")(partial(build_zoo_vit, _name, classifier=True))
 
 __all__ = [
     "GeoAwareUNet",
@@ -32,6 +42,8 @@ __all__ = [
     "PhilEOViTUPerNet",
     "UPerHead",
     "ViTUPerNet",
+    "ZooViTClassifier",
+    "ZooViTDense",
     "build",
     "build_task_model",
     "list_models",

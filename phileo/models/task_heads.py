@@ -88,7 +88,7 @@ def build_task_model(
     """A dense model on the registered model `encoder_name` (see the module docstring).
 
     `overrides` go to the registered factory (e.g. img_size). `init_state_dict` is a pretraining state dict
-    (or a checkpoint dict holding one under "model"), loaded with `load_encoder`. The returned model has
+    (or a checkpoint dict holding one under "model" or "state_dict"), loaded with `load_encoder`. The returned model has
     `encoder_parameters()`; with `freeze_encoder` those have requires_grad=False.
     """
     out_chans = _task_outputs(task)
@@ -108,8 +108,7 @@ def build_task_model(
     else:
         raise TypeError(f"no task head for {encoder_name!r} ({type(probe).__name__})")
     if init_state_dict is not None:
-        state = init_state_dict.get("model", init_state_dict)
-        missing, _ = load_encoder(model, state if isinstance(state, Mapping) else init_state_dict)
+        missing, _ = load_encoder(model, checkpoint_state_dict(init_state_dict))
         # A wrong checkpoint (other family, renamed keys) must not silently leave the encoder at its random init.
         not_loaded = [k for k in missing if k.startswith(model.encoder_prefixes)]
         if not_loaded:
@@ -119,6 +118,15 @@ def build_task_model(
         for param in model.encoder_parameters():
             param.requires_grad_(False)
     return model
+
+
+def checkpoint_state_dict(checkpoint: Mapping) -> Mapping[str, torch.Tensor]:
+    """The state dict in a loaded checkpoint: under "model" (ours), under "state_dict" (a pytorch-lightning file,
+    e.g. SeCo's), or the mapping itself."""
+    for key in ("model", "state_dict"):
+        if isinstance(checkpoint.get(key), Mapping):
+            return checkpoint[key]
+    return checkpoint
 
 
 def _target_key(key: str, model: nn.Module, own: Mapping[str, torch.Tensor]) -> str | None:
