@@ -257,8 +257,8 @@ def test_resume_after_sigkill_embeds_the_rest_once(dataset, tmp_path):
     (["--fragment-size", "64"], "error: --fragment-size 64: model geoaware-unet-tiny takes 128 px inputs"),
     (["--fragment-size", "0"], "error: --fragment-size 0: expected a positive finite number"),
     (["--model", "nope"], "error: --model nope: unknown; choose one of"),
-    (["--init", "missing.pt"], "error: --init missing.pt: not a readable checkpoint"),
-    (["--init", "README.md"], "error: --init README.md: not a readable checkpoint (Weights only load failed"),
+    (["--init", "missing.pt"], "error: --init missing.pt: not a readable weights file"),
+    (["--init", "README.md"], "error: --init README.md: not a readable weights file (Weights only load failed"),
     (["--model", "phileo-vit-tiny"], "error: --init "),
 ])
 def test_bad_flags_are_one_line(dataset, tmp_path, extra, message):

@@ -51,3 +51,30 @@ def test_a_planted_metadata_pickle_is_refused_and_never_runs(tmp_path):
     with pytest.raises(CheckpointError, match=r"\.metadata: asks for posix.system"):
         load_model_weights(tmp_path / "ckpt")
     assert not marker.exists()
+
+
+class HyperParameters(dict):
+    """Stands for lightning's AttributeDict: a class that only unpickling by import could rebuild."""
+
+
+def test_published_weight_file_formats_load_and_others_are_refused(tmp_path):
+    """Flat (Prithvi, torchvision), under "model" with an argparse.Namespace (SatMAE), under "state_dict"
+    (lightning); a file pickling anything else, or holding no tensors, is one line naming it."""
+    import argparse
+
+    from training.checkpoint import load_model_weights
+    from training.config import CheckpointError
+
+    weights = {"a.weight": torch.ones(2), "b.bias": torch.zeros(1)}
+    files = {"flat.pt": weights, "satmae.pth": {"model": weights, "args": argparse.Namespace(lr=1e-3)},
+             "seco.ckpt": {"state_dict": weights, "epoch": 3}}
+    for name, content in files.items():
+        torch.save(content, tmp_path / name)
+        loaded = load_model_weights(tmp_path / name)
+        assert set(loaded) == set(weights) and all(torch.equal(loaded[k], weights[k]) for k in weights)
+    torch.save({"state_dict": weights, "hparams": HyperParameters()}, tmp_path / "code.ckpt")
+    torch.save({"epoch": 3}, tmp_path / "empty.pt")
+    for name, message in (("code.ckpt", "not a readable weights file"), ("empty.pt", "holds no state dict")):
+        with pytest.raises(CheckpointError, match=f"{name}: {message}") as error:
+            load_model_weights(tmp_path / name)
+        assert "\n" not in str(error.value)

@@ -9,13 +9,18 @@ into a plain state dict for fine-tuning or export.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
+import pickle
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
+from phileo.models.task_heads import checkpoint_state_dict
+from training.config import CheckpointError
 from training.safe_dcp import load_into, load_whole
 
 log = logging.getLogger(__name__)
@@ -98,9 +103,25 @@ def load_checkpoint(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def load_model_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """Plain model state dict from either checkpoint kind, in one process (fine-tuning, export)."""
+def load_model_weights(path: str | Path) -> Mapping[str, torch.Tensor]:
+    """Plain model state dict of a weights file, in one process (fine-tuning, embedding, export).
+
+    Takes this project's checkpoints (a file, or a sharded directory: never unpickles code from it,
+    training/safe_dcp.py) and the published files of the PhilEO Bench models: a flat state dict
+    (Prithvi_100M.pt, torchvision ResNet-50), one under "model" (SatMAE, which also pickles its
+    argparse.Namespace of arguments: allowed, it is plain data) or under "state_dict" (a lightning file).
+    Anything else that needs unpickling is refused in one line naming the file.
+    """
     path = Path(path)
-    if path.is_file():
-        return load_checkpoint(path)["model"]
-    return load_whole(path)["model"]  # never unpickles code from the directory (training/safe_dcp.py)
+    if path.is_dir():
+        return load_whole(path)["model"]
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            checkpoint = load_checkpoint(path)
+    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as error:
+        detail = " ".join(str(error).split())[:200] or type(error).__name__
+        raise CheckpointError(f"{path}: not a readable weights file ({detail})") from None
+    state = checkpoint_state_dict(checkpoint) if isinstance(checkpoint, Mapping) else None
+    if not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: holds no state dict of tensors (at the top, under 'model' or 'state_dict')")
+    return state

@@ -11,9 +11,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import pickle
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -25,8 +24,8 @@ from phileo.models import build, load_encoder
 from phileo.models.inputs import InputSpec, input_spec, prepare_input
 from phileo.output_lock import hold_lock
 from phileo.urls import redact
-from training.checkpoint import load_checkpoint, load_model_weights
-from training.config import ConfigError, EmbedConfig
+from training.checkpoint import load_model_weights
+from training.config import CheckpointError, ConfigError, EmbedConfig
 from training.data.loader import pipeline_loader
 from training.data.shards import ShardInfo, resolve_shards
 from training.distributed import World, barrier, init_world, shutdown
@@ -40,16 +39,12 @@ log = logging.getLogger(__name__)
 COLLECTIVE_TIMEOUT_MIN = 24 * 60
 
 
-def read_init(path: str) -> dict[str, torch.Tensor]:
-    """The model state dict of --init: a phileo-train checkpoint (file or sharded dir) or a plain state dict."""
+def read_init(path: str) -> Mapping[str, torch.Tensor]:
+    """The model state dict of --init: a phileo-train checkpoint (file or sharded dir) or a published weights file."""
     try:
-        if Path(path).is_dir():
-            return load_model_weights(path)
-        state = load_checkpoint(Path(path))
-    except (OSError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ConfigError(f"--init {path}: not a readable checkpoint ({first_line[:200]})") from None
-    return state.get("model", state) if isinstance(state, dict) else state
+        return load_model_weights(path)
+    except CheckpointError as error:
+        raise ConfigError(f"--init {error}") from None
 
 
 def load_model(name: str, init: str, device: torch.device) -> tuple[torch.nn.Module, InputSpec]:
