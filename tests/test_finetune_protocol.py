@@ -279,3 +279,22 @@ def test_warmup_lr_start_rises_geometrically_to_the_lr():
     with pytest.raises(ConfigError, match="--warmup-lr-start"):
         FinetuneOptimConfig(lr=1e-3, warmup_lr_start=1e-2)
 
+
+
+@pytest.mark.parametrize("name", ["geoaware-unet-tiny", "phileo-vit-tiny", "vit-upernet-tiny"])
+def test_classifier_heads_load_the_pretrained_encoder(name):
+    """The PhilEO families' classifiers: the encoder loads from a pretraining state dict (all keys), frozen mode
+    leaves only the head trainable, the output is one logit vector per patch."""
+    from phileo.models import build, build_task_model
+
+    torch.manual_seed(0)
+    pretrained = build(name).state_dict()
+    model = build_task_model(name, "classification", pretrained, freeze_encoder=True, num_classes=3)
+    assert model(torch.rand(2, 10, 128, 128)).shape == (2, 3)
+    own = model.state_dict()
+    encoder = [k for k in own if k.startswith(model.encoder_prefixes)]
+    source = {k.replace("encoder.", "vit_encoder.", 1) if name == "phileo-vit-tiny" else k: v
+              for k, v in pretrained.items()}
+    assert encoder and all(torch.equal(own[k], source[k]) for k in encoder)
+    trainable = {k for k, p in model.named_parameters() if p.requires_grad}
+    assert trainable and not any(k.startswith(model.encoder_prefixes) for k in trainable)
