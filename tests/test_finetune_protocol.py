@@ -298,3 +298,19 @@ def test_classifier_heads_load_the_pretrained_encoder(name):
     assert encoder and all(torch.equal(own[k], source[k]) for k in encoder)
     trainable = {k for k, p in model.named_parameters() if p.requires_grad}
     assert trainable and not any(k.startswith(model.encoder_prefixes) for k in trainable)
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_classification_with_augmentations(bench, tmp_path):
+    """DDP (gloo): every parameter that trains gets a gradient (no unused-parameter error), test metrics are
+    exact totals over the ranks."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "training.cli", "finetune", "--task", "buildings-classification", "--model", MODEL,
+               "--out", str(tmp_path / "run"), "--shards", str(bench / "train"), "--val-shards", str(bench / "val"),
+               "--test-shards", str(bench / "test"), "--epochs", "2", "--warmup-epochs", "0", "--batch-size", "4",
+               "--num-workers", "1", "--no-amp", "--augmentations"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["test"]["patches"] == 8
+    assert np.array(metrics["test"]["matrix"]).sum() == 8

@@ -83,9 +83,10 @@ class GeoAwareUNetClassifier(nn.Module):
         self.stem, self.encoder = unet.stem, unet.encoder
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d((1, 1)), nn.Flatten(), nn.Linear(unet.encoder.dims[-1],
                                                                                        num_classes))
-        for module in (self.encoder.head_clouds, self.encoder.head_landcover, self.encoder.head_buildings,
-                       self.encoder.head_coords):
-            module.requires_grad_(False)  # pretraining-only geo heads: unused here
+        for module in (self.encoder.linear_encode, self.encoder.head_clouds, self.encoder.head_landcover,
+                       self.encoder.head_buildings, self.encoder.head_coords):
+            module.requires_grad_(False)  # the embedding and geo heads (pretraining only): unused here, so DDP
+            # needs no find_unused_parameters
         self.encoder_prefixes: tuple[str, ...] = ("stem.", "encoder.")
         self.pretrained_key_map: dict[str, str] = {}
 
