@@ -12,7 +12,9 @@ buteo/ai/augmentation_utils.py):
   multiplied by its own N(1, amount) draw (multiplicative, per channel; the label is untouched).
 
 For the classification tasks the bench used the image-only AugmentationRotation / AugmentationMirror (the
-label is a per-patch vector). Rotations and flips commute with the per-pixel scaling, so they run here on the
+label is a per-patch vector); its list names 'roads_regression' where roads_classification was meant, which
+left that task with the XY variants on a vector label (load_data.py), so here every classification task
+takes the image-only ones. Rotations and flips commute with the per-pixel scaling, so they run here on the
 uint16 patch (exact); the noise must multiply the *scaled* input, so this stage only draws the noise field
 (in the 10-band DN layout) and the trainer multiplies it in after `prepare_input` (`apply_noise`), selecting
 and cropping it as the model's input. Every draw comes from one numpy Generator per (seed, epoch, rank,
