@@ -29,6 +29,7 @@ from training.config import (
 )
 from training.distributed import World
 from training.finetune import augment
+from training.finetune.data import collate_patches
 from training.finetune.labels import building_level, class_target, has_roads, landcover_fractions
 from training.finetune.trainer import FinetuneTrainer, LRSchedule, run_finetune
 
@@ -269,6 +270,9 @@ def test_draws_follow_the_bench_probabilities_and_repeat():
     assert all(p["target"] is q["target"] for p, q in zip(first, patches))  # classification labels untouched
     other = list(augment.Augment(seed=1, epoch=1, rank=0, dense_target=False)(iter(patches)))
     assert [p["noise"] is None for p in other] != [p["noise"] is None for p in first]
+    batch = collate_patches([p | {"url": "u", "repeat": False} for p in first[:10]])
+    noised = [i for i, p in enumerate(first[:10]) if p["noise"] is not None]
+    assert batch["noise_index"].tolist() == noised and batch["noise"].shape == (len(noised), 10, 4, 4)
 
 
 def test_warmup_lr_start_rises_geometrically_to_the_lr():
