@@ -146,6 +146,13 @@ def test_zoo_model_input_spec_crop_and_classifier_variant(bench, tmp_path):
     assert trainer.test()["patches"] == 8
 
 
+def test_model_and_task_kinds_must_match(bench, tmp_path):
+    with pytest.raises(ConfigError, match="needs a dense model"):
+        FinetuneTrainer(config(bench, tmp_path / "a", "roads", model="standin-tiny-classifier"), CPU)
+    with pytest.raises(ConfigError, match="standin-64-classifier is not registered"):
+        FinetuneTrainer(config(bench, tmp_path / "b", "roads-classification", model="standin-64"), CPU)
+
+
 def test_wrong_patch_size_is_refused_in_one_line_before_training(bench, tmp_path):
     with pytest.raises(ConfigError) as error:
         FinetuneTrainer(config(bench, tmp_path / "run", "roads", model="standin-64"), CPU)

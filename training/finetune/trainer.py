@@ -115,12 +115,16 @@ class FinetuneTrainer:
 
     def _build_model(self) -> torch.nn.Module:
         run = self.config.run
+        if run.model.endswith("-classifier") and self.task.kind != "classification":
+            raise ConfigError(f"--model {run.model}: a per-patch classifier; --task {run.task} needs a dense model")
         init_state = load_model_weights(run.init) if run.init else None
         try:
             return build_task_model(run.model, self.task.kind, init_state, freeze_encoder=run.mode == "frozen",
                                     num_classes=self.task.num_classes, **run.model_args)
         except TypeError as error:  # a factory argument it does not take
             raise ConfigError(f"--model {run.model} --model-arg {run.model_args}: {error}") from None
+        except ValueError as error:  # no classifier variant, an --init of another model
+            raise ConfigError(f"--model {run.model}: {error}") from None
 
     def _check_datasets(self) -> None:
         """One-line error before training when a dataset's patches cannot feed the model (size or bands)."""
