@@ -44,6 +44,40 @@ REGION_BUCKETS: dict[str, tuple[str, ...]] = {
 REGIONS: tuple[str, ...] = tuple(sorted(r for regions in REGION_BUCKETS.values() for r in regions))
 NSHOT_VAL_RATIO = 0.2
 
+# Per-patch classification tasks (the bench's lc_classification / building_classification /
+# roads_classification) -> the dense task whose label they are computed from. The bench never published
+# its `*_label_{task}.npy` files; our definitions are in training/finetune/labels.py and docs/format.md.
+CLASSIFICATION_TASKS: dict[str, str] = {
+    "landcover-classification": "landcover",
+    "buildings-classification": "buildings",
+    "roads-classification": "roads",
+}
+CLASS_NAMES: dict[str, tuple[str, ...]] = {
+    "landcover-classification": WORLDCOVER_NAMES,
+    # pb/utils/training_loops.py TrainClassificationBuildings / TrainClassificationRoads val_visualize
+    "buildings-classification": ("no urbanization", "sparse urbanization", "moderate urbanization",
+                                 "significant urbanization", "extreme urbanization"),
+    "roads-classification": ("no roads", "roads"),
+}
+# The bench's CrossEntropyLoss weights (utils/training_loops.py TrainClassificationBuildings / Roads
+# set_criterion). They sum to 1: they are the class FREQUENCIES of its labels, not inverse frequencies,
+# so they weight the common classes up. Land cover had none.
+BENCH_CLASS_WEIGHTS: dict[str, tuple[float, ...] | None] = {
+    "landcover-classification": None,
+    "buildings-classification": (2.65209613e-01, 6.95524031e-01, 3.12650858e-02, 7.95257252e-03, 4.86978615e-05),
+    "roads-classification": (0.37228453, 0.62771547),
+}
+# Building levels: mean building density of the patch (0..1). 0 exactly: no urbanization; then
+# (0, 0.1] sparse, (0.1, 0.2] moderate, (0.2, 0.4] significant, > 0.4 extreme. Chosen so the level
+# frequencies can resemble the bench's (26.5 %, 69.6 %, 3.1 %, 0.8 %, 0.005 %): most inhabited
+# 1.28 km patches are sparse; a 40 % built-over patch is a dense city core.
+BUILDING_LEVEL_EDGES: tuple[float, ...] = (0.1, 0.2, 0.4)
+
+
+def num_classes(task: str) -> int:
+    """Output width of a classification task (11 land-cover classes, 5 building levels, 2 road classes)."""
+    return len(CLASS_NAMES[task])
+
 
 def indices_name(patch_size: int, gsd: int) -> str:
     """{name} in the benchmark's index files: 128_10M for the main set (pb/indices), else e.g. 224_30m

@@ -17,7 +17,7 @@ from PIL import Image
 
 from phileo.phileo_bench import IGNORE_CLASS, NUM_LANDCOVER_CLASSES, WORLDCOVER_NAMES
 from training.distributed import World
-from training.finetune.metrics import ConfusionMatrix, RegressionMetrics
+from training.finetune.metrics import ClassificationMetrics, ConfusionMatrix, RegressionMetrics
 from training.finetune.plots import (
     LANDCOVER_COLOURS,
     landcover_colours,
@@ -164,6 +164,38 @@ def test_confusion_defaults_are_landcover_and_bad_classes_raise():
     assert cm.compute()["pixels"] == 0 and math.isnan(cm.compute()["overall_accuracy"])
 
 
+def test_mave_is_the_mean_over_images_of_the_mean_difference():
+    """MAVE against a direct computation, over two batches of unequal size and with a mask."""
+    g = torch.Generator().manual_seed(3)
+    pred, target = torch.rand(5, 1, 8, 8, generator=g), torch.rand(5, 1, 8, 8, generator=g)
+    m = RegressionMetrics()
+    m.update(pred[:2], target[:2])
+    m.update(pred[2:], target[2:])
+    direct = np.mean([abs(pred[i].double().mean() - target[i].double().mean()) for i in range(5)])
+    r = m.compute()
+    assert r["images"] == 5 and r["mave"] == _approx(float(direct))
+    valid = torch.rand(5, 1, 8, 8, generator=g) > 0.5
+    valid[3] = False  # an image without a valid pixel has no mean: it is left out
+    masked = RegressionMetrics()
+    masked.update(pred, target, valid)
+    keep = [i for i in range(5) if i != 3]
+    direct = np.mean([abs(pred[i][valid[i]].double().mean() - target[i][valid[i]].double().mean()) for i in keep])
+    assert masked.compute()["images"] == 4 and masked.compute()["mave"] == _approx(float(direct))
+
+
+def test_classification_metrics_hand_worked():
+    logits = torch.tensor([[2.0, 0.0], [0.0, 3.0], [1.0, 0.0], [0.0, 0.0]])
+    target = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.25, 0.75], [0.0, 0.0]])  # the last: no label
+    m = ClassificationMetrics(2)
+    m.update(logits, target)
+    r = m.compute()
+    probs = torch.softmax(logits[:3].double(), 1)
+    assert r["patches"] == 3 and r["acc"] == _approx(1 / 3)  # argmax 0, 1, 0 against 0, 0, 1
+    assert r["mse"] == _approx(float((probs - target[:3]).square().mean()))
+    assert r["mae"] == _approx(float((probs - target[:3]).abs().mean()))
+    assert r["matrix"] == [[1, 1], [1, 0]] and r["overall_accuracy"] == _approx(1 / 3)
+
+
 def test_reduce_is_noop_on_one_process():
     # Not distributed: no collective may run (none is initialised here, so one would raise).
     assert not dist.is_initialized()
@@ -189,13 +221,24 @@ def _dataset() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, 
     return pred, target, valid, lc_pred, lc_target
 
 
-def _evaluate(parts: list[slice], world: World) -> tuple[dict, dict]:
+def _class_dataset() -> tuple[torch.Tensor, torch.Tensor]:
+    """7 per-patch logits (5 classes) and soft targets; patch 4 has no label (zero vector)."""
+    g = torch.Generator().manual_seed(8)
+    logits, target = torch.randn(7, 5, generator=g), torch.rand(7, 5, generator=g)
+    target = target / target.sum(1, keepdim=True)
+    target[4] = 0
+    return logits, target
+
+
+def _evaluate(parts: list[slice], world: World) -> tuple[dict, dict, dict]:
     pred, target, valid, lc_pred, lc_target = _dataset()
-    reg, cm = RegressionMetrics(), ConfusionMatrix()
+    logits, soft = _class_dataset()
+    reg, cm, cls = RegressionMetrics(), ConfusionMatrix(), ClassificationMetrics(5)
     for part in parts:
         reg.update(pred[part], target[part], valid[part])
         cm.update(lc_pred[part], lc_target[part])
-    return reg.reduce_(world).compute(), cm.reduce_(world).compute()
+        cls.update(logits[part], soft[part])
+    return reg.reduce_(world).compute(), cm.reduce_(world).compute(), cls.reduce_(world).compute()
 
 
 # Disjoint, unequal shares: rank 0 patches 0..2 in two batches, rank 1 patches 3..6 in one.
@@ -214,13 +257,16 @@ def _dist_worker(rank: int, init_file: str, out_dir: str) -> None:
 
 def test_distributed_reduce_equals_single_process(tmp_path):
     mp.spawn(_dist_worker, args=(str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=2, join=True)
-    whole_reg, whole_cm = _evaluate([slice(0, 7)], SINGLE)
+    whole_reg, whole_cm, whole_cls = _evaluate([slice(0, 7)], SINGLE)
     for rank in range(2):
-        reg, cm = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        reg, cm, cls = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
         assert cm == whole_cm  # int64 counts: identical, every derived value included
         assert reg.keys() == whole_reg.keys()
-        for key, value in whole_reg.items():
+        for key, value in whole_reg.items():  # mave included: per-image sums add up over ranks
             assert reg[key] == pytest.approx(value, rel=0, abs=1e-12), key
+        assert cls["matrix"] == whole_cls["matrix"] and cls["patches"] == whole_cls["patches"] == 6
+        for key in ("mse", "mae", "acc"):
+            assert cls[key] == pytest.approx(whole_cls[key], rel=0, abs=1e-12), key
     assert whole_cm["pixels"] > 0 and whole_reg["pixels"] > 7 * 16 * 16 // 2
 
 

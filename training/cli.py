@@ -12,6 +12,8 @@ import click
 from phileo.cli import output_option
 from phileo.urls import redact_text
 from training.config import (
+    CLASS_WEIGHTS,
+    FINETUNE_TASKS,
     LR_SCHEDULERS,
     BadDataError,
     BenchConfig,
@@ -158,17 +160,28 @@ def plan(**flags) -> None:
 
 def _finetune_options(function):
     return _apply(function, [
-        click.option("--task", required=True, type=click.Choice(["roads", "buildings", "landcover"])),
+        click.option("--task", required=True, type=click.Choice(FINETUNE_TASKS),
+                     help="Dense: roads / buildings (density), landcover (11 classes). Per patch: "
+                          "landcover-classification, buildings-classification, roads-classification (the bench's "
+                          "lc_classification, building_classification, roads_classification; labels computed "
+                          "from the dense ones, docs/format.md)."),
         output_option("Run directory (config, history, best.pt, metrics.json).", dest="out"),
         _default(FinetuneRunConfig, "model"),
         _default(FinetuneRunConfig, "mode", type=click.Choice(["frozen", "full"]),
                  help="frozen: train decoder/head on a frozen pretrained encoder."),
+        click.option("--model-arg", "model_arg", multiple=True, metavar="KEY=VALUE",
+                     help="Repeatable: a factory override of the model (e.g. bands=bench); VALUE is a JSON "
+                          "int/float/bool/null, else a string."),
+        _default(FinetuneRunConfig, "class_weights", type=click.Choice(CLASS_WEIGHTS),
+                 help="Classification loss weights: the bench's (its class frequencies) or none."),
         _default(FinetuneOptimConfig, "epochs"),
         _default(FinetuneOptimConfig, "lr", type=float,
                  help="Learning rate after warmup [default: 1e-3 x sqrt(world size)]."),
         _default(FinetuneOptimConfig, "weight_decay"),
         _default(FinetuneOptimConfig, "warmup_epochs", help="Epochs of x10 warmup (0: none)."),
         _default(FinetuneOptimConfig, "warmup_gamma"),
+        _default(FinetuneOptimConfig, "warmup_lr_start", type=float,
+                 help="Warmup's first lr, rising geometrically to --lr [default: lr / warmup-gamma**warmup-epochs]."),
         _default(FinetuneOptimConfig, "lr_scheduler", type=click.Choice(LR_SCHEDULERS)),
         _default(FinetuneOptimConfig, "min_lr"),
         _default(FinetuneOptimConfig, "es_patience", help="Early stop after N epochs without a val-loss improvement."),
@@ -176,9 +189,12 @@ def _finetune_options(function):
         _default(FinetuneDataConfig, "batch_size", help="Patches per rank per step."),
         _default(FinetuneDataConfig, "num_workers", help="DataLoader workers per rank."),
         _default(FinetuneDataConfig, "shuffle_buffer"),
+        click.option("--augmentations", is_flag=True,
+                     help="The bench's training augmentations: rotation, mirror, multiplicative noise, p=0.2 each."),
         _default(FinetuneRunConfig, "seed"),
         click.option("--amp/--no-amp", default=FinetuneRunConfig.amp, show_default=True, help="bf16 autocast on CUDA."),
         _default(FinetuneRunConfig, "previews", help="Test patches drawn in previews.png."),
+        click.option("--vis-val", is_flag=True, help="Draw validation patches every epoch: val_images/val_EPOCH.png."),
     ])
 
 
@@ -188,9 +204,9 @@ def _pick(config: type, flags: dict, **values):
 
 
 def _finetune_config(flags: dict, shards: str, val_shards: str, test_shards: str | None, init: str | None):
-    from training.config import FinetuneConfig
+    from training.config import FinetuneConfig, parse_model_args
 
-    run = _pick(FinetuneRunConfig, flags, init=init)
+    run = _pick(FinetuneRunConfig, flags, init=init, model_args=parse_model_args(flags.get("model_arg", ())))
     data = _pick(FinetuneDataConfig, flags, shards=shards, val_shards=val_shards, test_shards=test_shards)
     return FinetuneConfig(run, data, _pick(FinetuneOptimConfig, flags))
 

@@ -6,6 +6,7 @@ the run directory and inside every checkpoint.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass, field
 
@@ -154,8 +155,34 @@ class BenchConfig:
 
 # ---- fine-tuning (phileo-train finetune / nshot-sweep) ----
 
-FINETUNE_TASKS = ("roads", "buildings", "landcover")
+# The dense tasks, then the per-patch classification tasks (the bench's lc_classification,
+# building_classification and roads_classification; labels: training/finetune/labels.py).
+FINETUNE_TASKS = ("roads", "buildings", "landcover", "landcover-classification", "buildings-classification",
+                  "roads-classification")
 LR_SCHEDULERS = ("none", "plateau", "cosine")
+CLASS_WEIGHTS = ("bench", "none")
+
+
+def parse_model_args(values: tuple[str, ...] | list[str]) -> dict[str, object]:
+    """`--model-arg KEY=VALUE` pairs -> factory overrides. A VALUE that is a JSON int, float, bool or null
+    becomes that; anything else stays a string (never evaluated)."""
+    parsed: dict[str, object] = {}
+    for item in values:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip() or not key.strip().isidentifier():
+            raise ConfigError(f"--model-arg {item!r}: expected KEY=VALUE with KEY a factory argument name")
+        parsed[key.strip()] = _json_scalar(text)
+    return parsed
+
+
+def _json_scalar(text: str) -> object:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    return text  # lists, objects and quoted strings stay the text given
 
 
 @dataclass
@@ -168,12 +195,17 @@ class FinetuneRunConfig:
     seed: int = 123456  # the benchmark's
     amp: bool = True  # bf16 autocast on CUDA; CPU runs stay fp32
     previews: int = 4  # test patches drawn as input | label | prediction
+    model_args: dict = field(default_factory=dict)  # --model-arg KEY=VALUE: factory overrides
+    class_weights: str = "bench"  # classification loss weights: the bench's class frequencies, or none
+    vis_val: bool = False  # val_images/val_{epoch}.png every epoch, as the bench's --vis_val
 
     def __post_init__(self) -> None:
         if not self.out:
             raise ConfigError("--output: required (the run directory)")
         if self.task not in FINETUNE_TASKS:
             raise ConfigError(f"--task {self.task!r}: expected one of {', '.join(FINETUNE_TASKS)}")
+        if self.class_weights not in CLASS_WEIGHTS:
+            raise ConfigError(f"--class-weights {self.class_weights!r}: expected bench or none")
         if self.mode not in ("frozen", "full"):
             raise ConfigError(f"--mode {self.mode!r}: expected frozen or full")
         if self.mode == "frozen" and self.init is None:
@@ -191,6 +223,7 @@ class FinetuneDataConfig:
     num_workers: int = 2
     shuffle_buffer: int = 256
     max_bad_fraction: float = 0.0  # evaluation must see every test patch
+    augmentations: bool = False  # the bench loader's rotation / mirror / noise (training/finetune/augment.py)
 
     def __post_init__(self) -> None:
         if not self.shards or not self.val_shards:
@@ -207,6 +240,7 @@ class FinetuneOptimConfig:
     weight_decay: float = 0.01
     warmup_epochs: int = 5  # lr / gamma**warmup_epochs, x gamma each epoch (the benchmark's warmup)
     warmup_gamma: float = 10.0
+    warmup_lr_start: float | None = None  # None: lr / warmup_gamma**warmup_epochs, as the benchmark
     lr_scheduler: str = "none"
     min_lr: float = 1e-6
     es_patience: int = 50  # epochs without a val-loss improvement before stopping
@@ -216,6 +250,9 @@ class FinetuneOptimConfig:
         positive("--epochs", self.epochs)
         positive("--lr", self.lr, allow_none=True)
         positive("--warmup-gamma", self.warmup_gamma)
+        positive("--warmup-lr-start", self.warmup_lr_start, allow_none=True)
+        if self.lr is not None and self.warmup_lr_start is not None and self.warmup_lr_start > self.lr:
+            raise ConfigError(f"--warmup-lr-start {self.warmup_lr_start}: above --lr {self.lr}; warmup rises to --lr")
         positive("--es-patience", self.es_patience)
         if self.lr_scheduler not in LR_SCHEDULERS:
             raise ConfigError(f"--lr-scheduler {self.lr_scheduler!r}: expected one of {', '.join(LR_SCHEDULERS)}")

@@ -11,6 +11,13 @@ What each family becomes (the PhilEO Bench choices):
 * phileo-vit*, vit-upernet-*-pretrain: a ViTUPerNet (the "ViT UPerNet 100M" structure: stem, PhilEO ViT encoder,
   "bench" pyramid, UPerHead) with the same encoder configuration and evenly spread taps.
 
+task="classification" (per-patch logits (B, num_classes)), as the bench's classifiers:
+* a zoo model (`is_downstream`): its registered `<name>-classifier` variant, built whole.
+* geoaware-unet-*: stem + encoder, the deepest feature map average-pooled -> Linear (the bench's
+  GeoAware_core_nano_classifier: CoreEncoder.head, pb/models/model_CoreCNN.py CoreEncoder).
+* phileo-vit*, vit-upernet-*: stem + ViT encoder, the normed CLS token -> Linear, LayerNorm, ReLU, Linear
+  (the bench's vit_cnn_classifier, models/model_AutoEncoderViTPretrained_classifier.py ViTCNN_Classifier).
+
 Every task model keeps the state-dict names of the family's original model, so `load_encoder` maps a
 pretraining checkpoint (PhilEO_CNN / PhilEO_ViT keys, optionally DDP "module." prefixed) onto it. Parameters
 the dense forward does not use (the pretraining geo heads and CLS projection, kept so that checkpoints load
@@ -28,7 +35,7 @@ import torch.nn as nn
 
 from .blocks import CNNBlock
 from .geoaware_unet import NUM_LANDCOVER_CLASSES, EncoderOutput, GeoAwareUNet, pool_deepest_map
-from .registry import build
+from .registry import build, list_models
 from .upernet import PhilEOViTUPerNet, ViTUPerNet, default_taps
 from .vit import PhilEOViT, check_input
 
@@ -71,11 +78,94 @@ class DenseGeoAwareUNet(nn.Module):
         return self.head(self.decoder(features.embeddings, features.skips))
 
 
-def _task_outputs(task: str) -> int:
+class GeoAwareUNetClassifier(nn.Module):
+    """A Geo-Aware U-Net's stem and encoder, the deepest feature map pooled -> Linear: (B, num_classes) logits."""
+
+    def __init__(self, unet: GeoAwareUNet, num_classes: int) -> None:
+        super().__init__()
+        self.in_chans, self.out_chans, self.img_size = unet.in_chans, num_classes, unet.img_size
+        self.stem, self.encoder = unet.stem, unet.encoder
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d((1, 1)), nn.Flatten(), nn.Linear(unet.encoder.dims[-1],
+                                                                                       num_classes))
+        for module in (self.encoder.linear_encode, self.encoder.head_clouds, self.encoder.head_landcover,
+                       self.encoder.head_buildings, self.encoder.head_coords):
+            module.requires_grad_(False)  # the embedding and geo heads (pretraining only): unused here, so DDP
+            # needs no find_unused_parameters
+        self.encoder_prefixes: tuple[str, ...] = ("stem.", "encoder.")
+        self.pretrained_key_map: dict[str, str] = {}
+
+    def encoder_parameters(self) -> Iterator[nn.Parameter]:
+        yield from self.stem.parameters()
+        yield from self.encoder.parameters()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(x, self.in_chans, self.img_size)
+        return self.head(self.encoder(self.stem(x)).embeddings_cnn)
+
+
+class ViTClassifier(nn.Module):
+    """A ViTUPerNet's stem and ViT encoder (same keys), the normed CLS token -> the bench's MLP head."""
+
+    def __init__(self, source: ViTUPerNet, num_classes: int) -> None:
+        super().__init__()
+        self.in_chans, self.out_chans, self.img_size = source.in_chans, num_classes, source.img_size
+        self.stem, self.vit_encoder = source.stem, source.vit_encoder
+        width = source.vit.embed_dim
+        self.classification_head = nn.Sequential(nn.Linear(width, width // 2), nn.LayerNorm(width // 2), nn.ReLU(),
+                                                 nn.Linear(width // 2, num_classes))
+        self.encoder_prefixes = source.encoder_prefixes
+        self.pretrained_key_map = source.pretrained_key_map
+
+    @property
+    def vit(self) -> nn.Module:
+        return self.vit_encoder.vit_encoder if hasattr(self.vit_encoder, "vit_encoder") else self.vit_encoder
+
+    def encoder_parameters(self) -> Iterator[nn.Parameter]:
+        yield from self.stem.parameters()
+        yield from self.vit_encoder.parameters()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(x, self.in_chans, self.img_size)
+        return self.classification_head(self.vit(self.stem(x))[0][:, 0, :])
+
+
+def _task_outputs(task: str, num_classes: int | None) -> int:
+    if task == "classification":
+        if not num_classes or num_classes < 1:
+            raise ValueError("task 'classification' needs num_classes >= 1")
+        return num_classes
     try:
         return TASK_OUTPUTS[task]
     except KeyError:
-        raise ValueError(f"unknown task {task!r}; known: {sorted(TASK_OUTPUTS)}") from None
+        raise ValueError(f"unknown task {task!r}; known: {sorted(TASK_OUTPUTS)} and classification") from None
+
+
+def classifier_name(name: str) -> str:
+    """The registered `<name>-classifier` variant of a zoo model, else `name` itself."""
+    if name.endswith("-classifier") or f"{name}-classifier" not in list_models():
+        return name
+    return f"{name}-classifier"
+
+
+def _phileo_vit_upernet(probe: nn.Module, out_chans: int) -> ViTUPerNet:
+    config = probe.encoder_config()
+    # UPerHead width 256 as the bench's (embed 512 and 1024); narrower for the tiny test encoders.
+    channels = min(256, config["embed_dim"] // 2)
+    return ViTUPerNet(**config, out_chans=out_chans, taps=default_taps(config["depth"]), decoder_channels=channels)
+
+
+def _build_classifier(name: str, probe: nn.Module, num_classes: int, overrides: dict) -> nn.Module:
+    if getattr(probe, "is_downstream", False):
+        if not name.endswith("-classifier"):
+            raise ValueError(f"{name!r} has no classifier variant: {name}-classifier is not registered")
+        return build(name, **{**overrides, "output_dim": num_classes})
+    if isinstance(probe, ViTUPerNet):
+        return ViTClassifier(build(name, **overrides), num_classes)
+    if isinstance(probe, (PhilEOViT, PhilEOViTUPerNet)):
+        return ViTClassifier(_phileo_vit_upernet(probe, 1), num_classes)
+    if isinstance(probe, GeoAwareUNet):
+        return GeoAwareUNetClassifier(build(name, **overrides), num_classes)
+    raise TypeError(f"no classifier head for {name!r} ({type(probe).__name__})")
 
 
 def build_task_model(
@@ -83,26 +173,29 @@ def build_task_model(
     task: str = "regression",
     init_state_dict: Mapping[str, torch.Tensor] | None = None,
     freeze_encoder: bool = False,
+    num_classes: int | None = None,
     **overrides,
 ) -> nn.Module:
-    """A dense model on the registered model `encoder_name` (see the module docstring).
+    """A dense model (or, task="classification", a per-patch classifier of `num_classes`) on the registered
+    model `encoder_name` (see the module docstring).
 
     `overrides` go to the registered factory (e.g. img_size). `init_state_dict` is a pretraining state dict
     (or a checkpoint dict holding one under "model" or "state_dict"), loaded with `load_encoder`. The returned model has
     `encoder_parameters()`; with `freeze_encoder` those have requires_grad=False.
     """
-    out_chans = _task_outputs(task)
+    out_chans = _task_outputs(task, num_classes)
+    if task == "classification":
+        encoder_name = classifier_name(encoder_name)
     with torch.device("meta"):  # only to find the family and read the configuration: no allocation
         probe = build(encoder_name, **overrides)
-    if getattr(probe, "is_downstream", False):  # a PhilEO Bench zoo model: built whole with its output width
+    if task == "classification":
+        model = _build_classifier(encoder_name, probe, out_chans, overrides)
+    elif getattr(probe, "is_downstream", False):  # a PhilEO Bench zoo model: built whole with its output width
         model = build(encoder_name, **{**overrides, "output_dim": out_chans})
     elif isinstance(probe, ViTUPerNet):
         model: nn.Module = build(encoder_name, **{**overrides, "out_chans": out_chans})
     elif isinstance(probe, (PhilEOViT, PhilEOViTUPerNet)):
-        config = probe.encoder_config()
-        # UPerHead width 256 as the bench's (embed 512 and 1024); narrower for the tiny test encoders.
-        channels = min(256, config["embed_dim"] // 2)
-        model = ViTUPerNet(**config, out_chans=out_chans, taps=default_taps(config["depth"]), decoder_channels=channels)
+        model = _phileo_vit_upernet(probe, out_chans)
     elif isinstance(probe, GeoAwareUNet):
         model = DenseGeoAwareUNet(build(encoder_name, **overrides), out_chans)
     else:

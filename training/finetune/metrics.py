@@ -1,4 +1,5 @@
-"""Fine-tuning test metrics for PhilEO Bench: density regression (roads, buildings) and land cover.
+"""Fine-tuning test metrics for PhilEO Bench: density regression (roads, buildings), land cover and the
+per-patch classification tasks.
 
 Both accumulators keep *sums*, never per-batch means: the original averaged per-batch means
 over batches and ranks, which weights a short last batch like a full one. Sums over disjoint
@@ -16,6 +17,7 @@ import math
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from phileo.phileo_bench import IGNORE_CLASS, NUM_LANDCOVER_CLASSES
 from training.distributed import World
@@ -23,8 +25,8 @@ from training.distributed import World
 BINARY_THRESHOLD = 0.5  # as the original: a pixel is "positive" when its density is > 0.5
 
 # Order of the float64 sums and int64 counts of RegressionMetrics.
-_SUM_NAMES = ("sq_err", "abs_err", "target", "target_sq", "pred")
-_COUNT_NAMES = ("pixels", "tp", "fp", "fn", "tn")
+_SUM_NAMES = ("sq_err", "abs_err", "target", "target_sq", "pred", "image_abs_mean_err")
+_COUNT_NAMES = ("pixels", "tp", "fp", "fn", "tn", "images")
 
 
 def _ratio(num: float, den: float) -> float:
@@ -67,13 +69,14 @@ class RegressionMetrics:
         pred, target = _drop_channel(pred).double(), _drop_channel(target).double()
         if pred.shape != target.shape:
             raise ValueError(f"prediction shape {tuple(pred.shape)} != target shape {tuple(target.shape)}")
+        mave_sum, images = _image_mean_errors(pred, target, valid)
         if valid is not None:
             valid = _drop_channel(valid).to(torch.bool)
             pred, target = pred[valid], target[valid]
         self.sums = self.sums.to(pred.device)
         self.counts = self.counts.to(pred.device)
-        self.sums += self._batch_sums(pred, target)
-        self.counts += self._batch_counts(pred, target)
+        self.sums += torch.cat([self._batch_sums(pred, target), mave_sum.view(1)])
+        self.counts += torch.cat([self._batch_counts(pred, target), images.view(1)])
 
     @staticmethod
     def _batch_sums(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -109,10 +112,32 @@ class RegressionMetrics:
             "baseline_mean_mse": max(baseline_zero - mean_target**2, 0.0) if n else math.nan,
             "mean_target": mean_target,
             "mean_pred": _ratio(s["pred"], n),
+            # the bench's MAVE (utils/training_loops.py get_metrics): mean over images of
+            # |mean(prediction) - mean(label)|, here over the whole test set instead of per-batch means
+            "mave": _ratio(s["image_abs_mean_err"], c["images"]),
             "pixels": n,
+            "images": c["images"],
         }
         out.update(_binary_metrics(c["tp"], c["fp"], c["fn"], c["tn"]))
         return out
+
+
+def _image_mean_errors(pred: torch.Tensor, target: torch.Tensor,
+                       valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum over images of |mean(pred) - mean(target)| (means over each image's valid pixels), and the image count.
+
+    The bench took `outputs.mean(dim=(1, 2))` of (B, 1, H, W) maps: a mean over the channel and the rows,
+    leaving one value per column (utils/training_loops.py get_metrics); the per-image mean is what MAVE names.
+    A 1-D input is one image.
+    """
+    images = pred.reshape(pred.shape[0], -1) if pred.dim() > 1 else pred.view(1, -1)
+    targets = target.reshape(images.shape)
+    weight = (torch.ones_like(images) if valid is None
+              else _drop_channel(valid).to(torch.bool).reshape(images.shape).double())
+    pixels = weight.sum(1)
+    defined = pixels > 0
+    diff = ((images - targets) * weight).sum(1)[defined] / pixels[defined]
+    return diff.abs().sum(), defined.sum()
 
 
 def _binary_metrics(tp: int, fp: int, fn: int, tn: int) -> dict[str, float | int]:
@@ -190,3 +215,46 @@ class ConfusionMatrix:
 def _nanmean(values: list[float]) -> float:
     defined = [v for v in values if not math.isnan(v)]
     return sum(defined) / len(defined) if defined else math.nan
+
+
+class ClassificationMetrics:
+    """Per-patch classification (target: a class vector per patch, soft or one-hot; a zero vector = undefined).
+
+    The bench's metrics (utils/training_loops.py TrainClassificationBuildings.get_metrics): mse and mae between
+    the output and the target vector, acc = argmax match; plus the confusion matrix of the argmaxes. The bench
+    took mse / mae on the raw logits, which have no fixed scale; here the output is the softmax probabilities.
+    Sums (float64) and counts (int64), exact over ranks like the others.
+    """
+
+    def __init__(self, num_classes: int, device: torch.device | str = "cpu") -> None:
+        self.num_classes = num_classes
+        self.sums = torch.zeros(2, dtype=torch.float64, device=device)  # squared and absolute error
+        self.counts = torch.zeros(2, dtype=torch.int64, device=device)  # patches, correct argmax
+        self.confusion = ConfusionMatrix(num_classes, device=device)
+
+    @torch.no_grad()
+    def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
+        if logits.shape != target.shape or logits.dim() != 2:
+            raise ValueError(f"logits {tuple(logits.shape)} and targets {tuple(target.shape)}: expected (B, classes)")
+        defined = target.sum(1) > 0
+        error = F.softmax(logits.double(), dim=1)[defined] - target.double()[defined]
+        predicted, true = logits.argmax(1)[defined], target.argmax(1)[defined]
+        self.sums = self.sums.to(logits.device)
+        self.counts = self.counts.to(logits.device)
+        self.sums += torch.stack([error.square().sum(), error.abs().sum()])
+        self.counts += torch.stack([defined.sum(), (predicted == true).sum()])
+        self.confusion.update(predicted, true)
+
+    def reduce_(self, world: World) -> ClassificationMetrics:
+        """Sum the state over ranks in place (no-op on one process). Call once."""
+        if world.distributed:
+            self.sums, self.counts = _all_reduce_([self.sums, self.counts], world)
+            self.confusion.reduce_(world)
+        return self
+
+    def compute(self) -> dict[str, object]:
+        squared, absolute = self.sums.tolist()
+        patches, correct = self.counts.tolist()
+        values = patches * self.num_classes
+        return {"mse": _ratio(squared, values), "mae": _ratio(absolute, values), "acc": _ratio(correct, patches),
+                "patches": patches, **self.confusion.compute()}

@@ -1,4 +1,4 @@
-"""Fine-tuning figures and tables: confusion matrix, prediction previews, n-shot curves.
+"""Fine-tuning figures and tables: confusion matrix, prediction previews, loss / lr curves, n-shot curves.
 
 matplotlib is imported inside the functions (and drives an explicit Agg canvas, never pyplot)
 so `import training.finetune.plots` stays cheap for the training CLI and works without a display.
@@ -156,6 +156,61 @@ def _add_legend(fig, axes, mappable, task: str) -> None:
     handles = [Patch(color=np.array(c) / 255, label=name) for c, name in zip(LANDCOVER_COLOURS, WORLDCOVER_NAMES)]
     handles.append(Patch(color="black", label="ignored / no data"))
     fig.legend(handles=handles, loc="outside lower center", ncol=4, fontsize=7)
+
+
+def save_class_previews(images: Any, targets: Any, logits: Any, class_names: Sequence[str], path: str | Path,
+                        max_images: int = 5) -> Path:
+    """PNG of per-patch classification: each patch's RGB titled with its true and predicted class.
+
+    The true class is the target vector's argmax (for land cover the dominant class, its share shown).
+    """
+    images, targets, logits = _to_numpy(images), _to_numpy(targets), _to_numpy(logits)
+    n = min(len(images), max_images)
+    if n < 1:
+        raise ValueError("no patches to preview")
+    fig = _new_figure(2.4 * n, 2.9, layout="constrained")
+    axes = fig.subplots(1, n, squeeze=False)[0]
+    for ax, image, target, logit in zip(axes, images[:n], targets[:n], logits[:n]):
+        ax.imshow(rgb_composite(image))
+        probabilities = np.exp(logit - logit.max())
+        probabilities /= probabilities.sum()
+        true, predicted = int(target.argmax()), int(logit.argmax())
+        ax.set_title(f"true: {class_names[true]} ({target[true]:.2f})\npred: {class_names[predicted]} "
+                     f"({probabilities[predicted]:.2f})", fontsize=7,
+                     color="black" if true == predicted else "darkred")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    return _save(fig, path)
+
+
+def save_task_previews(previews: Sequence[tuple], task: Any, path: str | Path, limit: int) -> Path:
+    """Previews of (DN image, target, output) batches of a fine-tuning task (training/finetune/tasks.py Task)."""
+    images, targets, outputs = (np.concatenate([_to_numpy(p[i]) for p in previews])[:limit] for i in range(3))
+    if task.kind == "classification":
+        return save_class_previews(images, targets, outputs, task.class_names, path, max_images=limit)
+    return save_previews(images, targets, outputs, task.name, path, max_rows=limit)
+
+
+# ------------------------------------------------------------------------------------------- curves
+
+
+def save_curves(history: Sequence[dict], out: str | Path) -> tuple[Path, Path]:
+    """loss.png (training and validation loss) and lr.png per epoch, as the bench's plot_curves."""
+    epochs = [row["epoch"] for row in history]
+    paths = []
+    for name, series in (("loss", (("train_loss", "training loss"), ("val_loss", "validation loss"))),
+                         ("lr", (("lr", "learning rate"),))):
+        fig = _new_figure(6.0, 4.0)
+        ax = fig.add_subplot()
+        for key, label in series:
+            ax.plot(epochs, [row[key] for row in history], marker="o", label=label)
+        if name == "lr":
+            ax.set_yscale("log")  # the warmup spans gamma**warmup_epochs
+        ax.set_xlabel("epoch")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+        paths.append(_save(fig, Path(out) / f"{name}.png"))
+    return paths[0], paths[1]
 
 
 # ------------------------------------------------------------------------------------ n-shot results

@@ -4,11 +4,12 @@ Per epoch: set the lr (the benchmark's x10-per-epoch warmup, then constant / pla
 cosine), train on exactly `plan.steps` batches per rank, compute the exact validation
 loss over all ranks, keep the best weights. At the end the *best* weights (the original
 evaluated the last epoch's by mistake) are tested; metrics.json, a confusion matrix
-(land cover) and prediction previews go to the run directory.
+(land cover, classification) and prediction previews go to the run directory, and after
+every epoch last.pt, loss.png, lr.png (and with --vis-val val_images/val_{epoch}.png).
 
-Losses are the benchmark's: MSE on the raw output for roads/buildings (0..1 density),
-cross-entropy for land cover, where pixels with a code outside WorldCover are ignored
-(the original raised KeyError on them).
+Inputs follow the model's `input_spec` (phileo/models/inputs.py: bands, scaling, centre crop
+of image and dense label) for training, validation and test alike; data of another patch
+size is refused before training. Losses and metrics per task: training/finetune/tasks.py.
 """
 
 from __future__ import annotations
@@ -21,34 +22,40 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
+from phileo.models.inputs import input_spec, prepare_input, prepare_target
 from phileo.models.task_heads import build_task_model
-from phileo.phileo_bench import IGNORE_CLASS, NUM_LANDCOVER_CLASSES, REGRESSION_TASKS, WORLDCOVER_NAMES
 from training.checkpoint import load_model_weights
-from training.config import FinetuneConfig, TrainingDiverged
+from training.config import ConfigError, FinetuneConfig, TrainingDiverged
 from training.data.epoch import plan_epoch
 from training.data.loader import StreamOptions
 from training.data.shards import resolve_shards
 from training.distributed import World, all_reduce_sum_int, barrier, init_world, shutdown
-from training.finetune.data import eval_loader, patch_input, train_loader
-from training.finetune.metrics import ConfusionMatrix, RegressionMetrics
+from training.finetune.augment import apply_noise
+from training.finetune.data import eval_loader, peek_patch_shape, train_loader
+from training.finetune.tasks import Task, summary
 
 log = logging.getLogger(__name__)
+VAL_IMAGES = 5  # patches drawn per epoch with --vis-val, as the bench's val_visualize
 
 
 class LRSchedule:
-    """The benchmark's schedule: warmup from lr / gamma**W, x gamma per epoch; then none, plateau or cosine."""
+    """The benchmark's schedule: warmup from lr / gamma**W (or `start`), x gamma per epoch; then none, plateau
+    or cosine. With `start` (--warmup-lr-start) the warmup rises geometrically from start to lr in W epochs."""
 
-    def __init__(self, base: float, warmup_epochs: int, gamma: float, kind: str, min_lr: float):
+    def __init__(self, base: float, warmup_epochs: int, gamma: float, kind: str, min_lr: float,
+                 start: float | None = None):
         self.base, self.warmup, self.gamma, self.kind, self.min_lr = base, warmup_epochs, gamma, kind, min_lr
+        self.start = start
         self.plateau_lr, self.plateau_best, self.plateau_bad = base, math.inf, 0
         self.cosine_batches = 0
 
     def for_epoch(self, epoch: int) -> float:
         if epoch < self.warmup:
-            return self.base / self.gamma ** (self.warmup - epoch)
+            if self.start is None:
+                return self.base / self.gamma ** (self.warmup - epoch)
+            return self.start * (self.base / self.start) ** (epoch / self.warmup)
         return self.plateau_lr if self.kind == "plateau" else self.base
 
     def for_batch(self, epoch: int) -> float:
@@ -73,16 +80,6 @@ class LRSchedule:
             self.plateau_lr, self.plateau_bad = max(self.min_lr, self.plateau_lr * 0.1), 0
 
 
-def task_loss(output: torch.Tensor, target: torch.Tensor, task: str, reduction: str = "mean") -> torch.Tensor:
-    if task in REGRESSION_TASKS:
-        return F.mse_loss(output.float(), target, reduction=reduction)
-    return F.cross_entropy(output.float(), target, ignore_index=IGNORE_CLASS, reduction=reduction)
-
-
-def _count(target: torch.Tensor, task: str) -> int:
-    return target.numel() if task in REGRESSION_TASKS else int((target != IGNORE_CLASS).sum())
-
-
 class FinetuneTrainer:
     def __init__(self, config: FinetuneConfig, world: World):
         self.config, self.world, self.run_dir = config, world, Path(config.run.out)
@@ -91,27 +88,60 @@ class FinetuneTrainer:
             (self.run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
             (self.run_dir / "history.jsonl").unlink(missing_ok=True)
         run, data = config.run, config.data
-        self.task = run.task
+        self.task = Task.of(run.task, run.class_weights)
         self.train_shards = resolve_shards(data.shards)
         self.val_shards = resolve_shards(data.val_shards)
         self.test_shards = resolve_shards(data.test_shards) if data.test_shards else None
         torch.manual_seed(run.seed)  # same head initialisation on every rank
-        init_state = load_model_weights(run.init) if run.init else None
-        kind = "regression" if self.task in REGRESSION_TASKS else "segmentation"
-        self.model = build_task_model(run.model, kind, init_state, freeze_encoder=run.mode == "frozen")
+        self.model = self._build_model()
+        self.spec = input_spec(self.model)
+        self._check_datasets()
         self.model.to(world.device)
         if world.distributed and world.device.type == "cuda":
             self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)  # as the benchmark
         self.ddp = torch.nn.parallel.DistributedDataParallel(self.model) if world.distributed else self.model
         self.amp = run.amp and world.device.type == "cuda" and torch.cuda.is_bf16_supported()
         base_lr = config.optim.lr or 1e-3 * math.sqrt(world.world_size)
+        start = config.optim.warmup_lr_start
+        if start is not None and start > base_lr:
+            raise ConfigError(f"--warmup-lr-start {start}: above the lr {base_lr:g}; warmup rises to the lr")
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(trainable, lr=base_lr, eps=1e-6, weight_decay=config.optim.weight_decay)
         self.schedule = LRSchedule(base_lr, config.optim.warmup_epochs, config.optim.warmup_gamma,
-                                   config.optim.lr_scheduler, config.optim.min_lr)
+                                   config.optim.lr_scheduler, config.optim.min_lr, start)
         # one 'crop' per patch, uncut (crop_size 0): PhilEO Bench patches are the model's input size
         self.options = StreamOptions.from_config(data, run.seed, crops_per_tile=1, crop_size=0)
         self.best_loss, self.best_epoch, self.best_state = math.inf, -1, None
+
+    def _build_model(self) -> torch.nn.Module:
+        run = self.config.run
+        if run.model.endswith("-classifier") and self.task.kind != "classification":
+            raise ConfigError(f"--model {run.model}: a per-patch classifier; --task {run.task} needs a dense model")
+        init_state = load_model_weights(run.init) if run.init else None
+        try:
+            return build_task_model(run.model, self.task.kind, init_state, freeze_encoder=run.mode == "frozen",
+                                    num_classes=self.task.num_classes, **run.model_args)
+        except TypeError as error:  # a factory argument it does not take
+            raise ConfigError(f"--model {run.model} --model-arg {run.model_args}: {error}") from None
+        except ValueError as error:  # no classifier variant, an --init of another model
+            raise ConfigError(f"--model {run.model}: {error}") from None
+
+    def _check_datasets(self) -> None:
+        """One-line error before training when a dataset's patches cannot feed the model (size or bands)."""
+        for flag, shards in (("--shards", self.train_shards), ("--val-shards", self.val_shards),
+                             ("--test-shards", self.test_shards)):
+            shape = peek_patch_shape(shards) if shards else None
+            if shape is not None:
+                try:
+                    self.spec.check_data(shape[0], shape[-1], f"{flag} for --model {self.config.run.model}")
+                except ValueError as error:
+                    raise ConfigError(str(error)) from None
+
+    def _inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's input (its bands, scaling and crop; augmentation noise when drawn) and the target."""
+        device = self.world.device
+        image = apply_noise(prepare_input(batch["s2"].to(device, non_blocking=True), self.spec), batch, self.spec)
+        return image, prepare_target(batch["target"].to(device), self.spec)
 
     def _set_train_mode(self) -> None:
         self.model.train()
@@ -121,10 +151,11 @@ class FinetuneTrainer:
                     module.eval()
 
     def train_epoch(self, epoch: int) -> float:
-        plan = plan_epoch(self.train_shards, self.world.world_size, self.config.data.num_workers,
-                          self.config.data.batch_size, 1, self.config.run.seed, epoch,
-                          shuffle_buffer=self.config.data.shuffle_buffer)
-        loader = train_loader(plan, self.world.rank, self.task, self.options, self.config.data.num_workers)
+        data = self.config.data
+        plan = plan_epoch(self.train_shards, self.world.world_size, data.num_workers, data.batch_size, 1,
+                          self.config.run.seed, epoch, shuffle_buffer=data.shuffle_buffer)
+        loader = train_loader(plan, self.world.rank, self.task.name, self.options, data.num_workers,
+                              augmentations=data.augmentations)
         self._set_train_mode()
         total, count = 0.0, 0
         bar = tqdm(loader, total=plan.steps, disable=not self.world.is_primary, desc=f"epoch {epoch}",
@@ -133,10 +164,11 @@ class FinetuneTrainer:
             lr = self.schedule.for_batch(epoch)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            image, target = patch_input(batch, self.world.device), batch["target"].to(self.world.device)
+            image, target = self._inputs(batch)
             with torch.autocast(self.world.device.type, dtype=torch.bfloat16, enabled=self.amp):
                 output = self.ddp(image)
-            loss = task_loss(output, target, self.task)
+            loss_sum, terms = self.task.loss_sum(output, target)
+            loss = loss_sum / terms.clamp(min=1)
             loss.backward()
             # the gradients are synced, so every rank sees the same norm and stops at the same batch
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), math.inf)
@@ -149,26 +181,28 @@ class FinetuneTrainer:
         return total / max(count, 1)
 
     @torch.no_grad()
-    def evaluate(self, shards, metrics: bool = False, previews: list | None = None) -> tuple[float, object]:
-        """Exact mean loss over every patch of `shards` (all ranks), and the task metrics when asked."""
+    def evaluate(self, shards, metrics: bool = False, previews: list | None = None,
+                 max_previews: int = 0) -> tuple[float, object]:
+        """Exact mean loss over every patch of `shards` (all ranks), and the task metrics when asked.
+        `previews` collects (DN image cropped as the model's input, target, output) of the first patches."""
         self.model.eval()
         data = self.config.data
-        loader = eval_loader(shards, self.world.rank, self.world.world_size, self.task, data.batch_size,
+        loader = eval_loader(shards, self.world.rank, self.world.world_size, self.task.name, data.batch_size,
                              data.num_workers, data.max_bad_fraction)
-        device = self.world.device
-        tracker = (RegressionMetrics(device=device) if self.task in REGRESSION_TASKS
-                   else ConfusionMatrix(NUM_LANDCOVER_CLASSES, device=device))
+        tracker = self.task.tracker(self.world.device)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.world.device)
         count = 0
         for batch in loader:
-            image, target = patch_input(batch, self.world.device), batch["target"].to(self.world.device)
+            image, target = self._inputs(batch)
             output = self.model(image).float()  # no autocast, as the benchmark's evaluation
-            loss_sum += task_loss(output, target, self.task, reduction="sum").double()
-            count += _count(target, self.task)
+            batch_loss, terms = self.task.loss_sum(output, target)
+            loss_sum += batch_loss.double()
+            count += int(terms)
             if metrics:
-                tracker.update(output if self.task in REGRESSION_TASKS else output.argmax(1), target)
-            if previews is not None and len(previews) < self.config.run.previews:
-                previews.append((image.cpu(), target.cpu(), output.cpu()))
+                self.task.update(tracker, output, target)
+            if previews is not None and len(previews) < max_previews:
+                dn = prepare_target(batch["s2"], self.spec)  # the model's crop, all 10 bands for the RGB
+                previews.append((dn, target.cpu(), output.cpu()))
         if self.world.distributed:
             torch.distributed.all_reduce(loss_sum)
             if metrics:
@@ -181,9 +215,11 @@ class FinetuneTrainer:
         for epoch in range(self.config.optim.epochs):
             started = time.monotonic()
             train_loss = self.train_epoch(epoch)
-            val_loss, _ = self.evaluate(self.val_shards)
+            previews: list | None = [] if self.config.run.vis_val and self.world.is_primary else None
+            val_loss, _ = self.evaluate(self.val_shards, previews=previews, max_previews=VAL_IMAGES)
             if not math.isfinite(val_loss):
                 raise RuntimeError(f"epoch {epoch}: validation loss is {val_loss}; try a lower --lr")
+            lr = self.optimizer.param_groups[0]["lr"]
             self.schedule.end_epoch(epoch, val_loss)
             improved = val_loss < self.best_loss - self.config.optim.es_delta
             if improved:  # a copy, not a reference: later steps must not change the kept weights
@@ -192,42 +228,55 @@ class FinetuneTrainer:
             else:
                 stale += 1
             record = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "best": improved,
-                      "lr": self.optimizer.param_groups[0]["lr"], "seconds": time.monotonic() - started}
+                      "lr": lr, "seconds": time.monotonic() - started}
             history.append(record)
-            self._append_history(record)
+            self._end_epoch(history, previews)
             if stale >= self.config.optim.es_patience:
                 log.info("early stop at epoch %d: no val-loss improvement for %d epochs", epoch, stale)
                 break
         return history
 
-    def _append_history(self, record: dict) -> None:
-        if self.world.is_primary:
-            with open(self.run_dir / "history.jsonl", "a") as file:
-                file.write(json.dumps(record) + "\n")
-            log.info("epoch %d: train loss %.5f, val loss %.5f%s", record["epoch"], record["train_loss"],
-                     record["val_loss"], " (best)" if record["best"] else "")
+    def _end_epoch(self, history: list[dict], previews: list | None) -> None:
+        """history.jsonl, last.pt, loss.png and lr.png (the bench's plot_curves), val_images/ with --vis-val."""
+        if not self.world.is_primary:
+            return
+        from training.finetune.plots import save_curves, save_task_previews
+
+        record = history[-1]
+        with open(self.run_dir / "history.jsonl", "a") as file:
+            file.write(json.dumps(record) + "\n")
+        log.info("epoch %d: train loss %.5f, val loss %.5f%s", record["epoch"], record["train_loss"],
+                 record["val_loss"], " (best)" if record["best"] else "")
+        state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        save_weights(self.run_dir / "last.pt", state, record["epoch"], self.config)
+        save_curves(history, self.run_dir)
+        if previews:
+            save_task_previews(previews, self.task, self.run_dir / "val_images" / f"val_{record['epoch']}.png",
+                               VAL_IMAGES)
 
     def test(self) -> dict:
         self.model.load_state_dict(self.best_state)
         previews: list = []
         loss, tracker = self.evaluate(self.test_shards, metrics=True,
-                                      previews=previews if self.world.is_primary else None)
+                                      previews=previews if self.world.is_primary else None,
+                                      max_previews=self.config.run.previews)
         results = {"loss": loss, **tracker.compute()}
         if self.world.is_primary:
-            self._save_test_plots(tracker, previews)
+            from training.finetune.plots import save_confusion_matrix, save_task_previews
+
+            matrix = self.task.confusion(tracker)
+            if matrix is not None:
+                save_confusion_matrix(matrix, list(self.task.class_names), self.run_dir / "confusion_matrix.png")
+            if previews and self.config.run.previews:
+                save_task_previews(previews, self.task, self.run_dir / "previews.png", self.config.run.previews)
         return results
 
-    def _save_test_plots(self, tracker, previews: list) -> None:
-        from training.finetune.plots import save_confusion_matrix, save_previews
 
-        if self.task not in REGRESSION_TASKS:
-            save_confusion_matrix(tracker.matrix, list(WORLDCOVER_NAMES), self.run_dir / "confusion_matrix.png")
-        if previews:
-            images, targets, outputs = (torch.cat([p[i] for p in previews]) for i in range(3))
-            predictions = outputs if self.task in REGRESSION_TASKS else outputs.argmax(1)
-            limit = self.config.run.previews
-            save_previews(images[:limit].numpy(), targets[:limit].numpy(), predictions[:limit].numpy(), self.task,
-                          self.run_dir / "previews.png", max_rows=limit)
+def save_weights(path: Path, state: dict, epoch: int, config: FinetuneConfig) -> None:
+    """best.pt / last.pt: {"model": state dict, "epoch", "config"}, written whole or not at all."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"model": state, "epoch": epoch, "config": config.to_dict()}, tmp)
+    os.replace(tmp, path)
 
 
 def run_finetune(config: FinetuneConfig, world: World) -> dict:
@@ -245,22 +294,12 @@ def run_finetune(config: FinetuneConfig, world: World) -> dict:
     if trainer.test_shards is not None:
         results["test"] = trainer.test()
     if world.is_primary:
-        torch.save({"model": trainer.best_state, "epoch": trainer.best_epoch, "config": config.to_dict()},
-                   run_dir / "best.pt")
+        save_weights(run_dir / "best.pt", trainer.best_state, trainer.best_epoch, config)
         (run_dir / "metrics.json").write_text(json.dumps(results, indent=1))
         log.info("done: best epoch %d (val loss %.5f); %s", trainer.best_epoch, trainer.best_loss,
-                 _summary(results))
+                 summary(results))
     barrier(world)
     return results
-
-
-def _summary(results: dict) -> str:
-    test = results.get("test")
-    if not test:
-        return "no test split given"
-    if "rmse" in test:
-        return f"test RMSE {test['rmse']:.4f} (MSE {test['mse']:.5f})"
-    return f"test accuracy {test['overall_accuracy']:.4f}, mIoU {test['miou']:.4f}"
 
 
 def finetune(config: FinetuneConfig) -> dict:
