@@ -91,3 +91,14 @@ def test_missing_datasets_are_one_line_errors_before_any_run(data, tmp_path):
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
     assert "roads-p0.1/train/manifest.json is missing" in result.stderr and "--split-ratio 0.1" in result.stderr
     assert not (tmp_path / "sweep").exists()
+
+
+def test_a_classification_sweep_reads_its_dense_tasks_datasets(data):
+    """roads-classification labels are computed from the roads labels: its n-shot set is DATA/roads-n{n}."""
+    from training.finetune.sweep import sweep_datasets
+
+    train, val, test = sweep_datasets(str(data / "data"), "roads-classification", "n2")
+    assert (train, val, test) == (str(data / "data" / "roads-n2" / "train"), str(data / "data" / "roads-n2" / "val"),
+                                  str(data / "data" / "test"))
+    with pytest.raises(ConfigError, match="--task buildings --n-shot 2"):
+        sweep_datasets(str(data / "data"), "buildings-classification", "n2")

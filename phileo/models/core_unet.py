@@ -160,6 +160,8 @@ class CoreEncoder(DownstreamCNN):
     """The bench's CoreEncoder (core_encoder_nano, its encoder-only classifier baseline): stem -> encoder
     stages -> global average pool -> Linear: (B, output_dim) logits. Encoder = stem + encoder_blocks."""
 
+    per_patch_output = True  # (B, output_dim) logits: built for the classification tasks
+
     def __init__(self, *, input_dim: int = 10, output_dim: int = 1, depths: Sequence[int] | None = None,
                  dims: Sequence[int] | None = None, activation: ActivationSpec = "relu", norm: str = "batch",
                  padding: str | int = "same", img_size: int = 128) -> None:

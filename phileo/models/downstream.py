@@ -22,6 +22,7 @@ class DownstreamCNN(nn.Module):
     """Base of the zoo's CNN models. Subclasses call `_declare(...)` in __init__ and define forward_features."""
 
     is_downstream = True
+    per_patch_output = False  # True: (B, output_dim) logits, a classifier
 
     def _declare(self, spec: InputSpec, out_chans: int, encoder_prefixes: tuple[str, ...],
                  pretrained_prefixes: tuple[str, ...] | None = None,

@@ -58,6 +58,8 @@ class GeoAwareCoreUnet(DownstreamCNN):
 class GeoAwareCoreClassifier(DownstreamCNN):
     """CoreEncoder under `model` (the original's attribute): (B, output_dim) logits."""
 
+    per_patch_output = True  # (B, output_dim) logits: built for the classification tasks
+
     def __init__(self, output_dim: int = 1, depths: Sequence[int] = CORE_NANO_DEPTHS,
                  dims: Sequence[int] = CORE_NANO_DIMS, img_size: int = 128) -> None:
         super().__init__()

@@ -94,6 +94,8 @@ class ResNetDecoder(_ResNetModel):
 class ResNetClassifier(_ResNetModel):
     """Resnet50_Classifier of the bench: encoder with its avgpool, then Flatten + Linear: (B, K) logits."""
 
+    per_patch_output = True  # (B, output_dim) logits: built for the classification tasks
+
     def __init__(self, output_dim: int = 1, *, body: str = "resnet50", img_size: int = 224,
                  freeze_encoder_always: bool = False) -> None:
         super().__init__()
@@ -107,6 +109,8 @@ class ResNetClassifier(_ResNetModel):
 
 class SecoClassifier(_ResNetModel):
     """Seco_Classifier of the bench: encoder, then pool + Linear(2048, 2048) + ReLU + Linear: (B, K) logits."""
+
+    per_patch_output = True  # (B, output_dim) logits: built for the classification tasks
 
     def __init__(self, output_dim: int = 1, *, body: str = "resnet50", img_size: int = 224,
                  freeze_encoder_always: bool = False) -> None:

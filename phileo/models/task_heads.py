@@ -156,7 +156,7 @@ def _phileo_vit_upernet(probe: nn.Module, out_chans: int) -> ViTUPerNet:
 
 def _build_classifier(name: str, probe: nn.Module, num_classes: int, overrides: dict) -> nn.Module:
     if getattr(probe, "is_downstream", False):
-        if not name.endswith("-classifier"):
+        if not getattr(probe, "per_patch_output", False):
             raise ValueError(f"{name!r} has no classifier variant: {name}-classifier is not registered")
         return build(name, **{**overrides, "output_dim": num_classes})
     if isinstance(probe, ViTUPerNet):
@@ -190,6 +190,8 @@ def build_task_model(
         probe = build(encoder_name, **overrides)
     if task == "classification":
         model = _build_classifier(encoder_name, probe, out_chans, overrides)
+    elif getattr(probe, "per_patch_output", False):
+        raise ValueError(f"{encoder_name!r} is a per-patch classifier; a {task} task needs a dense model")
     elif getattr(probe, "is_downstream", False):  # a PhilEO Bench zoo model: built whole with its output width
         model = build(encoder_name, **{**overrides, "output_dim": out_chans})
     elif isinstance(probe, ViTUPerNet):

@@ -121,6 +121,8 @@ class ZooViTDense(ZooViTModel):
 class ZooViTClassifier(ZooViTModel):
     """A zoo classifier (the bench's PrithviClassifier, SatMAE_Classifier, ViTCNN(_gc)_Classifier): CLS -> MLP."""
 
+    per_patch_output = True  # (B, output_dim) logits: built for the classification tasks
+
     def __init__(self, encoder: ZooViTEncoder, *, output_dim: int, input_spec: InputSpec,
                  encoder_prefixes: tuple[str, ...] = ("vit_encoder.",)) -> None:
         super().__init__()

@@ -16,7 +16,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from phileo.phileo_bench import REGRESSION_TASKS
+from phileo.phileo_bench import CLASSIFICATION_TASKS, REGRESSION_TASKS
 from phileo.schema import MANIFEST
 from training.config import ConfigError, FinetuneConfig
 from training.distributed import World
@@ -105,6 +105,7 @@ def point_name(axis: str, value: int | float) -> str:
 
 def sweep_datasets(data: str, task: str, point: str) -> tuple[str, str, str]:
     root = Path(data)
+    task = CLASSIFICATION_TASKS.get(task, task)  # a classification task reads its dense task's patches
     train, val, test = root / f"{task}-{point}" / "train", root / f"{task}-{point}" / "val", root / "test"
     flag = f"--n-shot {point[1:]}" if point.startswith("n") else f"--split-ratio {point[1:]}"
     for path in (train, val, test):

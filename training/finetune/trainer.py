@@ -115,8 +115,6 @@ class FinetuneTrainer:
 
     def _build_model(self) -> torch.nn.Module:
         run = self.config.run
-        if run.model.endswith("-classifier") and self.task.kind != "classification":
-            raise ConfigError(f"--model {run.model}: a per-patch classifier; --task {run.task} needs a dense model")
         init_state = load_model_weights(run.init) if run.init else None
         try:
             return build_task_model(run.model, self.task.kind, init_state, freeze_encoder=run.mode == "frozen",
@@ -146,8 +144,8 @@ class FinetuneTrainer:
     def _set_train_mode(self) -> None:
         self.model.train()
         if self.config.run.mode == "frozen":  # a frozen encoder keeps its BatchNorm statistics too
-            for name, module in self.model.named_children():
-                if f"{name}." in self.model.encoder_prefixes:
+            for name, module in self.model.named_modules():  # prefixes may be nested, e.g. "coreunet.stem."
+                if name and f"{name}.".startswith(self.model.encoder_prefixes):
                     module.eval()
 
     def train_epoch(self, epoch: int) -> float:
