@@ -154,9 +154,15 @@ def _phileo_vit_upernet(probe: nn.Module, out_chans: int) -> ViTUPerNet:
     return ViTUPerNet(**config, out_chans=out_chans, taps=default_taps(config["depth"]), decoder_channels=channels)
 
 
+def _per_patch(name: str, probe: nn.Module) -> bool:
+    """A zoo classifier: a registered `-classifier` variant, or a model that says so (core-encoder-nano)."""
+    return getattr(probe, "is_downstream", False) and (name.endswith("-classifier")
+                                                       or getattr(probe, "per_patch_output", False))
+
+
 def _build_classifier(name: str, probe: nn.Module, num_classes: int, overrides: dict) -> nn.Module:
     if getattr(probe, "is_downstream", False):
-        if not getattr(probe, "per_patch_output", False):
+        if not _per_patch(name, probe):
             raise ValueError(f"{name!r} has no classifier variant: {name}-classifier is not registered")
         return build(name, **{**overrides, "output_dim": num_classes})
     if isinstance(probe, ViTUPerNet):
@@ -190,7 +196,7 @@ def build_task_model(
         probe = build(encoder_name, **overrides)
     if task == "classification":
         model = _build_classifier(encoder_name, probe, out_chans, overrides)
-    elif getattr(probe, "per_patch_output", False):
+    elif _per_patch(encoder_name, probe):
         raise ValueError(f"{encoder_name!r} is a per-patch classifier; a {task} task needs a dense model")
     elif getattr(probe, "is_downstream", False):  # a PhilEO Bench zoo model: built whole with its output width
         model = build(encoder_name, **{**overrides, "output_dim": out_chans})
