@@ -27,13 +27,7 @@ CLASSIFIERS = ("geoaware-core-nano-tiny", "vit-cnn-tiny", "vit-cnn-gc-tiny", "sa
                "resnet50-tiny", "seco-resnet50-tiny", "core-encoder-nano-tiny")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared 2-core machine: one thread is several times faster than two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -38,13 +38,7 @@ TINY: dict[str, str] = {  # full name -> tiny variant
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread (two spin against each other on a busy machine, 20x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _listing(name: str) -> list[str]:
@@ -87,9 +81,15 @@ def test_tiny_forward_encode_and_backward(name):
     torch.testing.assert_close(embedding, features.mean(dim=(-2, -1)))
 
 
+def _task(name: str) -> dict:
+    """build_task_model's task for a model: a classifier (B, K) takes the classification task."""
+    per_patch = name.endswith("-classifier") or name.startswith("core-encoder-nano")
+    return {"task": "classification", "num_classes": 11} if per_patch else {"task": "segmentation"}
+
+
 @pytest.mark.parametrize("name", sorted(ORIGINAL_PARAMS))
 def test_frozen_mode_freezes_exactly_the_encoder(name):
-    model = build_task_model(TINY[name], task="segmentation", freeze_encoder=True)
+    model = build_task_model(TINY[name], **_task(TINY[name]), freeze_encoder=True)
     encoder = {n for n, _ in model.named_parameters() if n.startswith(model.encoder_prefixes)}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert encoder and trainable
@@ -162,7 +162,7 @@ def test_geoaware_loads_what_the_bench_positional_pairing_loads(tmp_path):
     for key, value in expected.items():
         assert torch.equal(state[f"coreunet.{key}"], value), key
     # The classifier loads the same file by name into `model.` (model_GeoAwarePretrained_classifier.py:19-26).
-    classifier = build_task_model("geoaware-core-nano-tiny-classifier", init_state_dict=loaded)
+    classifier = build_task_model("geoaware-core-nano-tiny-classifier", **_task("-classifier"), init_state_dict=loaded)
     assert torch.equal(classifier.model.stem.conv1.weight, checkpoint["stem.conv1.weight"])
 
 
@@ -216,7 +216,7 @@ def test_resnet_loads_a_torchvision_file_strictly(tmp_path):
     torch.save(published.state_dict(), tmp_path / "resnet.pth")
     state = torch.load(tmp_path / "resnet.pth", weights_only=True)
     for name in ("resnet50-tiny", "resnet50-tiny-classifier"):
-        model = build_task_model(name, init_state_dict=state)
+        model = build_task_model(name, **_task(name), init_state_dict=state)
         assert torch.equal(model.encoder[7][0].conv2.weight, published.layer4[0].conv2.weight)
         assert torch.equal(model.encoder[1].running_var, published.bn1.running_var)
 
@@ -231,7 +231,7 @@ def test_seco_loads_a_lightning_checkpoint_strictly(tmp_path):
     torch.save(ckpt, tmp_path / "seco_resnet50_1m.ckpt")
     loaded = torch.load(tmp_path / "seco_resnet50_1m.ckpt", weights_only=True)
     for name in ("seco-resnet50-tiny", "seco-resnet50-tiny-classifier"):
-        model = build_task_model(name, init_state_dict=loaded)
+        model = build_task_model(name, **_task(name), init_state_dict=loaded)
         for key, value in model.encoder.state_dict().items():
             assert torch.equal(value, query[f"encoder_q.{key}"]), key
 
@@ -242,7 +242,7 @@ def test_checkpoint_missing_encoder_keys_is_refused(name):
     state = {k: v for k, v in model.state_dict().items() if k.startswith(model.encoder_prefixes)}
     state.pop(next(k for k in state if k.endswith("conv1.weight")))
     with pytest.raises(ValueError, match=f"init_state_dict lacks 1 encoder keys of '{name}'"):
-        build_task_model(name, init_state_dict=state)
+        build_task_model(name, **_task(name), init_state_dict=state)
 
 
 def test_checkpoint_of_another_size_is_refused():

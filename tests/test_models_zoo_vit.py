@@ -39,6 +39,15 @@ FIXED = {"prithvi": {"vit_encoder.pos_embed"}, "satmae": {"vit_encoder.pos_embed
          "vit-cnn-gc": {"vit_encoder.pos_embed", "vit_encoder.channel_embed"}, "vit-cnn": {"vit_encoder.pos_embed"}}
 
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _task(name: str) -> dict:
+    """build_task_model's task for a model: a classifier (B, K) takes the classification task."""
+    per_patch = name.endswith("-classifier") or name.startswith("core-encoder-nano")
+    return {"task": "classification", "num_classes": 11} if per_patch else {"task": "segmentation"}
+
+
 def _fixed(name: str) -> set[str]:
     return next(keys for prefix, keys in sorted(FIXED.items(), key=lambda kv: -len(kv[0])) if name.startswith(prefix))
 
@@ -94,8 +103,7 @@ def test_encode_is_the_normed_cls_token(name):
 @pytest.mark.parametrize("name", TINY)
 @pytest.mark.parametrize("frozen", [True, False])
 def test_frozen_mode_freezes_exactly_the_pretrained_encoder(name, frozen):
-    task = "segmentation" if name.endswith("-classifier") else "regression"
-    model = build_task_model(name, task, freeze_encoder=frozen)
+    model = build_task_model(name, **_task(name), freeze_encoder=frozen)
     encoder = {k for k, _ in model.named_parameters() if k.startswith(model.encoder_prefixes)}
     assert {id(p) for p in model.encoder_parameters()} == {id(p) for k, p in model.named_parameters() if k in encoder}
     fixed = _fixed(name)
@@ -125,12 +133,11 @@ def _published(model: nn.Module, family: str) -> dict:
 @pytest.mark.parametrize("name", TINY)
 def test_published_checkpoint_file_loads_strictly_onto_the_encoder(name, tmp_path):
     family = name.removesuffix("-classifier").removesuffix("-tiny").removesuffix("-100m")
-    task = "segmentation" if name.endswith("-classifier") else "regression"
     reference = build(name)
     torch.save(_published(reference, family), tmp_path / "published.pt")
     checkpoint = torch.load(tmp_path / "published.pt", weights_only=True)
     weights = checkpoint.get("model", checkpoint)
-    model = build_task_model(name, task, init_state_dict=checkpoint, freeze_encoder=True)
+    model = build_task_model(name, **_task(name), init_state_dict=checkpoint, freeze_encoder=True)
     own = model.state_dict()
     loaded = [k for k in own if k.startswith(model.encoder_prefixes)]
     assert loaded and all(torch.equal(own[k], weights[k.removeprefix("vit_encoder.")]) for k in loaded)
@@ -139,7 +146,7 @@ def test_published_checkpoint_file_loads_strictly_onto_the_encoder(name, tmp_pat
     else:  # the published 2-D table (and SatMAE's group table) load with the encoder, as the originals'
         assert all(torch.equal(own[k], weights[k.removeprefix("vit_encoder.")]) for k in _fixed(name))
     # our own checkpoints (vit_encoder.* keys, as `phileo-train` writes them) load the same way
-    again = build_task_model(name, task, init_state_dict={"model": own})
+    again = build_task_model(name, **_task(name), init_state_dict={"model": own})
     assert all(torch.equal(again.state_dict()[k], own[k]) for k in loaded)
 
 

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
-from .core_cnn import ActivationSpec, CoreCNNBlock, _block_stack, get_activation, get_normalization
+from .core_cnn import ActivationSpec, CoreCNNBlock, EncoderBlock, _block_stack, get_activation, get_normalization
 from .downstream import DownstreamCNN
 from .inputs import InputSpec
 
@@ -23,15 +23,8 @@ CORE_NANO_DIMS: tuple[int, ...] = (80, 160, 320, 640)  # CoreEncoder nano; CoreU
 CORE_ENCODER_TO_UNET: dict[str, str] = {"stem.": "stem.0."}
 
 
-class CoreEncoderBlock(nn.Module):
-    """`depth` CoreCNNBlocks, then a 2x max-pool; returns (pooled, before pooling) for the U-Net skips."""
-
-    def __init__(self, depth: int, in_channels: int, out_channels: int, norm: str = "batch",
-                 activation: ActivationSpec = "relu", padding: str | int = "same") -> None:
-        super().__init__()
-        self.depth, self.in_channels, self.out_channels = depth, in_channels, out_channels
-        self.blocks = _block_stack(depth, in_channels, out_channels, norm, activation, padding)
-        self.downsample = nn.MaxPool2d(kernel_size=2, stride=2)
+class CoreEncoderBlock(EncoderBlock):
+    """EncoderBlock (same modules and keys) that also returns the map before pooling, for the U-Net skips."""
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         before_downsample = self.blocks(x)

@@ -25,7 +25,7 @@ import torch.nn as nn
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 
-from .vit import ViTEncoder, sincos_pos_embed_2d
+from .vit import ViTEncoder, init_linear_and_norm_, sincos_pos_embed_2d
 
 # The bench's SatMAE band groups, as indices into MODEL_BANDS (B02,B03,B04,B08,B05,B06,B07,B8A,B11,B12):
 # visible + NIR (B02,B03,B04,B08), red edge (B05,B06,B07,B8A), SWIR (B11,B12) (models/model_SatMAE.py:19-21).
@@ -164,14 +164,7 @@ class GroupedChannelViTEncoder(nn.Module):
         weight = self.patch_embed[0].proj.weight
         nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
         nn.init.normal_(self.cls_token, std=0.02)
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        init_linear_and_norm_(self)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """(B, C, H, W) -> (normed tokens (B, 1 + G*L, D), every block's output with the last one normed)."""
