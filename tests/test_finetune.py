@@ -30,12 +30,10 @@ def shard_cli(*args: str) -> None:
 
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory) -> Path:
-    """A full phileo-bench build (train/val/test) and an n-shot build of the same raw files."""
+    """A full phileo-bench build (train/val/test) of generated raw files."""
     root = tmp_path_factory.mktemp("bench")
     make_phileo_bench_dataset(root / "raw")
     shard_cli("build", "--source", "phileo-bench", "--input", str(root / "raw"), "--output", str(root / "full"))
-    shard_cli("build", "--source", "phileo-bench", "--input", str(root / "raw"), "--output", str(root / "nshot"),
-              "--task", "roads", "--n-shot", "2,4")
     return root
 
 
