@@ -60,6 +60,17 @@ def init_linear_and_norm_(model: nn.Module) -> None:
             nn.init.zeros_(module.bias)
 
 
+def run_blocks(blocks: nn.ModuleList, norm: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The transformer blocks over tokens x: (normed output, every block's output with the last one normed)."""
+    hidden_states = []
+    for block in blocks:
+        x = block(x)
+        hidden_states.append(x)
+    x = norm(x)
+    hidden_states[-1] = x
+    return x, hidden_states
+
+
 def _layer_norm(eps: float) -> partial:
     return partial(nn.LayerNorm, eps=eps)
 
@@ -117,13 +128,7 @@ class ViTEncoder(nn.Module):
         x = self.patch_embed(x) + self.pos_embed[:, 1:, :]
         cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1)
-        hidden_states = []
-        for block in self.blocks:
-            x = block(x)
-            hidden_states.append(x)
-        x = self.norm(x)
-        hidden_states[-1] = x
-        return x, hidden_states
+        return run_blocks(self.blocks, self.norm, x)
 
 
 class ViTFeatures(NamedTuple):

@@ -25,7 +25,7 @@ import torch.nn as nn
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 
-from .vit import ViTEncoder, init_linear_and_norm_, sincos_pos_embed_2d
+from .vit import ViTEncoder, init_linear_and_norm_, run_blocks, sincos_pos_embed_2d
 
 # The bench's SatMAE band groups, as indices into MODEL_BANDS (B02,B03,B04,B08,B05,B06,B07,B8A,B11,B12):
 # visible + NIR (B02,B03,B04,B08), red edge (B05,B06,B07,B8A), SWIR (B11,B12) (models/model_SatMAE.py:19-21).
@@ -175,13 +175,7 @@ class GroupedChannelViTEncoder(nn.Module):
         channel = self.channel_embed.unsqueeze(2).expand(-1, -1, self.num_patches, -1)  # (1, G, L, cD)
         tokens = (tokens + torch.cat([position, channel], dim=-1)).flatten(1, 2)  # (B, G*L, D), group-major
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), tokens], dim=1)
-        hidden_states = []
-        for block in self.blocks:
-            x = block(x)
-            hidden_states.append(x)
-        x = self.norm(x)
-        hidden_states[-1] = x
-        return x, hidden_states
+        return run_blocks(self.blocks, self.norm, x)
 
     def tokens_to_map(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, 1 + G*L, D) -> (B, G*D, g, g): each group's token map, concatenated group after group on the
