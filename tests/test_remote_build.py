@@ -15,11 +15,8 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
-from functools import partial
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pyarrow as pa
@@ -30,6 +27,7 @@ from phileo.remote import retry_after_s
 from sharding.sources import remote
 from sharding.sources.remote import RemoteUnavailable, is_transient, with_retries
 from tests.conftest import read_manifest, run_shard
+from tests.range_server import serve
 from tests.s3_server import S3ServerError, SeaweedS3
 from training.data import remote as training_remote
 
@@ -37,75 +35,11 @@ BUILD_ARGS = ("--shard-size", "300KB", "--mix-files", "2")  # as the `built` fix
 FOOTER_KB = 64  # fixture files are < 1 MB: a smaller footer sample so row groups are fetched by range
 
 
-class RangeFiles(BaseHTTPRequestHandler):
-    """GET/HEAD of files under `state["root"]` with `Range: bytes=a-b | a- | -n`; every `fail_every`-th
-    ranged GET is answered 429 or 500 (alternately). Counts requests, ranged GETs and body bytes per path."""
-
-    def __init__(self, *args, state: dict, **kwargs):
-        self.state = state
-        super().__init__(*args, **kwargs)
-
-    def log_message(self, *args) -> None:
-        pass
-
-    def do_HEAD(self) -> None:  # noqa: N802 (http.server API)
-        self._serve(head=True)
-
-    def do_GET(self) -> None:  # noqa: N802 (http.server API)
-        self._serve(head=False)
-
-    def _serve(self, head: bool) -> None:
-        path = Path(self.state["root"]) / self.path.lstrip("/").split("?")[0]
-        with self.state["lock"]:
-            self.state["requests"].append(("HEAD" if head else "GET", path.name))
-            overloaded = self.state["unavailable"] > 0 and path.name.startswith("part_")
-            self.state["unavailable"] -= overloaded
-        if overloaded:  # the next N requests of tile files: the server is briefly overloaded
-            self.send_error(503)
-            return
-        if not path.is_file():
-            self.send_error(404)
-            return
-        data, ranged = path.read_bytes(), self.headers.get("Range")
-        start, end = 0, len(data)
-        if ranged and not head:
-            with self.state["lock"]:
-                self.state["ranged"] += 1
-                fault = self.state["fail_every"] and self.state["ranged"] % self.state["fail_every"] == 0
-                self.state["faults"] += bool(fault)
-            if fault:
-                self.send_error(429 if self.state["faults"] % 2 else 500)
-                return
-            first, last = re.fullmatch(r"bytes=(\d*)-(\d*)", ranged).groups()
-            start, end = (len(data) - int(last), len(data)) if not first else (
-                int(first), min(len(data), int(last) + 1) if last else len(data))
-            if self.state["down_except_footers"] and end < len(data):
-                self.send_error(503)
-                return
-        body = data[start:end]
-        self.send_response(206 if ranged and not head else 200)
-        self.send_header("Content-Length", str(len(body) if not head else len(data)))
-        self.send_header("Accept-Ranges", "bytes")
-        if ranged and not head:
-            self.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(data)}")
-        self.end_headers()
-        if not head:
-            self.wfile.write(body)
-            with self.state["lock"]:
-                self.state["gets"].append((path.name, start, end, len(data)))
-
-
 @pytest.fixture
 def http(majortom):
     """(base URL, state) of a Range server over the fixture; state["fail_every"] turns faults on."""
-    state = {"root": str(majortom[0]), "lock": threading.Lock(), "ranged": 0, "faults": 0, "gets": [],
-             "fail_every": 0, "down_except_footers": False, "unavailable": 0, "requests": []}
-    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(RangeFiles, state=state))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", state
-    server.shutdown()
-    server.server_close()
+    with serve(majortom[0]) as (base, state):
+        yield base, state
 
 
 @pytest.fixture(scope="module")
@@ -318,21 +252,14 @@ def test_label_raster_over_http_equals_the_local_raster(majortom, tmp_path):
 
     water = make_label_rasters(tmp_path / "rasters", layers=("water",))["water"]
     region = sorted((water.parent / "water").glob("region_*.tif"))[0]
-    state = {"root": str(region.parent), "lock": threading.Lock(), "ranged": 0, "faults": 0, "gets": [],
-             "fail_every": 0, "down_except_footers": False, "unavailable": 0, "requests": []}
-    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(RangeFiles, state=state))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}/{region.name}"
-    try:
+    with serve(region.parent) as (base, state):
+        url = f"{base}/{region.name}"
         for name, raster in (("local", str(region)), ("remote", url)):
             # another process: GDAL may hold the GIL while it waits for this process's server thread
             result = subprocess.run([sys.executable, "-m", "sharding.cli", "build", "--input", str(majortom[0]),
                                      "--output", str(tmp_path / name), "--label", f"water={raster}", *BUILD_ARGS],
                                     capture_output=True, text=True, timeout=300)
             assert result.returncode == 0, result.stderr[-2000:]
-    finally:
-        server.shutdown()
-        server.server_close()
     assert state["ranged"] > 0  # windows, not a download of the whole raster
 
     def layers(dataset):

@@ -10,13 +10,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import re
 import shutil
 import tarfile
-import threading
-from collections import Counter
-from functools import partial
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pyarrow as pa
@@ -27,64 +22,17 @@ from phileo.urls import redact
 from sharding.dataset.verify import verify_dataset
 from sharding.dataset.verify_rows import SeenKeys
 from tests.conftest import read_manifest, run_shard
+from tests.range_server import serve
 from tests.s3_server import S3ServerError, SeaweedS3
 
 BUILD_ARGS = ("--shard-size", "300KB", "--mix-files", "2")  # as the `built` fixture
 
 
-class DatasetFiles(BaseHTTPRequestHandler):
-    """GET/HEAD of the files under `state["root"]`, with `Range: bytes=a-b`; paths under /forbidden/ are
-    answered 403. Counts the body bytes served per file in `state["served"]`."""
-
-    def __init__(self, *args, state: dict, **kwargs):
-        self.state = state
-        super().__init__(*args, **kwargs)
-
-    def log_message(self, *args) -> None:
-        pass
-
-    def do_HEAD(self) -> None:  # noqa: N802 (http.server API)
-        self._serve(head=True)
-
-    def do_GET(self) -> None:  # noqa: N802 (http.server API)
-        self._serve(head=False)
-
-    def _serve(self, head: bool) -> None:
-        relative = self.path.split("?")[0].lstrip("/")
-        if relative.startswith("forbidden/"):
-            self.send_error(403)
-            return
-        path = Path(self.state["root"]) / relative
-        if not path.is_file():
-            self.send_error(404)
-            return
-        data, ranged = path.read_bytes(), self.headers.get("Range")
-        start, end = 0, len(data)
-        if ranged:
-            first, last = re.fullmatch(r"bytes=(\d+)-(\d*)", ranged).groups()
-            start, end = int(first), min(len(data), int(last) + 1) if last else len(data)
-        body = data[start:end]
-        self.send_response(206 if ranged else 200)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Accept-Ranges", "bytes")
-        if ranged:
-            self.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(data)}")
-        self.end_headers()
-        if not head:
-            self.wfile.write(body)
-            with self.state["lock"]:
-                self.state["served"][relative] += len(body)
-
-
 @pytest.fixture
 def http(built):
     """(base URL, state) of a server over the `built` dataset; point state["root"] elsewhere to serve a copy."""
-    state = {"root": str(built), "lock": threading.Lock(), "served": Counter()}
-    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(DatasetFiles, state=state))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", state
-    server.shutdown()
-    server.server_close()
+    with serve(built) as (base, state):
+        yield base, state
 
 
 @pytest.fixture(scope="module")
