@@ -46,10 +46,15 @@ class FragmentRule:
         return centre_window(height, width, self.model_size)
 
 
+def _deal(shards: list[ShardInfo], indices: list[int], parts: int) -> list[list[int]]:
+    """`indices` (into `shards`) dealt whole into `parts` lists, balanced by tile count (epoch.py `balance`)."""
+    sizes = {str(index): shards[index].samples for index in indices}
+    return [[int(i) for i in part] for part in balance(sizes, [str(index) for index in indices], parts)]
+
+
 def rank_share(shards: list[ShardInfo], pending: list[int], rank: int, world_size: int) -> list[int]:
     """The pending shards (indices into `shards`) that `rank` embeds: whole shards, balanced by tile count."""
-    sizes = {str(index): shards[index].samples for index in pending}
-    return [int(i) for i in balance(sizes, [str(index) for index in pending], world_size)[rank]]
+    return _deal(shards, pending, world_size)[rank]
 
 
 class EmbedTiles(torch.utils.data.IterableDataset):
@@ -61,9 +66,7 @@ class EmbedTiles(torch.utils.data.IterableDataset):
 
     def __init__(self, shards: list[ShardInfo], rank_shards: list[int], num_workers: int, rule: FragmentRule,
                  max_bad_fraction: float):
-        sizes = {str(index): shards[index].samples for index in rank_shards}
-        parts = balance(sizes, [str(index) for index in rank_shards], max(num_workers, 1))
-        self.per_worker = [[int(i) for i in part] for part in parts]
+        self.per_worker = _deal(shards, rank_shards, max(num_workers, 1))
         self.shards, self.rule, self.max_bad_fraction = shards, rule, max_bad_fraction
 
     def __iter__(self) -> Iterator[dict]:
