@@ -85,6 +85,18 @@ def indices_name(patch_size: int, gsd: int) -> str:
     return "128_10M" if (patch_size, gsd) == (PATCH_SIZE, 10) else f"{patch_size}_{gsd}m"
 
 
+def subset_suffix(axis: str, value: float) -> str:
+    """"n50" for an n-shot subset (axis "n"), "p0.1" / "p1" for a split-ratio one (axis "p", P as %g)."""
+    assert axis in ("n", "p"), axis
+    return f"n{int(value)}" if axis == "n" else f"p{value:g}"
+
+
+def subset_name(task: str, axis: str, value: float) -> str:
+    """The directory of a training subset, `{task}-n{n}` or `{task}-p{P}`: where `phileo-shard build` writes
+    it and `phileo-train nshot-sweep` reads it."""
+    return f"{task}-{subset_suffix(axis, value)}"
+
+
 def bucket_of(region: str) -> str:
     for bucket, regions in REGION_BUCKETS.items():
         if region in regions:

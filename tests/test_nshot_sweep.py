@@ -97,8 +97,8 @@ def test_a_classification_sweep_reads_its_dense_tasks_datasets(data):
     """roads-classification labels are computed from the roads labels: its n-shot set is DATA/roads-n{n}."""
     from training.finetune.sweep import sweep_datasets
 
-    train, val, test = sweep_datasets(str(data / "data"), "roads-classification", "n2")
+    train, val, test = sweep_datasets(str(data / "data"), "roads-classification", "n", 2)
     assert (train, val, test) == (str(data / "data" / "roads-n2" / "train"), str(data / "data" / "roads-n2" / "val"),
                                   str(data / "data" / "test"))
     with pytest.raises(ConfigError, match="--task buildings --n-shot 2"):
-        sweep_datasets(str(data / "data"), "buildings-classification", "n2")
+        sweep_datasets(str(data / "data"), "buildings-classification", "n", 2)

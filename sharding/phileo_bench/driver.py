@@ -23,7 +23,16 @@ from pathlib import Path
 from tqdm import tqdm
 
 from phileo import __version__
-from phileo.phileo_bench import GSD_METRES, PATCH_SIZE, REGION_BUCKETS, REGRESSION_TASKS, SOURCE, SPLITS, TASKS
+from phileo.phileo_bench import (
+    GSD_METRES,
+    PATCH_SIZE,
+    REGION_BUCKETS,
+    REGRESSION_TASKS,
+    SOURCE,
+    SPLITS,
+    TASKS,
+    subset_name,
+)
 from phileo.phileo_bench import indices_name as default_indices_name
 from phileo.schema import DEFAULT_CLEVEL, SCHEMA_VERSION
 from sharding.build.distributor import run_jobs
@@ -51,7 +60,7 @@ from sharding.phileo_bench.nshot import (
     scan_label_file,
     selected_rows,
 )
-from sharding.phileo_bench.split import SPLIT_PROTOCOLS, SPLIT_SEED, split_name, split_selection
+from sharding.phileo_bench.split import SPLIT_PROTOCOLS, SPLIT_SEED, split_selection
 from sharding.phileo_bench.unit import PhilEOBenchUnitOptions, build_phileo_bench_unit, phileo_bench_index_schema
 from sharding.sources.phileo_bench import TileFiles, common_patch_size, group_tiles, scan_inputs
 
@@ -124,7 +133,8 @@ class PhilEOBenchArgs:
 
     def selection_names(self, task: str) -> list[str]:
         """The `{task}-n{n}` and `{task}-p{P}` directories of one task."""
-        return [f"{task}-n{n}" for n in self.n_shots] + [f"{task}-p{split_name(p)}" for p in self.split_ratios]
+        return ([subset_name(task, "n", n) for n in self.n_shots]
+                + [subset_name(task, "p", p) for p in self.split_ratios])
 
     def dataset_names(self) -> list[str]:
         if not self.tasks:
@@ -234,7 +244,8 @@ def _nshot_datasets(args: PhilEOBenchArgs, tiles: list[TileFiles], workers: int,
                 rows = selected_rows(selection, pools, split)
                 units = [{"tile": tile.to_json(), "rows": rows[tile.s2.display]}
                          for tile in tiles if tile.s2.display in rows]
-                datasets[f"{task}-n{n}/{split}"] = {"split": split, "units": units, "selection": selection}
+                datasets[f"{subset_name(task, 'n', n)}/{split}"] = {"split": split, "units": units,
+                                                                    "selection": selection}
     return datasets, scales
 
 
@@ -249,7 +260,7 @@ def _split_datasets(args: PhilEOBenchArgs, tiles: list[TileFiles]) -> dict:
                 selection["regions"] = list(args.regions)
             for split in ("train", "val"):
                 units = [{"tile": tile.to_json(), "rows": None} for tile in chosen[split]]
-                datasets[f"{task}-p{split_name(ratio)}/{split}"] = {"split": split, "units": units,
+                datasets[f"{subset_name(task, 'p', ratio)}/{split}"] = {"split": split, "units": units,
                                                                     "selection": selection}
     return datasets
 

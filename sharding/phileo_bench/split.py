@@ -34,11 +34,6 @@ SPLIT_SEED = 1234  # data_protocol.py:17 np.random.seed(1234)
 SPLIT_PROTOCOLS = ("fixed", "bench")
 
 
-def split_name(ratio: float) -> str:
-    """The `p{P}` of a dataset name: 0.1 -> "0.1", 1.0 -> "1"."""
-    return f"{ratio:g}"
-
-
 def _cut(samples: np.ndarray, ratio: float, inclusive: bool) -> tuple[int, int]:
     """(files kept, patches counted by the benchmark's shots_per_region) of shuffled per-file counts."""
     cumsum = np.cumsum(samples)

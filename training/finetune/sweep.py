@@ -16,7 +16,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from phileo.phileo_bench import CLASSIFICATION_TASKS, REGRESSION_TASKS
+from phileo.phileo_bench import CLASSIFICATION_TASKS, REGRESSION_TASKS, subset_name, subset_suffix
 from phileo.schema import MANIFEST
 from training.config import ConfigError, FinetuneConfig
 from training.distributed import World
@@ -98,16 +98,12 @@ def sweep_points(n_values: list[int], ratios: list[float]) -> list[tuple[str, in
     return [("n", n) for n in n_values] + [("p", p) for p in ratios]
 
 
-def point_name(axis: str, value: int | float) -> str:
-    """n50, p0.1, p1: the dataset suffix of `phileo-shard build` and the run directory's name."""
-    return f"n{value}" if axis == "n" else f"p{value:g}"
-
-
-def sweep_datasets(data: str, task: str, point: str) -> tuple[str, str, str]:
+def sweep_datasets(data: str, task: str, axis: str, value: int | float) -> tuple[str, str, str]:
     root = Path(data)
     task = CLASSIFICATION_TASKS.get(task, task)  # a classification task reads its dense task's patches
-    train, val, test = root / f"{task}-{point}" / "train", root / f"{task}-{point}" / "val", root / "test"
-    flag = f"--n-shot {point[1:]}" if point.startswith("n") else f"--split-ratio {point[1:]}"
+    subset = root / subset_name(task, axis, value)
+    train, val, test = subset / "train", subset / "val", root / "test"
+    flag = f"--n-shot {value}" if axis == "n" else f"--split-ratio {value:g}"
     for path in (train, val, test):
         if not (path / MANIFEST).is_file():
             raise ConfigError(f"--data {data}: {path}/manifest.json is missing; build it with "
@@ -119,10 +115,10 @@ def run_sweep(base: FinetuneConfig, world: World, data: str, points: list[tuple[
               runs: list[SweepRun], out: str) -> list[dict]:
     """Every run at every point, in order, on all ranks; rows of the results table."""
     task, metric, rows = base.run.task, paper_metric(base.run.task), []
-    datasets = {point_name(*p): sweep_datasets(data, task, point_name(*p)) for p in points}  # all checked first
+    datasets = {subset_suffix(*p): sweep_datasets(data, task, *p) for p in points}  # all checked first
     for run in runs:
         for axis, value in points:
-            point = point_name(axis, value)
+            point = subset_suffix(axis, value)
             train, val, test = datasets[point]
             config = FinetuneConfig(
                 dataclasses.replace(base.run, out=run.directory(out, point), model=run.model, init=run.init.path,
