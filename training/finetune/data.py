@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from phileo.phileo_bench import CLASSIFICATION_TASKS, TASKS, landcover_lookup
+from phileo.phileo_bench import CLASSIFICATION_TASKS, TASKS
 from phileo.schema import STACK_MEMBER
 from training.data.epoch import EpochPlan, balance
 from training.data.loader import (
@@ -31,9 +31,7 @@ from training.data.loader import (
 )
 from training.data.shards import ShardInfo
 from training.finetune.augment import Augment
-from training.finetune.labels import class_target
-
-_LANDCOVER_CLASSES = np.array(landcover_lookup(), dtype=np.uint8)
+from training.finetune.labels import class_target, landcover_classes
 
 
 def dense_task(task: str) -> str:
@@ -60,7 +58,7 @@ class PatchTargets:
             if self.task in CLASSIFICATION_TASKS:
                 target = class_target(self.task, label, scale)
             elif self.task == "landcover":
-                target = _LANDCOVER_CLASSES[label]  # codes outside WorldCover -> IGNORE_CLASS
+                target = landcover_classes(label)  # codes outside WorldCover -> IGNORE_CLASS
             else:
                 target = (label.astype(np.float32) / np.float32(scale))[None]
             yield {"key": tile["key"], "url": tile["url"], "repeat": tile.get("repeat", False),

@@ -22,9 +22,14 @@ from phileo.phileo_bench import BUILDING_LEVEL_EDGES, CLASSIFICATION_TASKS, IGNO
 _LANDCOVER_CLASSES = np.array(landcover_lookup(), dtype=np.uint8)
 
 
+def landcover_classes(codes: np.ndarray) -> np.ndarray:
+    """WorldCover codes -> class indices 0..10 (uint8, same shape); codes outside WorldCover -> IGNORE_CLASS."""
+    return _LANDCOVER_CLASSES[codes]
+
+
 def landcover_fractions(codes: np.ndarray) -> np.ndarray:
     """WorldCover codes (any shape) -> (11,) float32 class fractions over the valid pixels (zeros if none)."""
-    classes = _LANDCOVER_CLASSES[codes.reshape(-1)]
+    classes = landcover_classes(codes.reshape(-1))
     counts = np.bincount(classes[classes != IGNORE_CLASS], minlength=num_classes("landcover-classification"))
     total = counts.sum()
     return (counts / total).astype(np.float32) if total else np.zeros(counts.shape, np.float32)

@@ -16,10 +16,11 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from phileo.phileo_bench import CLASSIFICATION_TASKS, REGRESSION_TASKS, subset_name, subset_suffix
+from phileo.phileo_bench import REGRESSION_TASKS, subset_name, subset_suffix
 from phileo.schema import MANIFEST
 from training.config import ConfigError, FinetuneConfig
 from training.distributed import World
+from training.finetune.data import dense_task
 from training.finetune.trainer import run_finetune
 
 log = logging.getLogger(__name__)
@@ -100,7 +101,7 @@ def sweep_points(n_values: list[int], ratios: list[float]) -> list[tuple[str, in
 
 def sweep_datasets(data: str, task: str, axis: str, value: int | float) -> tuple[str, str, str]:
     root = Path(data)
-    task = CLASSIFICATION_TASKS.get(task, task)  # a classification task reads its dense task's patches
+    task = dense_task(task)  # a classification task reads its dense task's patches
     subset = root / subset_name(task, axis, value)
     train, val, test = subset / "train", subset / "val", root / "test"
     flag = f"--n-shot {value}" if axis == "n" else f"--split-ratio {value:g}"
