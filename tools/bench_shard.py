@@ -31,14 +31,18 @@ from rasterio.io import MemoryFile
 from rasterio.session import DummySession
 
 from phileo.schema import DEFAULT_CLEVEL
-from sharding.errors import RowError
-from sharding.sources.majortom import BAND_COLUMNS, decode_bands, iter_parquet_rows
+from sharding.sources.majortom import BAND_COLUMNS, iter_parquet_rows
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tools/ is not installed
 from tools.bench_shard_profile import (  # noqa: E402
     clevel_sweep,
+    kept_members,
+    least_margin,
+    marginal_rows,
     poll_tree,
     profile_build,
+    required_costs,
+    required_table,
     sweep_table,
     worker_startup_cpu,
 )
@@ -170,18 +174,6 @@ def baseline_decode(files: list[Path], limit: int, keep: int) -> dict:
             "files_whole": all(count == rows for _, count, rows in taken)}
 
 
-def kept_members(kept: list[dict]) -> list[tuple[dict, int]]:
-    """(member arrays as the build makes them, GeoTIFF bytes) of the kept rows, for the sweep."""
-    out = []
-    for columns in kept:
-        try:
-            arrays, _, _ = decode_bands(columns)
-        except RowError:
-            continue
-        out.append((arrays, sum(len(columns.get(name) or b"") for name in BAND_COLUMNS)))
-    return out
-
-
 def run_build(input_path: Path, output: Path, workers: int, limit: int, shard_size: int, clevel: int) -> dict:
     """Build in a subprocess; poll the process tree for peak RSS and threads per pid (psutil, when installed)."""
     spec = {"input": str(input_path), "output": str(output), "workers": workers, "limit": limit,
@@ -235,10 +227,11 @@ def results_table(base: dict, builds: dict[int, list[dict]], startup: float) -> 
              f"| tiles (rows decoded by the floor / written by the build) | {tiles} / {one['written']} | |",
              f"| floor: pyarrow read + rasterio decode of every band GeoTIFF, 1 process | {floor:.4f} CPU s/tile "
              f"({base['raw_bytes'] / MB / base['cpu']:.0f} MB of pixels per CPU s) | 1.00 |",
-             f"| build --workers 1: CPU s/tile, whole `build()` (plan, units, finalize) | {one_cpu:.4f} | "
-             f"**{one_cpu / floor:.2f}x** (target <= {TARGET_CPU_RATIO}x) |",
+             f"| build --workers 1: CPU s/tile, whole `build()` (plan, units, finalize, once-per-process set-up) "
+             f"| {one_cpu:.4f} | {one_cpu / floor:.2f}x |",
              "| build --workers 1 / floor, CPU per tile, each round (floor measured just before the build) | "
              f"{_round_ratios(builds[1])} | |",
+             *marginal_rows(builds[1], base["ones"], floor, TARGET_CPU_RATIO),
              f"| build --workers 1: tiles/s (`build()` wall time; runs: "
              f"{_rates(builds[1])}) | "
              f"{one['written'] / one['seconds']:.2f} ({_load(one)}) | |"]
@@ -338,7 +331,10 @@ def docs_section(args: argparse.Namespace, base: dict, tables: list[str], load: 
         "(plan, units, finalize). A spawn pool worker's own start-up (interpreter, imports) is measured "
         "apart, paid once per worker per build. Builds with 1 and N workers run interleaved, "
         f"{args.repeat} times each; the run with the least CPU is shown, with its `build()` wall time and "
-        "the load average around it. CPU time is the measure: wall time on this shared machine depends "
+        "the load average around it. Each round also builds 1 tile in a fresh process: what a build process "
+        "pays once (first-use set-up), which a real build pays once per worker over thousands of tiles. The "
+        "per-tile target is judged at the margin, (CPU(N tiles) - CPU(1 tile)) / (N - 1), as the floor "
+        "runs warm. CPU time is the measure: wall time on this shared machine depends "
         f"on the other jobs. Shard size {base['shard_size'] / MB:.0f} MB"
         + ("" if args.shard_size else " (a quarter of the source, so the build has several units)") + ".", "",
         *tables, ""])
@@ -348,16 +344,18 @@ def measure(args: argparse.Namespace, work: Path) -> tuple[dict, dict[int, list[
     input_path = args.input or make_fixture(work / "input", args)
     files = source_files(input_path)
     builds: dict[int, list[dict]] = {workers: [] for workers in sorted({1, args.workers})}
-    floors, shard_size = [], args.shard_size
+    floors, ones, shard_size = [], [], args.shard_size
     for round_number in range(args.repeat):  # floor and builds interleaved: they see the same spells of load
         floors.append(baseline_decode(files, args.tiles, args.sweep_tiles if round_number == 0 else 0))
         shard_size = shard_size or max(1, floors[0]["tiff_bytes"] // 4)
         for workers, done in builds.items():
             done.append(run_build(input_path, work / f"out-w{workers}", workers, floors[0]["tiles"], shard_size,
                                   args.clevel) | {"floor": floors[-1]["cpu"] / floors[-1]["tiles"]})
+        ones.append(run_build(input_path, work / "out-one", 1, 1, shard_size, args.clevel))
     base = floors[0] | {key: min(run[key] for run in floors) for key in ("seconds", "cpu")}
-    base["shard_size"] = shard_size
+    base["shard_size"], base["ones"] = shard_size, ones
     startup = worker_startup_cpu(args.repeat) if args.workers > 1 else 0.0
+    base["required"] = required_costs(base["kept"], decode_floor, base["cpu"] / base["tiles"], args.clevel)
     sweep = clevel_sweep(kept_members(base.pop("kept")))
     profile = profile_build(input_path, work / "out-profile", min(args.profile, base["tiles"]), shard_size,
                             args.clevel, base["cpu"] / base["tiles"]) if args.profile else []
@@ -384,6 +382,11 @@ def main(argv: list[str] | None = None) -> int:
               f"Blosc2 ZSTD level sweep on {min(args.sweep_tiles, base['tiles'])} decoded tiles (all members; "
               "MB/s of uncompressed array bytes per CPU s, 1 Blosc2 thread, best of 2):", "",
               *sweep_table(sweep, base)]
+    floor = base["cpu"] / base["tiles"]
+    tables += ["", f"What the format requires of any build, per tile (each step alone on the "
+               f"{min(args.sweep_tiles, base['tiles'])} decoded tiles of the sweep, least CPU of 3 rounds; "
+               "the floor is the one above):", "",
+               *required_table(base["required"], floor, least_margin(builds[1], base["ones"]))]
     if args.workers > 1:
         tables += ["", workers_note(builds, startup)]
     if profile:

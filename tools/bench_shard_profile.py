@@ -1,18 +1,26 @@
 """The parts of tools/bench_shard.py that look inside a build: its process tree (peak RSS, threads), a spawn
-worker's start-up CPU, a CPU profile by cost, and a Blosc2 level sweep."""
+worker's start-up CPU, its CPU per tile at the margin, the lower bound the format sets, a CPU profile by
+cost, and a Blosc2 level sweep."""
 
 from __future__ import annotations
 
 import cProfile
+import hashlib
 import pstats
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import blosc2
+import xxhash
 
 from phileo.schema import DEFAULT_CLEVEL, block_shape, decode_array, encode_array
+from sharding.errors import RowError
+from sharding.sources.majortom import BAND_COLUMNS, decode_bands
 
 CLEVELS, EXTRA_LEVELS = (1, 3, 5, 7, 9), (1, 3)
 MB = 1e6
@@ -57,6 +65,35 @@ def worker_startup_cpu(repeat: int) -> float:
     runs = [subprocess.run([sys.executable, "-c", STARTUP], capture_output=True, text=True, cwd=ROOT, check=True)
             for _ in range(repeat)]
     return min(float(run.stdout.strip().splitlines()[-1]) for run in runs)
+
+
+def margin(run: dict, one: dict) -> float:
+    """CPU s per tile at the margin: (CPU of the N-tile build - CPU of the 1-tile build) / (N - 1).
+
+    A build process pays some CPU once, whatever its size: first-use set-up (pyarrow imports pandas on
+    its first array when pandas is installed, GDAL registers its drivers, PROJ opens its database). The
+    floor runs warm in the benchmark's process, so the per-tile comparison takes the build at the margin
+    too; a real build pays the set-up once per worker process, over thousands of tiles."""
+    return (run["cpu"] - one["cpu"]) / (run["written"] - one["written"])
+
+
+def least_margin(runs: list[dict], ones: list[dict]) -> float:
+    """The margin of the least-CPU N-tile and 1-tile builds."""
+    return margin(min(runs, key=lambda b: b["cpu"]), min(ones, key=lambda b: b["cpu"]))
+
+
+def marginal_rows(runs: list[dict], ones: list[dict], floor: float, target: float) -> list[str]:
+    """Rows: the 1-tile build, the margin of the least-CPU runs and of each round (`runs`, `ones`: the N-tile
+    and 1-tile builds of each round, each with its round's floor); `floor`: the floor's least CPU per tile."""
+    per_tile, least_one = least_margin(runs, ones), min(one["cpu"] for one in ones)
+    rounds = [margin(run, one) / run["floor"] for run, one in zip(runs, ones)]
+    each = ", ".join(f"{ratio:.2f}x" for ratio in rounds)
+    return [f"| build --workers 1: CPU of a 1-tile build (set-up paid once per build process, + 1 tile) | "
+            f"{least_one:.3f} s (set-up ~{least_one - per_tile:.2f} s) | |",
+            "| build --workers 1: CPU s/tile at the margin, (CPU(N tiles) - CPU(1 tile)) / (N - 1), "
+            f"least-CPU runs | {per_tile:.4f} | **{per_tile / floor:.2f}x** (target <= {target}x) |",
+            "| build --workers 1 at the margin / floor, each round (floor measured just before the builds) | "
+            f"{each} (median {statistics.median(rounds):.2f}x) | |"]
 
 
 def _hwm_mb(pid: int) -> float:
@@ -159,6 +196,72 @@ def clevel_sweep(kept: list[tuple[dict, int]], repeats: int = 2) -> list[dict]:
                      "vs_tiff": size / tiff, "vs_raw": size / raw})
     blosc2.set_nthreads(threads)
     return rows
+
+
+def kept_members(kept: list[dict]) -> list[tuple[dict, int]]:
+    """(member arrays as the build makes them, GeoTIFF bytes) of the kept rows, for the sweep."""
+    out = []
+    for columns in kept:
+        try:
+            arrays, _, _ = decode_bands(columns)
+        except RowError:
+            continue
+        out.append((arrays, sum(len(columns.get(name) or b"") for name in BAND_COLUMNS)))
+    return out
+
+
+def required_costs(kept: list[dict], decode: Callable[[dict], object], floor: float, clevel: int,
+                   repeats: int = 3) -> list[dict]:
+    """CPU s per tile of what the format requires of any build, each step measured alone on the kept rows
+    (their columns, already read), least of `repeats` rounds: decode the band GeoTIFFs (`decode`: the
+    floor's, for reference), Blosc2-encode every member as the build does, xxh3 every member (meta.json),
+    sha256 the shard bytes (manifest), write them to the page cache. `floor`: the floor's CPU per tile."""
+    rows = []
+    for columns in kept:
+        try:
+            rows.append((columns, decode_bands(columns)[0]))
+        except RowError:  # the build rejects such rows too
+            continue
+    steps: dict[str, list[float]] = {}
+
+    def timed(label: str, work: Callable[[list], list], items: list) -> list:
+        started = time.process_time()
+        result = work(items)
+        steps.setdefault(label, []).append((time.process_time() - started) / len(rows))
+        return result
+
+    with tempfile.TemporaryFile() as sink:
+        for _ in range(repeats):
+            timed("decode", lambda todo: [decode(columns) for columns, _ in todo], rows)
+            frames = timed("encode", lambda todo: [encode_array(a, clevel, block_shape(member, a.shape))
+                                                   for _, tile in todo for member, a in tile.items()], rows)
+            timed("xxh3", lambda todo: [xxhash.xxh3_64_hexdigest(frame) for frame in todo], frames)
+            timed("sha256", lambda todo: [_sha256(todo)], frames)
+            sink.seek(0)
+            timed("write", lambda todo: [sink.write(frame) for frame in todo], frames)
+    return [{"step": label, "cpu": min(runs), "vs_floor": min(runs) / floor} for label, runs in steps.items()]
+
+
+def _sha256(frames: list[bytes]) -> str:
+    digest = hashlib.sha256()
+    for frame in frames:
+        digest.update(frame)
+    return digest.hexdigest()
+
+
+def required_table(costs: list[dict], floor: float, margin: float) -> list[str]:
+    """The lower bound of any build in this format (floor + encode + hashes + write) against the build's margin."""
+    labels = {"decode": "GeoTIFF decode alone (rasterio, the columns already read; part of the floor)",
+              "encode": "Blosc2 ZSTD-1 + SHUFFLE encode of every member (phileo/schema.py `encode_array`)",
+              "xxh3": "xxh3 of every member (meta.json checksums)",
+              "sha256": "sha256 of the shard bytes (manifest.json)", "write": "write to the page cache (no fsync)"}
+    lines = ["| step | CPU s/tile | vs floor |", "|---|---|---|"]
+    lines += [f"| {labels[c['step']]} | {c['cpu']:.4f} | {c['vs_floor']:.3f}x |" for c in costs]
+    bound = floor + sum(c["cpu"] for c in costs if c["step"] != "decode")
+    return lines + [f"| **lower bound**: floor + encode + xxh3 + sha256 + write | {bound:.4f} | "
+                    f"**{bound / floor:.2f}x** |",
+                    f"| the build at the margin (above) | {margin:.4f} | {margin / floor:.2f}x: "
+                    f"{(margin - bound) / floor:+.2f}x beyond the lower bound |"]
 
 
 def _layout(member: str, array) -> dict:
