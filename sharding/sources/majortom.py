@@ -186,7 +186,6 @@ def decode_majortom_row(plan_row: dict, columns: dict, with_thumbnail: bool) -> 
     arrays, crs, transform = decode_bands(columns)
     height, width = arrays[CLOUD].shape
     computed_cloud = cloud_cover_percent(arrays[CLOUD])
-    computed_nodata = nodata_fraction(arrays["s2_10m"])
     known = plan_row["cloud_cover"] == plan_row["cloud_cover"]  # NaN when metadata.parquet lacks it
     meta = {
         "schema": SCHEMA_VERSION, "source": plan_row.get("source") or "majortom", "key": plan_row["key"],
@@ -195,7 +194,8 @@ def decode_majortom_row(plan_row: dict, columns: dict, with_thumbnail: bool) -> 
         "shape": [height, width],
         **corners_lonlat_from_transform(crs, transform, (height, width)),
         "cloud_cover": plan_row["cloud_cover"] if known else computed_cloud,
-        "nodata": plan_row["nodata"] if plan_row["nodata"] == plan_row["nodata"] else computed_nodata,
+        # the pixels' own only when the metadata lacks it (NaN): 0.7 ms a tile not spent when it has it
+        "nodata": plan_row["nodata"] if plan_row["nodata"] == plan_row["nodata"] else nodata_fraction(arrays["s2_10m"]),
         "cloud_cover_pixels": computed_cloud,
         "bands": {member: list(bands) for member, (bands, _) in RESOLUTION_GROUPS.items()} | {CLOUD: [CLOUD_MASK]},
         "labels": {},
