@@ -139,6 +139,30 @@ def test_cloud_filter_without_metadata_uses_pixels(tmp_path):
     assert 0 < len(expected) < 6 and sorted(read_dataset(out)) == expected
 
 
+def test_nodata_comes_from_the_metadata_and_from_the_pixels_only_without_it(tmp_path):
+    from sharding.sources.majortom import decode_majortom_row, iter_parquet_rows, nodata_fraction
+
+    record = make_majortom_dataset(tmp_path, num_files=1, rows_per_file=1)[0]
+    (_, columns), = iter_parquet_rows(str(next((tmp_path / "images").glob("*.parquet"))), [0], False)
+    columns["B02"] = columns["B03"] = columns["B04"] = columns["B08"] = _zero_left_half(columns["B02"])
+    plan_row = {"key": "k", "product_id": record["product_id"], "grid_cell": record["grid_cell"],
+                "timestamp": "2020-01-01T00:00:00Z", "cloud_cover": 1.0, "source_file": "f.parquet", "source_row": 0}
+    from_pixels = decode_majortom_row(plan_row | {"nodata": float("nan")}, columns, False)
+    assert from_pixels.meta["nodata"] == 0.5 == nodata_fraction(from_pixels.arrays["s2_10m"])
+    assert decode_majortom_row(plan_row | {"nodata": 0.25}, columns, False).meta["nodata"] == 0.25
+
+
+def _zero_left_half(geotiff: bytes) -> bytes:
+    """The same GeoTIFF with the left half of its pixels 0 (no-data)."""
+    with MemoryFile(geotiff) as source, source.open() as dataset:
+        pixels, profile = dataset.read(1), dataset.profile
+    pixels[:, : pixels.shape[1] // 2] = 0
+    with MemoryFile() as out:
+        with out.open(**profile) as dataset:
+            dataset.write(pixels, 1)
+        return out.read()
+
+
 def test_bad_rows_are_rejected_with_file_row_and_reason(tmp_path):
     src = tmp_path / "src"
     records = make_majortom_dataset(src, num_files=3, rows_per_file=3, rows_per_row_group=2,
