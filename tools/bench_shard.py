@@ -150,9 +150,9 @@ def decode_floor(columns: dict) -> list:
         return arrays
 
 
-def floor_rows(files: list[Path], limit: int) -> Iterator[dict]:
-    """The columns of the floor's rows, read as the floor reads them."""
-    for file, count, _ in plan_rows(files, limit):
+def floor_rows(taken: list[tuple[Path, int, int]]) -> Iterator[dict]:
+    """The columns of the rows `plan_rows` took, read one row group at a time."""
+    for file, count, _ in taken:
         for _, columns in iter_parquet_rows(str(file), list(range(count)), False):
             yield columns
 
@@ -162,17 +162,16 @@ def baseline_decode(files: list[Path], limit: int, keep: int) -> dict:
     taken = plan_rows(files, limit)
     tiles, bad, tiff_bytes, raw_bytes, kept = 0, 0, 0, 0, []
     started, cpu = time.perf_counter(), time.process_time()
-    for file, count, _ in taken:
-        for _, columns in iter_parquet_rows(str(file), list(range(count)), False):
-            try:  # real data: the build rejects such rows too
-                arrays = decode_floor(columns)
-            except rasterio.errors.RasterioError:
-                bad += 1
-                continue
-            tiles, raw_bytes = tiles + 1, raw_bytes + sum(a.nbytes for a in arrays)
-            tiff_bytes += sum(len(columns.get(name) or b"") for name in BAND_COLUMNS)
-            if len(kept) < keep:
-                kept.append(columns)
+    for columns in floor_rows(taken):
+        try:  # real data: the build rejects such rows too
+            arrays = decode_floor(columns)
+        except rasterio.errors.RasterioError:
+            bad += 1
+            continue
+        tiles, raw_bytes = tiles + 1, raw_bytes + sum(a.nbytes for a in arrays)
+        tiff_bytes += sum(len(columns.get(name) or b"") for name in BAND_COLUMNS)
+        if len(kept) < keep:
+            kept.append(columns)
     cpu, wall = time.process_time() - cpu, time.perf_counter() - started
     print(f"floor: {tiles} tiles decoded in {cpu:.2f} CPU s ({wall:.1f} s wall)"
           + (f", {bad} bad row(s) skipped" if bad else ""), flush=True)
@@ -359,7 +358,7 @@ def measure(args: argparse.Namespace, work: Path) -> tuple[dict, dict[int, list[
             done.append(run_build(input_path, work / f"out-w{workers}", workers, floors[0]["tiles"], shard_size,
                                   args.clevel) | {"floor": floors[-1]["cpu"] / floors[-1]["tiles"]})
         ones.append(run_build(input_path, work / "out-one", 1, 1, shard_size, args.clevel))
-        passes.append(required_pass(floor_rows(files, args.tiles), decode_floor, args.clevel))
+        passes.append(required_pass(floor_rows(plan_rows(files, args.tiles)), decode_floor, args.clevel))
     base = floors[0] | {key: min(run[key] for run in floors) for key in ("seconds", "cpu")}
     base["shard_size"], base["ones"], base["passes"] = shard_size, ones, passes
     startup = worker_startup_cpu(args.repeat) if args.workers > 1 else 0.0
