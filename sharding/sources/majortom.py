@@ -194,7 +194,7 @@ def decode_majortom_row(plan_row: dict, columns: dict, with_thumbnail: bool) -> 
         "shape": [height, width],
         **corners_lonlat_from_transform(crs, transform, (height, width)),
         "cloud_cover": plan_row["cloud_cover"] if known else computed_cloud,
-        # the pixels' own only when the metadata lacks it (NaN): a reduction over the 10 m bands saved
+        # the metadata's value when it has one: the pixels' own (a pass over the 10 m bands) only when it is NaN
         "nodata": plan_row["nodata"] if plan_row["nodata"] == plan_row["nodata"] else nodata_fraction(arrays["s2_10m"]),
         "cloud_cover_pixels": computed_cloud,
         "bands": {member: list(bands) for member, (bands, _) in RESOLUTION_GROUPS.items()} | {CLOUD: [CLOUD_MASK]},
