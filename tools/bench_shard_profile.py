@@ -80,19 +80,15 @@ def margin(run: dict, one: dict) -> float:
     return (run["cpu"] - one["cpu"]) / (run["written"] - one["written"])
 
 
-def least_margin(runs: list[dict], ones: list[dict]) -> float:
-    """The margin of the least-CPU N-tile and 1-tile builds."""
-    return margin(min(runs, key=lambda b: b["cpu"]), min(ones, key=lambda b: b["cpu"]))
-
-
 def marginal_rows(runs: list[dict], ones: list[dict], floor: float, target: float) -> list[str]:
     """Rows: the 1-tile build, the margin of the least-CPU runs and of each round (`runs`, `ones`: the N-tile
     and 1-tile builds of each round, each with its round's floor); `floor`: the floor's least CPU per tile."""
-    per_tile, least_one = least_margin(runs, ones), min(one["cpu"] for one in ones)
+    least, least_one = min(runs, key=lambda b: b["cpu"]), min(ones, key=lambda b: b["cpu"])
+    per_tile = margin(least, least_one)
     rounds = [margin(run, one) / run["floor"] for run, one in zip(runs, ones)]
     each = ", ".join(f"{ratio:.2f}x" for ratio in rounds)
     return [f"| build --workers 1: CPU of a 1-tile build (set-up paid once per build process, + 1 tile) | "
-            f"{least_one:.3f} s (set-up ~{least_one - per_tile:.2f} s) | |",
+            f"{least_one['cpu']:.3f} s (set-up ~{least_one['cpu'] - per_tile:.2f} s) | |",
             "| build --workers 1: CPU s/tile at the margin, (CPU(N tiles) - CPU(1 tile)) / (N - 1), "
             f"least-CPU runs | {per_tile:.4f} | **{per_tile / floor:.2f}x** (target <= {target}x) |",
             "| build --workers 1 at the margin / floor, each round (floor measured just before the builds) | "
